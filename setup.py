@@ -1,0 +1,20 @@
+"""PROTEUS: Triton kernels for small-LM training under a budget, with the model around them."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="proteus",
+    version="0.1.0",
+    description="Fused Triton kernels with a thin PyTorch GPT, trainer and honest evaluator",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["proteus", "proteus.*", "kernels", "kernels.*"]),
+    package_data={"proteus": ["data/*.bin", "data/*.model", "data/*.vocab", "data/*.md"]},
+    include_package_data=True,
+    # torch is pinned by the install commands (pip install torch==2.13.0) before this
+    # package; the open range here never asks for a different build once one is present.
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy>=1.24", "sentencepiece>=0.2"],
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
+    entry_points={"console_scripts": ["proteus=proteus.cli:main"]},
+)

@@ -1,0 +1,39 @@
+"""Test set-up: kernels run on Triton's interpreter on CPU, compiled on a GPU when present.
+
+``kernels`` is imported first so its backend choice (see kernels/_backend.py) is made
+before any test module imports a kernel. Tests take the ``device`` fixture; tests marked
+``cuda`` are skipped (never failed) without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PROTEUS_TEST", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels  # noqa: E402,F401  (selects compiled vs interpreter before kernel modules load)
+from kernels._backend import kernel_device  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none present)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> str:
+    """Where kernel tests put their tensors: 'cuda' on a GPU, 'cpu' for the interpreter."""
+    return kernel_device()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
