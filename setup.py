@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["proteus", "proteus.*", "kernels", "kernels.*"]),
-    package_data={"proteus": ["data/*.bin", "data/*.model", "data/*.vocab", "data/*.md"]},
+    package_data={"proteus": ["data/*.bin", "data/*.model", "data/*.vocab", "data/README.md"]},
     include_package_data=True,
     # torch is pinned by the install commands (pip install torch==2.13.0) before this
     # package; the open range here never asks for a different build once one is present.

@@ -1,0 +1,126 @@
+"""``proteus`` command line: train, eval, audit, artifact inspect, kernels report, bench.
+
+Every model/train/eval option is generated from the config dataclasses (see
+``proteus/config.py``). Bad input — unknown preset or option, missing data or tokenizer,
+mismatched vocabulary, unreadable checkpoint or artifact — prints one line naming the thing and
+the fix, and exits with code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from proteus.config import PRESETS, ConfigError, add_config_arguments, build_config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _cli_values(ns: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(ns).items() if "." in k}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="proteus", description="PROTEUS: fused Triton kernels, GPT training and "
+                "honest evaluation for the Parameter Golf workload.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a preset, evaluate it, write checkpoint + artifact",
+                       description="Train, evaluate val bpb, write the run directory "
+                       "(config.json, log.jsonl, model.ckpt, artifact, summary.json).")
+    t.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(PRESETS)}")
+    add_config_arguments(t)
+
+    e = sub.add_parser("eval", help="re-evaluate a checkpoint or an int6 artifact",
+                       description="Evaluate val bpb of a checkpoint (model.ckpt) or an int6 "
+                       "artifact; with --cache ngram also the honest n-gram cache.")
+    e.add_argument("path", help="model.ckpt or artifact file")
+    add_config_arguments(e, sections=("eval",))
+    e.add_argument("--kernels", dest="train.kernels", default=None, help="ref or triton")
+    e.add_argument("--val-files", dest="train.val_files", default=None,
+                   help="glob of validation shards ('' = the bundled sample)")
+
+    a = sub.add_parser("audit", help="audit the n-gram cache's distributions (sum to 1, causal)")
+    a.add_argument("path", help="model.ckpt or artifact file")
+    add_config_arguments(a, sections=("eval",))
+
+    art = sub.add_parser("artifact", help="artifact tools")
+    art_sub = art.add_subparsers(dest="artifact_command", metavar="ACTION", parser_class=_Parser)
+    ins = art_sub.add_parser("inspect", help="print an artifact's tensor table and sizes")
+    ins.add_argument("path")
+
+    k = sub.add_parser("kernels", help="kernel tools")
+    k_sub = k.add_subparsers(dest="kernels_command", metavar="ACTION", parser_class=_Parser)
+    rep = k_sub.add_parser("report", help="compile every kernel for sm_90 (H100) and report "
+                           "registers, spills, shared memory, wgmma and occupancy")
+    rep.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
+    b = sub.add_parser("bench", help="check every kernel against its reference, then time it")
+    b.add_argument("--json", default="bench-results.json", help="pytest-benchmark JSON output")
+    b.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(parser, args)
+    except ConfigError as e:
+        print(f"proteus: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("proteus: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from proteus.data import DataError
+
+        known = (DataError,)
+        try:
+            from proteus.quant import ArtifactError
+
+            known = known + (ArtifactError,)
+        except ImportError:
+            pass
+        if isinstance(e, known):
+            print(f"proteus: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _dispatch(parser, args) -> int:
+    if args.command == "train":
+        from proteus.train import main_train
+
+        cfg = build_config(args.preset, _cli_values(args))
+        return main_train(cfg)
+    if args.command in ("eval", "audit"):
+        from proteus.evaluate_cli import main_audit, main_eval
+
+        fn = main_eval if args.command == "eval" else main_audit
+        return fn(args.path, _cli_values(args))
+    if args.command == "artifact" and args.artifact_command == "inspect":
+        from proteus.quant import inspect_artifact
+
+        if not os.path.exists(args.path):
+            raise ConfigError(f"artifact {args.path} not found")
+        print(inspect_artifact(args.path))
+        return 0
+    if args.command == "kernels" and args.kernels_command == "report":
+        from proteus.bench import run_report
+
+        return run_report(args.json)
+    if args.command == "bench":
+        from proteus.bench import run_bench
+
+        return run_bench(args.json, args.pytest_args)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Data: the challenge's shard format, a per-rank streaming loader, and bits-per-byte.
+
+Shard format (little-endian): a 256 x int32 header — ``[0]`` magic 20240520, ``[1]`` version 1,
+``[2]`` token count — then ``count`` uint16 token ids. Every document starts with BOS (id 1).
+
+Bits per byte (SPEC.md): ``bpb = (loss_nats / ln 2) * (tokens / bytes)``, where a target token's
+bytes are the UTF-8 length of its piece without the leading "▁", plus one if it has a leading
+"▁" and the previous token is not a boundary token (control/unknown/unused), and byte-fallback
+tokens count one.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+BOS_ID = 1
+
+
+class DataError(ValueError):
+    """Missing, corrupt or mismatched data or tokenizer; the message names the file and the fix."""
+
+
+def bundled_dir() -> Path:
+    return Path(str(resources.files("proteus") / "data"))
+
+
+def bundled_tokenizer() -> str:
+    return str(bundled_dir() / "fineweb_1024_bpe.model")
+
+
+def bundled_train_glob() -> str:
+    return str(bundled_dir() / "fineweb_train_*.bin")
+
+
+def bundled_val_glob() -> str:
+    return str(bundled_dir() / "fineweb_val_*.bin")
+
+
+def read_shard_header(path: str | os.PathLike) -> int:
+    """Check a shard's header against its size; return its token count."""
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise DataError(f"cannot read shard {path}: {e.strerror}") from None
+    if len(raw) < HEADER_BYTES:
+        raise DataError(
+            f"shard {path} is truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header"
+        )
+    header = np.frombuffer(raw, dtype="<i4")
+    if int(header[0]) != SHARD_MAGIC:
+        raise DataError(
+            f"shard {path} has magic {int(header[0])}, expected {SHARD_MAGIC}: "
+            "not a challenge token shard"
+        )
+    if int(header[1]) != SHARD_VERSION:
+        raise DataError(
+            f"shard {path} has format version {int(header[1])}, this reader knows {SHARD_VERSION}"
+        )
+    count = int(header[2])
+    expected = HEADER_BYTES + 2 * count
+    if count < 0 or size != expected:
+        raise DataError(
+            f"shard {path} is corrupt or truncated: header says {count} tokens "
+            f"({expected} bytes) but the file has {size} bytes"
+        )
+    return count
+
+
+def load_shard(path: str | os.PathLike) -> np.ndarray:
+    """All tokens of one shard as a uint16 array (header checked first)."""
+    count = read_shard_header(path)
+    tokens = np.fromfile(str(path), dtype="<u2", count=count, offset=HEADER_BYTES)
+    if tokens.size != count:
+        raise DataError(f"shard {path}: read {tokens.size} of {count} tokens")
+    return tokens
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
+    """Write tokens in the challenge format (atomically: temp name, then rename)."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
+        raise DataError("write_shard: token ids must fit in uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def resolve_files(pattern: str, what: str) -> list[str]:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise DataError(
+            f"no {what} shards match {pattern!r}; pass an existing glob "
+            f"(--{what}-files) or leave it empty for the bundled sample"
+        )
+    return files
+
+
+def load_tokens(pattern: str, what: str, limit: int = 0) -> torch.Tensor:
+    """Concatenate the shards matching ``pattern`` (int64), optionally only the first ``limit``."""
+    parts, total = [], 0
+    for path in resolve_files(pattern, what):
+        parts.append(load_shard(path))
+        total += parts[-1].size
+        if limit and total >= limit:
+            break
+    tokens = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+    return tokens[:limit] if limit else tokens
+
+
+class TokenStream:
+    """Endless stream over training shards; each rank reads its own disjoint slice of a step.
+
+    Every step consumes ``global_tokens + 1`` consecutive tokens from the stream (shards are
+    concatenated, wrapping at the end); rank ``r`` of ``w`` takes the ``r``-th contiguous chunk
+    of ``global_tokens / w + 1`` tokens (inputs and shifted targets). The ranks' slices never
+    overlap, and the union over ranks equals what one process would read for the same step.
+    """
+
+    def __init__(self, pattern: str, rank: int = 0, world: int = 1):
+        self.files = resolve_files(pattern, "train")
+        for f in self.files:
+            read_shard_header(f)
+        self.rank, self.world = rank, world
+        self._file_idx, self._pos = -1, 0
+        self._tokens = np.zeros(0, dtype=np.uint16)
+
+    def _take(self, n: int) -> np.ndarray:
+        out, need = [], n
+        while need:
+            if self._pos >= self._tokens.size:
+                self._file_idx = (self._file_idx + 1) % len(self.files)
+                self._tokens, self._pos = load_shard(self.files[self._file_idx]), 0
+            chunk = self._tokens[self._pos : self._pos + need]
+            out.append(chunk)
+            self._pos += chunk.size
+            need -= chunk.size
+        return np.concatenate(out)
+
+    def next_batch(self, global_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if global_tokens % (self.world * seq_len):
+            raise DataError(
+                f"batch of {global_tokens} tokens does not split into {self.world} ranks x "
+                f"sequences of {seq_len}"
+            )
+        per_rank = global_tokens // self.world
+        span = self._take(global_tokens + 1)
+        local = torch.from_numpy(
+            span[self.rank * per_rank : (self.rank + 1) * per_rank + 1].astype(np.int64)
+        )
+        x = local[:-1].view(-1, seq_len)
+        y = local[1:].view(-1, seq_len)
+        return x, y
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and bits per byte
+
+
+def load_tokenizer(path: str = ""):
+    import sentencepiece as spm
+
+    path = path or bundled_tokenizer()
+    if not os.path.exists(path):
+        raise DataError(
+            f"tokenizer {path} not found; pass --tokenizer with the fineweb_1024_bpe.model "
+            "path or leave it empty for the bundled one"
+        )
+    sp = spm.SentencePieceProcessor()
+    try:
+        ok = sp.Load(path)
+    except Exception as e:  # sentencepiece raises OSError/RuntimeError with its own text
+        raise DataError(f"tokenizer {path} could not be loaded: {e}") from None
+    if not ok:
+        raise DataError(f"tokenizer {path} could not be loaded")
+    return sp
+
+
+@dataclass(frozen=True)
+class ByteLUT:
+    """Per-token byte counts for bpb (SPEC.md's rule)."""
+
+    base_bytes: torch.Tensor  # int64 (V,): UTF-8 bytes of the piece without its leading "▁"
+    has_space: torch.Tensor  # bool (V,): piece starts with "▁"
+    is_boundary: torch.Tensor  # bool (V,): control/unknown/unused token
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_bytes.numel()
+
+    def target_bytes(self, prev: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Bytes of each target token given the token before it (same shapes)."""
+        nb = self.base_bytes[target]
+        extra = self.has_space[target] & ~self.is_boundary[prev]
+        return nb + extra.to(nb.dtype)
+
+
+def build_byte_lut(sp, vocab_size: int | None = None) -> ByteLUT:
+    n = sp.vocab_size()
+    if vocab_size is not None and vocab_size != n:
+        raise DataError(
+            f"vocab_size {vocab_size} does not match the tokenizer's {n} pieces; "
+            f"set --vocab-size {n} or use the matching tokenizer"
+        )
+    base = np.zeros(n, dtype=np.int64)
+    space = np.zeros(n, dtype=np.bool_)
+    boundary = np.zeros(n, dtype=np.bool_)
+    for i in range(n):
+        if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i):
+            boundary[i] = True
+            continue
+        if sp.IsByte(i):
+            base[i] = 1
+            continue
+        piece = sp.IdToPiece(i)
+        if piece.startswith("\u2581"):
+            space[i] = True
+            piece = piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return ByteLUT(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+def bits_per_byte(sum_nll_nats: float, total_bytes: int) -> float:
+    """bpb = (mean loss / ln 2) * tokens / bytes = total nats / ln 2 / total bytes."""
+    if total_bytes <= 0:
+        raise ValueError("bits_per_byte: no bytes scored")
+    return sum_nll_nats / math.log(2) / total_bytes
+
+
+def unigram_bpb(train: torch.Tensor, val: torch.Tensor, lut: ByteLUT) -> float:
+    """The unigram baseline: val tokens scored by add-one-smoothed train frequencies."""
+    counts = torch.bincount(train, minlength=lut.vocab_size).double() + 1.0
+    logp = torch.log(counts / counts.sum())
+    nll = -logp[val[1:]].sum().item()
+    return bits_per_byte(nll, int(lut.target_bytes(val[:-1], val[1:]).sum()))

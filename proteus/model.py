@@ -1,0 +1,251 @@
+"""The GPT of SPEC.md's model table, as plain ``nn.Module``s.
+
+Every row of the table is a :class:`~proteus.config.ModelConfig` flag. The two hot ops (the
+LeakyReLU² MLP and the causal GQA attention with XSA) are called through an
+:class:`~proteus.ops.Ops` bundle chosen by ``--kernels``; nothing here imports a kernel.
+
+Data flow for tokens ``idx`` (B, T)::
+
+    x = rms_norm(tok_emb[idx] + bigram(idx_prev, idx));  x = smear(x);  x0 = x
+    first half of blocks:  x = block_i(x, x0);  push x            (U-Net encoder)
+    second half:           x = x + w_j * pop();  x = block_j(x, x0)
+    logits = softcap(rms_norm(x) @ tok_emb.T)
+
+    block_i(x, x0):  x = m0 * x + m1 * x0                         (residual mix with x0)
+                     x = x + a * attn(rms_norm(x) / sqrt(i+1))     (layer-norm scale)
+                     x = x + b * mlp(rms_norm(x) / sqrt(i+1))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from proteus.config import ModelConfig
+from proteus.ops import Ops, get_ops
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Linear(nn.Linear):
+    """Bias-free linear whose fp32 master weight is cast to the activation dtype (autocast-safe)."""
+
+    def __init__(self, fan_in: int, fan_out: int, zero_init: bool = False):
+        super().__init__(fan_in, fan_out, bias=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    """RoPE on the first ``dims`` of each head (partial RoPE), half-split rotation."""
+
+    def __init__(self, dims: int, base: float):
+        super().__init__()
+        self.dims = dims
+        inv = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float32) / max(dims, 1)))
+        self.register_buffer("inv_freq", inv, persistent=False)
+        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def cos_sin(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self._cache
+        if c is None or c[0] < t or c[1] != device:
+            freqs = torch.outer(torch.arange(t, device=device, dtype=torch.float32),
+                                self.inv_freq.to(device))
+            self._cache = c = (t, device, freqs.cos(), freqs.sin())
+        return c[2][:t], c[3][:t]
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, T, heads, hd): rotate x[..., :dims], pass the rest through."""
+        if self.dims == 0:
+            return x
+        half = self.dims // 2
+        x1, x2, rest = x[..., :half], x[..., half : self.dims], x[..., self.dims :]
+        cos = cos[None, :, None, :].to(x.dtype)
+        sin = sin[None, :, None, :].to(x.dtype)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, xsa: bool):
+        super().__init__()
+        d, h, kv, hd = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.h, self.kv, self.hd, self.xsa, self.qk_norm = h, kv, hd, xsa, cfg.qk_norm
+        self.c_q = Linear(d, h * hd)
+        self.c_k = Linear(d, kv * hd)
+        self.c_v = Linear(d, kv * hd)
+        self.proj = Linear(h * hd, d, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((h,), cfg.q_gain_init))
+
+    def forward(self, x, rotary: Rotary, cos, sin, ops: Ops, ve: torch.Tensor | None = None):
+        b, t, _ = x.shape
+        q = self.c_q(x).view(b, t, self.h, self.hd)
+        k = self.c_k(x).view(b, t, self.kv, self.hd)
+        v = self.c_v(x).view(b, t, self.kv, self.hd)
+        if ve is not None:
+            v = v + ve.view(b, t, self.kv, self.hd)
+        if self.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        q = rotary.apply(q, cos, sin) * self.q_gain.to(x.dtype)[None, None, :, None]
+        k = rotary.apply(k, cos, sin)
+        y = ops.attention(
+            q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
+            v.transpose(1, 2).contiguous(), causal=True, xsa=self.xsa,
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, t, self.h * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.slope = cfg.mlp_slope
+        self.fc = Linear(cfg.model_dim, cfg.mlp_hidden)
+        self.proj = Linear(cfg.mlp_hidden, cfg.model_dim, zero_init=True)
+
+    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        if getattr(self.fc, "quantized", False):  # eval of an int6 artifact: packed weights
+            return self.proj(ops.leaky_relu2(self.fc(x), self.slope))
+        return ops.mlp(x, self.fc.weight.to(x.dtype), self.proj.weight.to(x.dtype), self.slope)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn = Attention(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_last_n)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.resid_mix = (
+            nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
+            if cfg.resid_mix else None
+        )
+        self.in_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+
+    def forward(self, x, x0, rotary, cos, sin, ops: Ops, ve=None):
+        if self.resid_mix is not None:
+            m = self.resid_mix.to(x.dtype)
+            x = m[0] * x + m[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(
+            rms_norm(x) * self.in_scale, rotary, cos, sin, ops, ve
+        )
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.in_scale, ops)
+
+
+class BigramHash(nn.Module):
+    """Embedding of a hash of (previous token, token) into ``buckets`` rows, projected to width."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        nn.init.zeros_(self.embed.weight)
+        self.proj = Linear(dim, model_dim, zero_init=True)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(idx[:, :-1], (1, 0), value=0)
+        # The last bucket is reserved for the first position (it has no previous token).
+        h = torch.bitwise_xor(prev * 36313, idx * 27191) % (self.buckets - 1)
+        h[:, 0] = self.buckets - 1
+        return self.proj(self.embed(h))
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1 - g) * x_t + g * x_{t-1}, g = sigmoid(gate) per channel."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        return x + g * (prev - x)
+
+
+class ValueEmbedding(nn.Module):
+    """A token embedding added to v on selected blocks (one shared table, a gain per block)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = cfg.value_embed_set
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.value_embed_dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = Linear(cfg.value_embed_dim, cfg.num_kv_heads * cfg.head_dim, zero_init=True)
+        self.scales = nn.Parameter(torch.ones(len(self.layers)))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(idx))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, kernels: str = "ref"):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.ops = get_ops(kernels)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=0.005)
+        self.bigram = (
+            BigramHash(cfg.bigram_buckets, cfg.bigram_dim, cfg.model_dim)
+            if cfg.bigram_buckets else None
+        )
+        self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate else None
+        self.ve = ValueEmbedding(cfg) if cfg.value_embed_set else None
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.n_enc = cfg.num_layers // 2 if cfg.unet_skips else 0
+        n_skip = min(self.n_enc, cfg.num_layers - self.n_enc)
+        self.skip_weights = nn.Parameter(torch.ones(n_skip, cfg.model_dim)) if n_skip else None
+        self.lm_head = (
+            None if cfg.tie_embeddings else Linear(cfg.model_dim, cfg.vocab_size, zero_init=True)
+        )
+
+    def set_kernels(self, kernels: str) -> None:
+        self.ops = get_ops(kernels)
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        cfg, ops = self.cfg, self.ops
+        b, t = idx.shape
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x)
+        x0 = x
+        cos, sin = self.rotary.cos_sin(t, idx.device)
+        ve_base = self.ve(idx) if self.ve is not None else None
+        skips: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.n_enc and skips:
+                j = i - self.n_enc
+                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+            ve = None
+            if ve_base is not None and i in self.ve.layers:
+                ve = ve_base * self.ve.scales[self.ve.layers.index(i)].to(ve_base.dtype)
+            x = block(x, x0, self.rotary, cos, sin, ops, ve)
+            if i < self.n_enc:
+                skips.append(x)
+        x = rms_norm(x)
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        z = F.linear(x, w.to(x.dtype)).float()
+        if cfg.logit_softcap > 0:
+            z = cfg.logit_softcap * torch.tanh(z / cfg.logit_softcap)
+        return z
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy (nats) over all positions if targets are given, else logits."""
+        z = self.logits(idx)
+        if targets is None:
+            return z
+        return F.cross_entropy(z.view(-1, z.size(-1)), targets.reshape(-1))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

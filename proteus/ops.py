@@ -1,0 +1,53 @@
+"""The model's hot ops behind one switch: ``ref`` (PyTorch) or ``triton`` (the fused kernels).
+
+The model never imports a kernel directly; it asks :func:`get_ops` for a bundle and calls
+``ops.mlp``/``ops.attention``. A kernel therefore drops in without touching model code, and
+``--kernels ref|triton`` is the only switch. The reference functions are the ones that live
+beside each kernel (``kernels/<op>.py``), so ``ref`` and the specification are the same code.
+
+On a machine without a GPU, ``triton`` runs the kernels on Triton's interpreter (slow: for
+tests and convergence checks on tiny shapes, never for speed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Ops:
+    name: str
+    # y = leaky_relu2(x @ w_up.T, slope) @ w_down.T
+    mlp: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+    # y = leaky_relu2(x, slope), elementwise (used with quantised eval weights)
+    leaky_relu2: Callable[[torch.Tensor, float], torch.Tensor]
+    # o = causal GQA attention of q (B,H,T,D), k/v (B,KV,T,D), with the XSA projection if xsa
+    attention: Callable[..., torch.Tensor]
+    # y = x @ (Q*s).T from packed int6 weights (eval of a quantised artifact)
+    int6_matmul: Callable[..., torch.Tensor]
+
+
+_CACHE: dict[str, Ops] = {}
+
+
+def get_ops(kind: str) -> Ops:
+    """The op bundle for ``kind`` ('ref' or 'triton'); kernel modules are imported lazily."""
+    if kind in _CACHE:
+        return _CACHE[kind]
+    if kind not in ("ref", "triton"):
+        raise ValueError(f"kernels must be 'ref' or 'triton', got {kind!r}")
+    import kernels  # noqa: F401  (selects compiled vs interpreter before kernel modules load)
+    from kernels import int6_matmul as i6
+    from kernels import leaky_relu2 as lr
+    from kernels import xsa_attention as xa
+
+    if kind == "ref":
+        ops = Ops("ref", lr.leaky_relu2_mlp_ref, lr.leaky_relu2_ref, xa.xsa_attention_ref,
+                  i6.int6_matmul_ref)
+    else:
+        ops = Ops("triton", lr.leaky_relu2_mlp, lr.leaky_relu2, xa.xsa_attention, i6.int6_matmul)
+    _CACHE[kind] = ops
+    return ops

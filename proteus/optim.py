@@ -1,0 +1,117 @@
+"""Muon for the block matrices, AdamW for embeddings and scalars (SPEC.md's optimiser row).
+
+Muon step for a matrix parameter W with gradient G (momentum mu, Nesterov)::
+
+    B <- mu * B + G                     (momentum buffer)
+    U <- G + mu * B                     (Nesterov look-ahead)
+    O <- NewtonSchulz5(U)               (approximate orthogonalisation, ~ U V^T of the SVD)
+    W <- (1 - lr * wd) * W - lr * sqrt(max(1, rows / cols)) * O
+
+Newton–Schulz uses the quintic X <- aX + (bA + cA^2)X, A = XX^T, (a, b, c) =
+(3.4445, -4.7750, 2.0315), after scaling X to unit Frobenius norm. Matrices of one shape are
+stacked and orthogonalised in one batched call, which on a CPU saves hundreds of small kernel
+launches per step. Every rank computes the same update from the same all-reduced gradients,
+so data-parallel ranks stay bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz5(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately orthogonalise the last two dims of ``g`` (batched)."""
+    a, b, c = NS_COEFFS
+    x = g.bfloat16() if g.is_cuda else g.float()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        s = x @ x.mT
+        x = a * x + (b * s + c * (s @ s)) @ x
+    if tall:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, momentum: float, ns_steps: int = 5, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps,
+                                      weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            by_shape: dict[tuple, list[nn.Parameter]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape[tuple(p.shape)].append(p)
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for shape, ps in by_shape.items():
+                grads = torch.stack([p.grad for p in ps])
+                key = ps[0]
+                state = self.state[key]
+                buf = state.get("momentum_buffer")
+                if buf is None or buf.shape != grads.shape:
+                    buf = state["momentum_buffer"] = torch.zeros_like(grads)
+                buf.mul_(mu).add_(grads)
+                update = newton_schulz5(grads.add(buf, alpha=mu), group["ns_steps"])
+                scale = max(1.0, shape[0] / shape[1]) ** 0.5
+                for i, p in enumerate(ps):
+                    if wd:
+                        p.mul_(1.0 - lr * wd)
+                    p.add_(update[i].to(p.dtype), alpha=-lr * scale)
+
+
+def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Parameter groups: 'matrix' (Muon), 'embed' and 'scalar' (AdamW).
+
+    Matrices are the weights of the model's bias-free ``Linear`` layers (attention, MLP and the
+    BigramHash/value-embedding projections); embeddings are ``nn.Embedding`` tables (the tied
+    output head included); everything else (gains, gates, mixes, skip weights) is 'scalar'.
+    """
+    from proteus.model import Linear
+
+    groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embed": [], "scalar": []}
+    seen: set[int] = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(module, nn.Embedding):
+                groups["embed"].append(p)
+            elif isinstance(module, Linear) and p.dim() == 2 and module is not getattr(
+                model, "lm_head", None
+            ):
+                groups["matrix"].append(p)
+            elif module is getattr(model, "lm_head", None):
+                groups["embed"].append(p)
+            else:
+                groups["scalar"].append(p)
+    return groups
+
+
+def build_optimizers(model: nn.Module, tc) -> list[torch.optim.Optimizer]:
+    """Muon + AdamW from a :class:`~proteus.config.TrainConfig`; each group remembers its base LR."""
+    g = split_params(model)
+    betas = (tc.adam_beta1, tc.adam_beta2)
+    muon = Muon(g["matrix"], lr=tc.matrix_lr, momentum=tc.muon_momentum_start,
+                ns_steps=tc.muon_ns_steps, weight_decay=tc.muon_wd)
+    adam = torch.optim.AdamW(
+        [
+            dict(params=g["embed"], lr=tc.embed_lr, weight_decay=tc.adam_wd),
+            dict(params=g["scalar"], lr=tc.scalar_lr, weight_decay=0.0),
+        ],
+        betas=betas, eps=1e-10, foreach=True,
+    )
+    for opt in (muon, adam):
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return [muon, adam]

@@ -1,0 +1,82 @@
+"""Presets, the generated CLI/env layer, and bad-input errors."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from proteus.config import (
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    add_config_arguments,
+    build_config,
+    env_overrides,
+)
+
+
+def test_presets_build_and_validate():
+    for name in PRESETS:
+        cfg = build_config(name, environ={})
+        assert cfg.train.preset == name
+    h = build_config("h100", environ={})
+    # SPEC.md's reference model and schedule
+    assert (h.model.num_layers, h.model.model_dim, h.model.num_heads, h.model.num_kv_heads) == (
+        11, 512, 8, 4)
+    assert (h.model.rope_dims, h.model.xsa_last_n, h.model.mlp_hidden) == (16, 4, 1536)
+    assert h.model.value_embed_set == (9, 10) and h.model.mlp_slope == 0.9
+    assert (h.train.batch_tokens, h.train.seq_len, h.train.max_wallclock_s) == (786432, 2048, 600)
+    assert (h.train.warmdown_steps, h.train.warmup_steps, h.train.ema_decay) == (3500, 20, 0.997)
+
+
+def test_layering_preset_env_cli():
+    cfg = build_config("cpu-tiny", {"model.model_dim": 64}, environ={"PROTEUS_MODEL_DIM": "96",
+                                                                     "PROTEUS_SEED": "7"})
+    assert cfg.model.model_dim == 64 and cfg.train.seed == 7
+    cfg = build_config("cpu-tiny", {}, environ={"PROTEUS_QK_NORM": "false"})
+    assert cfg.model.qk_norm is False
+
+
+def test_unknown_env_var_is_an_error():
+    with pytest.raises(ConfigError, match="unknown environment variable PROTEUS_MODLE_DIM"):
+        env_overrides({"PROTEUS_MODLE_DIM": "3"})
+
+
+def test_bad_env_value_is_an_error():
+    with pytest.raises(ConfigError, match="PROTEUS_SEQ_LEN: expected int"):
+        env_overrides({"PROTEUS_SEQ_LEN": "long"})
+
+
+def test_unknown_preset_is_an_error():
+    with pytest.raises(ConfigError, match="unknown preset 'tiny'"):
+        build_config("tiny", environ={})
+
+
+def test_seq_len_not_dividing_batch_is_an_error():
+    with pytest.raises(ConfigError, match="does not divide batch_tokens"):
+        build_config("cpu-tiny", {"train.seq_len": 300}, environ={})
+
+
+def test_model_validation_messages():
+    with pytest.raises(ConfigError, match="num_heads 6 is not a multiple of num_kv_heads 4"):
+        ModelConfig(num_heads=6, num_kv_heads=4, model_dim=384).validate()
+    with pytest.raises(ConfigError, match="rope_dims"):
+        ModelConfig(rope_dims=100).validate()
+
+
+def test_every_field_has_a_flag_with_help():
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    text = p.format_help()
+    for section in ("model", "train", "eval"):
+        for f in getattr(RunConfig(), section).__dataclass_fields__:
+            if f == "preset":
+                continue
+            assert "--" + f.replace("_", "-") in text, f
+
+
+def test_config_roundtrip_dict():
+    cfg = build_config("smoke", environ={})
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
