@@ -230,7 +230,7 @@ PRESETS: dict[str, dict[str, dict]] = {
                       value_embed_layers="2,3", value_embed_dim=64),
         "train": dict(seq_len=256, batch_tokens=2048, iterations=100000, max_wallclock_s=170.0,
                       warmup_steps=3, lr_warmup_steps=0, warmdown_steps=1200,
-                      matrix_lr=0.04, embed_lr=0.05, scalar_lr=0.04,
+                      matrix_lr=0.04, embed_lr=0.02, scalar_lr=0.04,
                       muon_momentum=0.95, muon_momentum_start=0.85, muon_momentum_warmup=300,
                       muon_wd=0.0, adam_wd=0.0, ema_decay=0.0, swa_every=0,
                       compile=True, autocast_bf16="on", device="cpu", log_every=100),

@@ -86,20 +86,25 @@ class Attention(nn.Module):
 
     def forward(self, x, rotary: Rotary, cos, sin, ops: Ops, ve: torch.Tensor | None = None):
         b, t, _ = x.shape
-        q = self.c_q(x).view(b, t, self.h, self.hd)
-        k = self.c_k(x).view(b, t, self.kv, self.hd)
-        v = self.c_v(x).view(b, t, self.kv, self.hd)
+        h, kv, hd = self.h, self.kv, self.hd
+        if getattr(self.c_q, "quantized", False):
+            qkv = torch.cat((self.c_q(x), self.c_k(x), self.c_v(x)), dim=-1)
+        else:  # one matmul for q, k and v (three parameters, so Muon sees three matrices)
+            w = torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight)).to(x.dtype)
+            qkv = F.linear(x, w)
+        qk, v = qkv.view(b, t, h + 2 * kv, hd).split((h + kv, kv), dim=2)
         if ve is not None:
-            v = v + ve.view(b, t, self.kv, self.hd)
-        if self.qk_norm:
-            q, k = rms_norm(q), rms_norm(k)
-        q = rotary.apply(q, cos, sin) * self.q_gain.to(x.dtype)[None, None, :, None]
-        k = rotary.apply(k, cos, sin)
+            v = v + ve.view(b, t, kv, hd)
+        if self.qk_norm:  # q and k share the head dim: one norm and one rotation for both
+            qk = rms_norm(qk)
+        qk = rotary.apply(qk, cos, sin)
+        q, k = qk.split((h, kv), dim=2)
+        q = q * self.q_gain.to(x.dtype)[None, None, :, None]
         y = ops.attention(
             q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
             v.transpose(1, 2).contiguous(), causal=True, xsa=self.xsa,
         )
-        return self.proj(y.transpose(1, 2).reshape(b, t, self.h * self.hd))
+        return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))
 
 
 class MLP(nn.Module):

@@ -32,9 +32,15 @@ def newton_schulz5(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     if tall:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    batched = x.dim() == 3
+    if not batched:
+        x = x.unsqueeze(0)
     for _ in range(steps):
-        s = x @ x.mT
-        x = a * x + (b * s + c * (s @ s)) @ x
+        s = torch.bmm(x, x.mT)
+        poly = torch.baddbmm(s, s, s, beta=b, alpha=c)  # b*s + c*s@s in one call
+        x = torch.baddbmm(x, poly, x, beta=a)  # a*x + poly@x
+    if not batched:
+        x = x.squeeze(0)
     if tall:
         x = x.mT
     return x.to(g.dtype)

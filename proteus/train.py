@@ -397,7 +397,8 @@ def train(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False) -> d
         except ImportError:  # the artifact writer is optional until quantisation lands
             write_run_artifact = None
         if write_run_artifact is not None:
-            results["artifact"] = write_run_artifact(model, cfg, run_dir, say)
+            results["artifact"] = write_run_artifact(model, cfg, run_dir, say, val, lut,
+                                                     results["val"]["bpb"])
         atomic_write_json(run_dir / "summary.json", results)
     log.close()
     dd.close()

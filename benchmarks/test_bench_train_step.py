@@ -1,0 +1,59 @@
+"""Training step of the cpu-tiny shape (4 layers, dim 128, 4/2 heads, batch 8x256): tokens/s.
+
+Providers, side by side in one run (forward + backward + optimiser step, ``--kernels ref``):
+``plain-eager`` — the original challenge design (benchmarks/plain_gpt.py) with AdamW;
+``proteus-eager`` — the PROTEUS model with Muon + AdamW; ``proteus-compile`` — the same under
+``torch.compile`` (what the cpu-tiny preset trains with). Each provider first checks that a
+step is finite and lowers the loss over a few steps on a fixed batch, then is timed.
+Read the ratio column of ``benchmarks/summary.py``: tokens/s = batch / median time.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from proteus.config import build_config
+from proteus.data import TokenStream, bundled_train_glob
+from proteus.model import GPT
+from proteus.optim import build_optimizers
+
+from .plain_gpt import PlainGPT
+
+BATCH, SEQ = 8, 256
+
+
+def _make(provider: str):
+    torch.manual_seed(0)
+    cfg = build_config("cpu-tiny", environ={})
+    if provider == "plain-eager":
+        model = PlainGPT()
+        opts = [torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), fused=False)]
+        fwd = model
+    else:
+        model = GPT(cfg.model, "ref")
+        opts = build_optimizers(model, cfg.train)
+        fwd = torch.compile(model, dynamic=False) if provider == "proteus-compile" else model
+    x, y = TokenStream(bundled_train_glob()).next_batch(BATCH * SEQ, SEQ)
+
+    def step():
+        loss = fwd(x, y)
+        loss.backward()
+        for o in opts:
+            o.step()
+        model.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+@pytest.mark.parametrize("provider", ["plain-eager", "proteus-eager", "proteus-compile"])
+def test_bench_train_step(benchmark, provider):
+    step = _make(provider)
+    first = step()
+    for _ in range(4):
+        last = step()
+    assert torch.isfinite(first) and last < first, (first, last)  # check, then time
+    benchmark.group = "train-step cpu-tiny 8x256"
+    benchmark.extra_info.update(tokens=BATCH * SEQ, provider=provider)
+    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=2)

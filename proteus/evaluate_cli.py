@@ -1,0 +1,171 @@
+"""``proteus eval`` and ``proteus audit``: load a checkpoint or an int6 artifact and score it.
+
+``eval`` prints the model's val bpb (plain, and sliding-window with ``--stride``) and, with
+``--cache ngram``, the bpb with the honest n-gram cache, the difference, the cache's
+throughput and the audit's verdict. ``audit`` runs only the audit. Both work under torchrun:
+model scoring is split over ranks by windows, and the cache on each rank first counts every
+token before its shard, so the result does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from proteus import data as D
+from proteus.config import ConfigError, EvalConfig, RunConfig
+from proteus.evaluate import TokenScores, evaluate_bpb, format_bpb, score_tokens
+from proteus.model import GPT
+
+
+def _is_artifact(path: str) -> bool:
+    """A checkpoint is a zip (torch.save); anything else is handed to the artifact reader."""
+    with open(path, "rb") as f:
+        return f.read(4) != b"PK\x03\x04"
+
+
+def load_model(path: str, kernels: str | None) -> tuple[GPT, RunConfig, dict]:
+    """A model from ``model.ckpt`` or from an int6 artifact (through Int6Linear layers)."""
+    from proteus.train import load_checkpoint
+
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} not found; pass a run's model.ckpt or its artifact")
+    if os.path.getsize(path) >= 8 and _is_artifact(path):
+        from proteus.quant import apply_int6, read_artifact
+
+        qstate, meta = read_artifact(path)
+        cfg = RunConfig.from_dict(meta["run_config"])
+        kind = kernels or cfg.train.kernels
+        model = GPT(cfg.model, kind)
+        apply_int6(model, qstate, use_kernel=(kind == "triton"))
+        return model, cfg, dict(source="artifact", float_bpb=meta.get("float_bpb"))
+    cfg, state, extra = load_checkpoint(path)
+    kind = kernels or cfg.train.kernels
+    model = GPT(cfg.model, kind)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"checkpoint {path} does not match its config: {e}") from None
+    return model, cfg, dict(source="checkpoint", **extra)
+
+
+def _eval_config(cfg: RunConfig, cli: dict) -> EvalConfig:
+    over = {k.split(".", 1)[1]: v for k, v in cli.items() if k.startswith("eval.") and v is not None}
+    import dataclasses
+
+    ec = dataclasses.replace(cfg.eval, **over)
+    ec.validate()
+    return ec
+
+
+def _setup_dist() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", "0")), world
+
+
+def model_logprobs_fn(model: GPT, seq_len: int, device="cpu"):
+    """(tokens, positions) -> (n, V) log p_model(next token | tokens[:pos]) for the audit."""
+
+    @torch.no_grad()
+    def fn(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = []
+        for pos in positions.tolist():
+            ctx = tokens[max(0, pos - seq_len) : pos].to(device)
+            z = model.logits(ctx[None])[0, -1].float()
+            out.append(torch.log_softmax(z, -1).double().cpu())
+        return torch.stack(out)
+
+    return fn
+
+
+def cache_scores(scores: TokenScores, tokens: torch.Tensor, ec: EvalConfig, rank: int,
+                 world: int) -> tuple[float, int, float]:
+    """(sum of nll in nats, bytes, seconds) of the cache-blended scores over this rank's shard."""
+    from proteus.ngram import NgramConfig, ngram_blend_logprobs
+
+    n = scores.logp.numel()
+    lo, hi = 1 + n * rank // world, 1 + n * (rank + 1) // world
+    backend = ec.ngram_backend
+    if backend == "auto":
+        backend = "triton" if torch.cuda.is_available() else "numpy"
+    t0 = time.perf_counter()
+    lp = ngram_blend_logprobs(
+        tokens, lo, hi, scores.logp[lo - 1 : hi - 1], scores.entropy[lo - 1 : hi - 1],
+        NgramConfig(order=ec.ngram_order), backend=backend,
+    )
+    seconds = time.perf_counter() - t0
+    nll = -lp.double().sum().item()
+    nbytes = int(scores.nbytes[lo - 1 : hi - 1].sum())
+    return nll, nbytes, seconds
+
+
+def _reduce(*values: float) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def run_audit(model, cfg, ec, tokens, say) -> dict:
+    from proteus.ngram import NgramConfig, audit
+
+    seq = ec.eval_seq_len or cfg.train.seq_len
+    n = tokens.numel()
+    g = torch.Generator().manual_seed(0)
+    positions = torch.randint(2, n - 1, (ec.audit_positions,), generator=g).sort().values
+    rep = audit(tokens, positions, model_logprobs_fn(model, seq), NgramConfig(order=ec.ngram_order))
+    say(f"  audit: {rep}")
+    return rep
+
+
+def main_eval(path: str, cli: dict) -> int:
+    rank, world = _setup_dist()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    model, cfg, info = load_model(path, cli.get("train.kernels"))
+    ec = _eval_config(cfg, cli)
+    val_files = cli.get("train.val_files") or cfg.train.val_files or D.bundled_val_glob()
+    sp = D.load_tokenizer(cfg.train.tokenizer)
+    lut = D.build_byte_lut(sp, cfg.model.vocab_size)
+    tokens = D.load_tokens(val_files, "val", limit=ec.val_tokens + 1 if ec.val_tokens else 0)
+    seq = ec.eval_seq_len or cfg.train.seq_len
+    say(f"proteus eval: {path} ({info['source']}), kernels={model.ops.name}, "
+        f"{tokens.numel() - 1:,} targets, window {seq}, {world} process(es)")
+    if info.get("float_bpb") is not None:
+        say(f"  bpb before quantisation (recorded at training): {format_bpb(info['float_bpb'])}")
+    r = evaluate_bpb(model, tokens, lut, seq, 0, ec.eval_batch_seqs)
+    say(f"  val bpb {format_bpb(r['bpb'])} (plain, loss {r['loss']:.4f})")
+    if ec.stride or ec.cache == "ngram":
+        scores = score_tokens(model, tokens, lut, seq, ec.stride, ec.eval_batch_seqs)
+        base = scores.bpb()
+        if ec.stride:
+            say(f"  val bpb {format_bpb(base)} (sliding window, stride {ec.stride})")
+        if ec.cache == "ngram":
+            nll, nbytes, secs = cache_scores(scores, tokens, ec, rank, world)
+            nll, nbytes, secs = _reduce(nll, nbytes, secs)
+            with_cache = nll / math.log(2) / nbytes
+            say(f"  val bpb {format_bpb(with_cache)} with the n-gram cache (order "
+                f"{ec.ngram_order}); without {format_bpb(base)}; difference "
+                f"{with_cache - base:+.4f}")
+            say(f"  cache throughput {(tokens.numel() - 1) / max(secs / world, 1e-9):,.0f} tokens/s "
+                f"({ec.ngram_backend} backend)")
+            if rank == 0:
+                rep = run_audit(model, cfg, ec, tokens, say)
+                if not getattr(rep, "passed", False):
+                    return 1
+    return 0
+
+
+def main_audit(path: str, cli: dict) -> int:
+    model, cfg, _ = load_model(path, None)
+    ec = _eval_config(cfg, cli)
+    tokens = D.load_tokens(cfg.train.val_files or D.bundled_val_glob(), "val",
+                           limit=ec.val_tokens + 1 if ec.val_tokens else 0)
+    rep = run_audit(model, cfg, ec, tokens, print)
+    return 0 if getattr(rep, "passed", False) else 1
