@@ -55,12 +55,13 @@ class Rotary(nn.Module):
         self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of shape (1, t, 1, dims/2), broadcastable over (B, T, heads, dims/2)."""
         c = self._cache
         if c is None or c[0] < t or c[1] != device:
             freqs = torch.outer(torch.arange(t, device=device, dtype=torch.float32),
-                                self.inv_freq.to(device))
+                                self.inv_freq.to(device))[None, :, None, :]
             self._cache = c = (t, device, freqs.cos(), freqs.sin())
-        return c[2][:t], c[3][:t]
+        return c[2][:, :t], c[3][:, :t]
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (B, T, heads, hd): rotate x[..., :dims], pass the rest through."""
@@ -68,8 +69,8 @@ class Rotary(nn.Module):
             return x
         half = self.dims // 2
         x1, x2, rest = x[..., :half], x[..., half : self.dims], x[..., self.dims :]
-        cos = cos[None, :, None, :].to(x.dtype)
-        sin = sin[None, :, None, :].to(x.dtype)
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
@@ -189,6 +190,34 @@ class ValueEmbedding(nn.Module):
         return self.proj(self.embed(idx))
 
 
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``cap * tanh(z / cap)`` in one forward and one backward pass.
+
+    Same function as ``F.cross_entropy(cap * torch.tanh(z / cap), y)``; the backward is
+    ``(softmax(zc) - onehot(y)) * (1 - tanh²) / N``, computed in place from the saved tanh and
+    log-sum-exp, which saves the autograd graph's intermediate (N, V) tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, y: torch.Tensor, cap: float) -> torch.Tensor:
+        th = torch.tanh(z / cap)
+        zc = th * cap
+        lse = torch.logsumexp(zc, dim=-1)
+        loss = (lse - zc.gather(-1, y[:, None]).squeeze(-1)).mean()
+        ctx.save_for_backward(th, lse, y)
+        ctx.cap = cap
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        th, lse, y = ctx.saved_tensors
+        g = th * ctx.cap
+        g.sub_(lse[:, None]).exp_()  # softmax
+        g.scatter_add_(-1, y[:, None], torch.full_like(lse[:, None], -1.0))
+        g.mul_(1.0 - th * th).mul_(grad / th.size(0))
+        return g, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, kernels: str = "ref"):
         super().__init__()
@@ -216,7 +245,12 @@ class GPT(nn.Module):
         self.ops = get_ops(kernels)
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        cfg, ops = self.cfg, self.ops
+        z = self._raw_logits(idx)
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(z / cap) if cap > 0 else z
+
+    def _raw_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        ops = self.ops
         b, t = idx.shape
         x = self.tok_emb(idx)
         if self.bigram is not None:
@@ -240,17 +274,17 @@ class GPT(nn.Module):
                 skips.append(x)
         x = rms_norm(x)
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        z = F.linear(x, w.to(x.dtype)).float()
-        if cfg.logit_softcap > 0:
-            z = cfg.logit_softcap * torch.tanh(z / cfg.logit_softcap)
-        return z
+        return F.linear(x, w.to(x.dtype)).float()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy (nats) over all positions if targets are given, else logits."""
-        z = self.logits(idx)
         if targets is None:
-            return z
-        return F.cross_entropy(z.view(-1, z.size(-1)), targets.reshape(-1))
+            return self.logits(idx)
+        z = self._raw_logits(idx)
+        z, y = z.view(-1, z.size(-1)), targets.reshape(-1)
+        if self.cfg.logit_softcap > 0:
+            return SoftcapCrossEntropy.apply(z, y, self.cfg.logit_softcap)
+        return F.cross_entropy(z, y)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

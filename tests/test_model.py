@@ -96,3 +96,17 @@ def test_muon_update_matches_formula():
     upd = newton_schulz5(g + 0.9 * buf, 5)
     expect = w0 * (1 - 0.1 * 0.5) - 0.1 * (8 / 4) ** 0.5 * upd
     assert torch.allclose(w.detach(), expect, atol=1e-6)
+
+
+@pytest.mark.parametrize("cap", [30.0, 2.0])
+def test_fused_softcap_cross_entropy_matches_autograd(cap):
+    from proteus.model import SoftcapCrossEntropy
+
+    z = (torch.randn(64, 50, dtype=torch.float64) * 10).requires_grad_()
+    y = torch.randint(0, 50, (64,))
+    ref = torch.nn.functional.cross_entropy(cap * torch.tanh(z / cap), y)
+    (g_ref,) = torch.autograd.grad(ref, z)
+    ours = SoftcapCrossEntropy.apply(z, y, cap)
+    (g,) = torch.autograd.grad(ours * 3.0, z)
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(g, 3.0 * g_ref, rtol=1e-10, atol=1e-12)
