@@ -32,6 +32,12 @@ def configure() -> bool:
         interpret = not torch.cuda.is_available()
     else:
         interpret = env.strip().lower() in ("1", "true", "yes", "on")
+    import sys
+
+    if "triton" not in sys.modules:
+        # Triton's own @jit helpers (tl.cdiv, ...) pick their mode when triton.language is
+        # imported, so the variable must be set before the first `import triton`.
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     import triton
 
     triton.knobs.runtime.interpret = interpret
