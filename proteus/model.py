@@ -150,8 +150,10 @@ class BigramHash(nn.Module):
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
         self.buckets = buckets
+        # The table starts small but non-zero: with the projection zero-initialised, a zero
+        # table would give both factors zero gradients forever.
         self.embed = nn.Embedding(buckets, dim)
-        nn.init.zeros_(self.embed.weight)
+        nn.init.normal_(self.embed.weight, std=0.01)
         self.proj = Linear(dim, model_dim, zero_init=True)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -110,3 +110,17 @@ def test_fused_softcap_cross_entropy_matches_autograd(cap):
     (g,) = torch.autograd.grad(ours * 3.0, z)
     assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12)
     assert torch.allclose(g, 3.0 * g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_every_parameter_gets_gradient_after_one_step():
+    # zero-initialised factor pairs (table x projection) must not both be zero, or neither learns
+    cfg = small_cfg()
+    m = GPT(cfg)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    for _ in range(3):  # the longest zero-init chain (attn proj -> ve proj -> ve table) is 3
+        opt.zero_grad()
+        m(x, x).backward()
+        opt.step()
+    dead = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead, dead
