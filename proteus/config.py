@@ -185,6 +185,14 @@ class EvalConfig:
             raise ConfigError(f"cache must be 'none' or 'ngram', got {self.cache!r}")
         if self.stride < 0 or self.val_tokens < 0:
             raise ConfigError("stride and val_tokens must be >= 0")
+        if not 2 <= self.ngram_order <= 6:
+            raise ConfigError(f"ngram_order must be in [2, 6] (10-bit tokens in 64-bit keys), "
+                              f"got {self.ngram_order}")
+        if self.ngram_backend not in ("auto", "numpy", "triton", "ref"):
+            raise ConfigError(f"ngram_backend must be auto, numpy, triton or ref, got "
+                              f"{self.ngram_backend!r}")
+        if self.audit_positions < 1:
+            raise ConfigError("audit_positions must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -234,7 +242,7 @@ PRESETS: dict[str, dict[str, dict]] = {
                       muon_momentum=0.95, muon_momentum_start=0.85, muon_momentum_warmup=300,
                       muon_wd=0.0, adam_wd=0.0, ema_decay=0.0, swa_every=0,
                       compile=True, autocast_bf16="on", device="cpu", log_every=100),
-        "eval": dict(val_tokens=131072, eval_batch_seqs=32),
+        "eval": dict(val_tokens=131072, eval_batch_seqs=32, stride=64, cache="ngram"),
     },
     # Seconds, for tests and smoke runs: proves the plumbing, learns little.
     "smoke": {

@@ -32,7 +32,6 @@ class TokenScores:
 
     first: int
     logp: torch.Tensor  # float64 (n,): log p_model(target)
-    entropy: torch.Tensor  # float64 (n,): entropy of p_model at that position (nats)
     nbytes: torch.Tensor  # int64 (n,)
 
     def bpb(self) -> float:
@@ -89,7 +88,7 @@ def score_tokens(
     lo, hi = len(wins) * rank // world, len(wins) * (rank + 1) // world
     mine = wins[lo:hi]
     first = mine[0][2] if mine else n_targets + 1
-    logps, ents = [], []
+    logps = []
     was_training = model.training
     model.eval()
     t0 = last = time.perf_counter()
@@ -108,11 +107,9 @@ def score_tokens(
             z = model.logits(x)
         logp_all = F.log_softmax(z.float(), dim=-1)
         lp = logp_all.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        ent = -(logp_all.exp() * logp_all).sum(-1)
         for b, (s, _e, f) in enumerate(batch):
             k = f - 1 - s  # index within the window of the first scored target
             logps.append(lp[b, k:].double().cpu())
-            ents.append(ent[b, k:].double().cpu())
         i = j
         now = time.perf_counter()
         if progress and rank == 0 and now - last > 5.0:
@@ -122,13 +119,12 @@ def score_tokens(
             print(f"  eval {done}/{total} targets ({done / (now - t0):,.0f} tok/s)", flush=True)
     model.train(was_training)
     logp = torch.cat(logps) if logps else torch.zeros(0, dtype=torch.float64)
-    ent = torch.cat(ents) if ents else torch.zeros(0, dtype=torch.float64)
     if gather and world > 1:
-        logp, ent = _gather_ordered(logp), _gather_ordered(ent)
+        logp = _gather_ordered(logp)
         first = 1
     positions = torch.arange(first, first + logp.numel())
     nbytes = lut.target_bytes(tokens[positions - 1], tokens[positions])
-    return TokenScores(first, logp, ent, nbytes)
+    return TokenScores(first, logp, nbytes)
 
 
 def _gather_ordered(t: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,7 @@ def model_logprobs_fn(model: GPT, seq_len: int, device="cpu"):
         for pos in positions.tolist():
             ctx = tokens[max(0, pos - seq_len) : pos].to(device)
             z = model.logits(ctx[None])[0, -1].float()
-            out.append(torch.log_softmax(z, -1).double().cpu())
+            out.append(torch.log_softmax(z.double(), -1).cpu())
         return torch.stack(out)
 
     return fn
@@ -95,10 +95,8 @@ def cache_scores(scores: TokenScores, tokens: torch.Tensor, ec: EvalConfig, rank
     if backend == "auto":
         backend = "triton" if torch.cuda.is_available() else "numpy"
     t0 = time.perf_counter()
-    lp = ngram_blend_logprobs(
-        tokens, lo, hi, scores.logp[lo - 1 : hi - 1], scores.entropy[lo - 1 : hi - 1],
-        NgramConfig(order=ec.ngram_order), backend=backend,
-    )
+    lp = ngram_blend_logprobs(tokens, lo, hi, scores.logp[lo - 1 : hi - 1],
+                              NgramConfig(order=ec.ngram_order), backend=backend)
     seconds = time.perf_counter() - t0
     nll = -lp.double().sum().item()
     nbytes = int(scores.nbytes[lo - 1 : hi - 1].sum())
@@ -113,16 +111,43 @@ def _reduce(*values: float) -> list[float]:
     return t.tolist()
 
 
-def run_audit(model, cfg, ec, tokens, say) -> dict:
-    from proteus.ngram import NgramConfig, audit
+def run_audit(model, cfg, ec, tokens, say, hashed: bool = False) -> bool:
+    """Audit our cache (must pass) and, with ``hashed``, the original record's scheme (must be
+    flagged). Returns True when the verdicts are as they must be."""
+    from proteus.ngram import HashedTwoTableCache, NgramConfig, audit
 
     seq = ec.eval_seq_len or cfg.train.seq_len
     n = tokens.numel()
     g = torch.Generator().manual_seed(0)
     positions = torch.randint(2, n - 1, (ec.audit_positions,), generator=g).sort().values
-    rep = audit(tokens, positions, model_logprobs_fn(model, seq), NgramConfig(order=ec.ngram_order))
+    fn = model_logprobs_fn(model, seq)
+    rep = audit(tokens, positions, fn, NgramConfig(order=ec.ngram_order))
     say(f"  audit: {rep}")
-    return rep
+    ok = rep.passed
+    if hashed:
+        bad = audit(tokens, positions, fn, scheme=HashedTwoTableCache(order=ec.ngram_order))
+        say(f"  audit of the negative example: {bad}")
+        if bad.passed:
+            say("  the audit did not flag the hashed two-table scheme: the audit is broken")
+        ok = ok and not bad.passed
+    return ok
+
+
+def cache_report(model, cfg: RunConfig, ec: EvalConfig, tokens: torch.Tensor,
+                 scores: TokenScores, say, rank: int = 0, world: int = 1) -> dict:
+    """bpb with the n-gram cache next to the model's own, cache throughput, audit verdict."""
+    nll, nbytes, secs = cache_scores(scores, tokens, ec, rank, world)
+    nll, nbytes, secs = _reduce(nll, nbytes, secs)
+    base = scores.bpb()
+    with_cache = nll / math.log(2) / nbytes
+    tps = (tokens.numel() - 1) / max(secs / world, 1e-9)
+    say(f"  val bpb {format_bpb(with_cache)} with the n-gram cache (order {ec.ngram_order}); "
+        f"without {format_bpb(base)}; difference {with_cache - base:+.4f}")
+    say(f"  cache throughput {tps:,.0f} tokens/s ({ec.ngram_backend} backend)")
+    out = dict(bpb_model=base, bpb_cache=with_cache, gain=base - with_cache, tokens_per_s=tps)
+    if rank == 0:
+        out["audit_passed"] = run_audit(model, cfg, ec, tokens, say)
+    return out
 
 
 def main_eval(path: str, cli: dict) -> int:
@@ -143,22 +168,12 @@ def main_eval(path: str, cli: dict) -> int:
     say(f"  val bpb {format_bpb(r['bpb'])} (plain, loss {r['loss']:.4f})")
     if ec.stride or ec.cache == "ngram":
         scores = score_tokens(model, tokens, lut, seq, ec.stride, ec.eval_batch_seqs)
-        base = scores.bpb()
         if ec.stride:
-            say(f"  val bpb {format_bpb(base)} (sliding window, stride {ec.stride})")
+            say(f"  val bpb {format_bpb(scores.bpb())} (sliding window, stride {ec.stride})")
         if ec.cache == "ngram":
-            nll, nbytes, secs = cache_scores(scores, tokens, ec, rank, world)
-            nll, nbytes, secs = _reduce(nll, nbytes, secs)
-            with_cache = nll / math.log(2) / nbytes
-            say(f"  val bpb {format_bpb(with_cache)} with the n-gram cache (order "
-                f"{ec.ngram_order}); without {format_bpb(base)}; difference "
-                f"{with_cache - base:+.4f}")
-            say(f"  cache throughput {(tokens.numel() - 1) / max(secs / world, 1e-9):,.0f} tokens/s "
-                f"({ec.ngram_backend} backend)")
-            if rank == 0:
-                rep = run_audit(model, cfg, ec, tokens, say)
-                if not getattr(rep, "passed", False):
-                    return 1
+            rep = cache_report(model, cfg, ec, tokens, scores, say, rank, world)
+            if rank == 0 and not rep["audit_passed"]:
+                return 1
     return 0
 
 
@@ -167,5 +182,5 @@ def main_audit(path: str, cli: dict) -> int:
     ec = _eval_config(cfg, cli)
     tokens = D.load_tokens(cfg.train.val_files or D.bundled_val_glob(), "val",
                            limit=ec.val_tokens + 1 if ec.val_tokens else 0)
-    rep = run_audit(model, cfg, ec, tokens, print)
-    return 0 if getattr(rep, "passed", False) else 1
+    print(f"proteus audit: {path}, {ec.audit_positions} positions of {tokens.numel():,} tokens")
+    return 0 if run_audit(model, cfg, ec, tokens, print, hashed=True) else 1

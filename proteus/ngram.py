@@ -1,0 +1,476 @@
+"""An honest n-gram eval cache: exact counts, a normalised blend, and an audit that proves it.
+
+Counts. For a stream x_0..x_N and order n, ``occ_n(t)`` = number of positions s < t whose n-gram
+x_{s-n+1..s} equals the n-gram ending at t. The context of order n at t is x_{t-n+1..t-1}, and
+the number of earlier positions with that context (whose own n-gram is complete before t) is
+the number of earlier occurrences of the (n-1)-gram ending at t-1: ``ctx_n(t) = occ_{n-1}(t-1)``.
+So one array of earlier-occurrence counts per order gives both numerator and denominator, and
+``ctx_n(t) = Σ_v count_n(ctx, v)`` holds exactly (keys are exact: no hashing collisions).
+``types_n(t)`` is the number of distinct tokens that followed the context before t.
+
+Distribution (the model as the base, orders 2..N mixed in from the lowest up)::
+
+    p_1(v) = p_model(v | x_<t)
+    p_n(v) = (1 - λ_n) p_{n-1}(v) + λ_n count_n(ctx, v) / ctx_n                 n = 2 .. N
+    λ_n    = min(1, weight · decay^(N-n)) · ctx_n / (ctx_n + k · max(types_n, 1)^a)  (0 if ctx_n = 0)
+
+Every p_n is a convex combination of two distributions over the whole vocabulary, so p_N is
+non-negative and sums to 1 by construction; equivalently ``p = (1-λ) p_model + λ p_cache`` with
+``λ = 1 - Π (1 - λ_n)`` and p_cache a normalised mixture of the orders' count distributions.
+λ_n grows with how often the context was seen and shrinks with how many different tokens
+followed it (a context that was always followed by the same token is trusted most); it
+depends on the context's counts only, never on the target. Parameters were tuned on validation
+tokens 131,072-262,143, disjoint from the first 131,072 on which results are reported.
+
+Order-exact semantics: the score at t uses counts of positions < t and nothing else. A shard
+[start, end) is scored by counting everything before ``start`` first, so any split over ranks
+or chunks gives the same numbers. Backends computing the counts: ``ref`` (a per-token dict
+loop: the specification), ``numpy`` (one sort per order), ``triton`` (the device hash table of
+``kernels/ngram_table.py``, chunk by chunk: look up, count within the chunk, then insert).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+VOCAB_BITS = 10
+MAX_ORDER = 6
+BACKENDS = ("numpy", "triton", "ref")
+
+
+@dataclass(frozen=True)
+class NgramConfig:
+    order: int = 5  # highest n-gram order N (orders 2..N are mixed over the model)
+    weight: float = 0.9  # largest mixing weight of the highest order
+    decay: float = 0.92  # the weight shrinks by this factor per order below the highest
+    k: float = 4.0  # confidence: λ_n = w_n ctx / (ctx + k · types^a)
+    a: float = 1.5
+    chunk: int = 4096  # positions per step of the triton backend
+
+    def validate(self) -> None:
+        if not 2 <= self.order <= MAX_ORDER:
+            raise ValueError(f"ngram order must be in [2, {MAX_ORDER}], got {self.order}")
+        if not (0 < self.weight and 0 < self.decay and self.k > 0 and self.a >= 0):
+            raise ValueError(f"ngram parameters must be positive, got {self}")
+        if self.chunk < 1:
+            raise ValueError(f"ngram chunk must be >= 1, got {self.chunk}")
+
+    def lambdas(self, ctx: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        """λ_n for orders 2..N: ``ctx``/``types`` (N-1, ...) counts -> (N-1, ...) float64."""
+        ctx, types = ctx.double(), types.double()
+        w = torch.tensor([min(1.0, self.weight * self.decay ** (self.order - n))
+                          for n in range(2, self.order + 1)], dtype=torch.float64)
+        w = w.reshape((-1,) + (1,) * (ctx.dim() - 1))
+        return w * ctx / (ctx + self.k * types.clamp(min=1.0) ** self.a)
+
+
+@dataclass
+class NgramCounts:
+    """``occ[n-1, t]``: earlier occurrences of the n-gram ending at t (n = 1..N);
+    ``types[n-2, t]``: distinct tokens seen after the context of that n-gram, before t (n = 2..N).
+    Positions whose n-gram is incomplete (t < n-1) hold 0."""
+
+    occ: np.ndarray
+    types: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------
+# Counts
+
+
+def _pack_np(tok: np.ndarray, n: int) -> np.ndarray:
+    """Key of the n-gram ending at each position (positions < n-1 get -1)."""
+    key = np.full(tok.size, -1, np.int64)
+    if tok.size >= n:
+        k = np.full(tok.size - n + 1, n << 60, np.int64)
+        for i in range(n):
+            k |= tok[i : tok.size - n + 1 + i].astype(np.int64) << (VOCAB_BITS * (n - 1 - i))
+        key[n - 1 :] = k
+    return key
+
+
+def _sorted_groups(key: np.ndarray, bits_pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sort positions by (key, position): (order, key-change flags, group start offsets).
+
+    Keys are small dense ids, so ``key << bits_pos | pos`` is unique and an unstable sort of it
+    equals a stable sort of ``key`` (and is several times faster)."""
+    n = key.size
+    pos = np.arange(n, dtype=np.int64)
+    if int(key.max(initial=0)) < 1 << (62 - bits_pos):
+        order = np.sort((key << bits_pos) | pos) & ((1 << bits_pos) - 1)
+    else:
+        order = np.argsort(key, kind="stable")
+    sk = key[order]
+    new = np.empty(n, bool)
+    new[:1] = True
+    new[1:] = sk[1:] != sk[:-1]
+    start = np.maximum.accumulate(np.where(new, pos, 0))
+    return order, new, start
+
+
+def earlier_counts_numpy(tokens: torch.Tensor, end: int, order: int) -> NgramCounts:
+    """Exact counts with one sort per order over dense n-gram ids (CPU, vectorised)."""
+    tok = tokens[:end].numpy().astype(np.int64)
+    occ = np.zeros((order, end), np.int64)
+    types = np.zeros((order - 1, end), np.int64)
+    if end == 0:
+        return NgramCounts(occ, types)
+    bits = max(1, int(end - 1).bit_length())
+    pos = np.arange(end, dtype=np.int64)
+    # ids[t]: dense id of the n-gram ending at t (-1 if incomplete); order 1 ids are the tokens
+    ids = tok.copy()
+    prev_order = prev_start = None
+    for n in range(1, order + 1):
+        if n > 1:
+            key = np.full(end, -1, np.int64)
+            key[n - 1 :] = (ids[n - 2 : end - 1] << VOCAB_BITS) | tok[n - 1 :]
+        else:
+            key = tok
+        srt, new, start = _sorted_groups(key + 1, bits)  # +1: incomplete (-1) sorts first
+        cnt = np.empty(end, np.int64)
+        cnt[srt] = pos - start
+        cnt[: n - 1] = 0
+        occ[n - 1] = cnt
+        if n > 1:
+            # types: within each context group (the (n-1)-gram ending at t-1, in position order:
+            # the previous order's sort shifted by one), count earlier first occurrences
+            first = np.zeros(end + 1, np.int64)  # first[end] = 0 pads the shift
+            first[n - 1 : end] = cnt[n - 1 :] == 0
+            f = first[prev_order + 1]
+            cs = np.cumsum(f) - f
+            ty = np.empty(end + 1, np.int64)
+            ty[prev_order + 1] = cs - cs[prev_start]
+            ty = ty[:end]
+            ty[: n - 1] = 0
+            types[n - 2] = ty
+        ids = np.empty(end, np.int64)
+        ids[srt] = np.cumsum(new) - 1
+        ids[: n - 1] = -1
+        prev_order, prev_start = srt, start
+    return NgramCounts(occ, types)
+
+
+def earlier_counts_ref(tokens: torch.Tensor, end: int, order: int) -> NgramCounts:
+    """The specification: walk the stream; at each t read the counts, then add x_t."""
+    tok = tokens[:end].tolist()
+    occ = np.zeros((order, end), np.int64)
+    types = np.zeros((order - 1, end), np.int64)
+    seen = [dict() for _ in range(order)]  # n-gram -> count
+    follow = [dict() for _ in range(order)]  # context -> set of tokens that followed it
+    for t in range(end):
+        for n in range(1, order + 1):
+            if t < n - 1:
+                continue
+            g = tuple(tok[t - n + 1 : t + 1])
+            occ[n - 1, t] = seen[n - 1].get(g, 0)
+            if n > 1:
+                types[n - 2, t] = len(follow[n - 1].get(g[:-1], ()))
+        for n in range(1, order + 1):
+            if t >= n - 1:
+                g = tuple(tok[t - n + 1 : t + 1])
+                seen[n - 1][g] = seen[n - 1].get(g, 0) + 1
+                follow[n - 1].setdefault(g[:-1], set()).add(g[-1])
+    return NgramCounts(occ, types)
+
+
+def _rank_in_group(keys: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Exclusive running sum of ``weights`` (default 1) over earlier equal keys, in position order."""
+    n = keys.numel()
+    _, idx = torch.sort(keys, stable=True)
+    sk = keys[idx]
+    w = torch.ones(n, dtype=torch.int64, device=keys.device) if weights is None else weights[idx]
+    cs = torch.cumsum(w, 0) - w
+    pos = torch.arange(n, device=keys.device)
+    new = torch.ones(n, dtype=torch.bool, device=keys.device)
+    new[1:] = sk[1:] != sk[:-1]
+    start = torch.cummax(torch.where(new, pos, torch.zeros_like(pos)), 0).values
+    out = torch.empty_like(cs)
+    out[idx] = cs - cs[start]
+    return out
+
+
+def earlier_counts_triton(tokens: torch.Tensor, end: int, order: int, chunk: int = 4096
+                          ) -> NgramCounts:
+    """Counts from the device hash table, chunk by chunk: look up, add within-chunk, insert.
+
+    One table holds both n-gram counts (keys of ``pack_keys``) and, per context, the number of
+    distinct tokens that followed it (``types_keys``)."""
+    import kernels  # noqa: F401  (selects compiled vs interpreter)
+    from kernels._backend import kernel_device
+    from kernels.ngram_table import NgramTable, pack_keys, types_keys
+
+    dev = kernel_device()
+    tok = tokens[:end].to(dev)
+    table = NgramTable(1 << 12, dev)
+    occ = torch.zeros((order, end), dtype=torch.int64, device=dev)
+    types = torch.zeros((order - 1, end), dtype=torch.int64, device=dev)
+    for lo in range(0, end, chunk):
+        hi = min(end, lo + chunk)
+        ins_keys, ins_incs = [], []
+        for n in range(1, order + 1):
+            first = max(lo, n - 1)  # first position whose n-gram is complete
+            if first >= hi:
+                continue
+            keys = pack_keys(tok[first - n + 1 : hi], n)
+            cnt = table.lookup(keys).to(torch.int64) + _rank_in_group(keys)
+            occ[n - 1, first:hi] = cnt
+            uniq, c = torch.unique(keys, return_counts=True)
+            ins_keys.append(uniq)
+            ins_incs.append(c)
+            if n > 1:
+                ctx = types_keys(tok[first - n + 1 : hi - 1], n)
+                fresh = (cnt == 0).to(torch.int64)
+                types[n - 2, first:hi] = (table.lookup(ctx).to(torch.int64)
+                                          + _rank_in_group(ctx, fresh))
+                uctx, inv = torch.unique(ctx, return_inverse=True)
+                add = torch.zeros(uctx.numel(), dtype=torch.int64, device=dev)
+                add.index_add_(0, inv, fresh)
+                keep = add > 0
+                ins_keys.append(uctx[keep])
+                ins_incs.append(add[keep])
+        # every lookup of this chunk is done before any of its updates lands
+        table.insert(torch.cat(ins_keys), torch.cat(ins_incs).to(torch.int32))
+    return NgramCounts(occ.cpu().numpy(), types.cpu().numpy())
+
+
+def earlier_counts(tokens: torch.Tensor, end: int, order: int, backend: str = "numpy",
+                   chunk: int = 4096) -> NgramCounts:
+    """Counts for positions [0, end) with the chosen backend (all three are bit-identical)."""
+    if tokens.dim() != 1 or tokens.dtype not in (torch.int64, torch.int32, torch.int16,
+                                                 torch.uint16):
+        raise ValueError(f"ngram: tokens must be a 1-D integer tensor, got {tuple(tokens.shape)} "
+                         f"{tokens.dtype}")
+    if not 0 <= end <= tokens.numel():
+        raise ValueError(f"ngram: end must be in [0, {tokens.numel()}], got {end}")
+    if not 1 <= order <= MAX_ORDER:
+        raise ValueError(f"ngram order must be in [1, {MAX_ORDER}], got {order}")
+    if end and (int(tokens[:end].min()) < 0 or int(tokens[:end].max()) >= 1 << VOCAB_BITS):
+        raise ValueError(f"ngram: token ids must be in [0, {1 << VOCAB_BITS}) (10-bit keys); "
+                         "a larger vocabulary needs wider keys")
+    tokens = tokens.cpu().to(torch.int64)
+    if backend == "numpy":
+        return earlier_counts_numpy(tokens, end, order)
+    if backend == "triton":
+        return earlier_counts_triton(tokens, end, order, chunk)
+    if backend == "ref":
+        return earlier_counts_ref(tokens, end, order)
+    raise ValueError(f"ngram backend must be one of {BACKENDS}, got {backend!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The blend
+
+
+def _mix(p: torch.Tensor, c_tgt: torch.Tensor, c_ctx: torch.Tensor, lam: torch.Tensor
+         ) -> torch.Tensor:
+    """p_n = (1 - λ_n) p_{n-1} + λ_n c_tgt_n / ctx_n, lowest order first (float64).
+
+    ``p`` (..., K): the model's probability of K candidate tokens; ``c_tgt`` (N-1, ..., K),
+    ``c_ctx`` and ``lam`` (N-1, ...): counts and weights of orders 2..N."""
+    for j in range(lam.shape[0]):
+        q = c_tgt[j] / c_ctx[j].clamp(min=1.0)[..., None]
+        lj = lam[j][..., None]
+        p = (1.0 - lj) * p + lj * q
+    return p
+
+
+def ngram_blend_logprobs(tokens: torch.Tensor, start: int, end: int,
+                         model_logp_target: torch.Tensor,
+                         cfg: NgramConfig = NgramConfig(), backend: str = "numpy",
+                         counts: NgramCounts | None = None) -> torch.Tensor:
+    """log p(x_t | x_<t) under the blend, for targets t in [start, end) (start >= 1), float64.
+
+    ``model_logp_target[i]`` is the model's log-probability of x_{start+i}. Counts cover every
+    position before ``end``, so the result for a position never depends on where the shard,
+    the chunk or the batch boundaries lie."""
+    cfg.validate()
+    if not 1 <= start <= end <= tokens.numel():
+        raise ValueError(f"ngram_blend_logprobs: need 1 <= start <= end <= {tokens.numel()}, "
+                         f"got [{start}, {end})")
+    if model_logp_target.numel() != end - start:
+        raise ValueError(f"ngram_blend_logprobs: model_logp_target must have end - start = "
+                         f"{end - start} entries, got {model_logp_target.numel()}")
+    c = earlier_counts(tokens, end, cfg.order, backend, cfg.chunk) if counts is None else counts
+    t = np.arange(start, end)
+    o = cfg.order
+    c_tgt = torch.from_numpy(c.occ[1:o, t]).double()  # count_n(ctx, x_t)
+    c_ctx = torch.from_numpy(c.occ[: o - 1, t - 1]).double()  # ctx_n
+    lam = cfg.lambdas(c_ctx, torch.from_numpy(c.types[: o - 1, t]))
+    p = _mix(model_logp_target.double().exp()[:, None], c_tgt[..., None], c_ctx, lam)[:, 0]
+    return torch.log(p)
+
+
+def cache_distribution(tokens: torch.Tensor, t: int, model_logp: torch.Tensor,
+                       cfg: NgramConfig) -> torch.Tensor:
+    """The full blended distribution over the vocabulary at position t, counted directly.
+
+    Independent of the fast paths: each order's counts come from scanning x_<t for its context.
+    """
+    v = model_logp.numel()
+    tok = tokens[:t].cpu().numpy().astype(np.int64)
+    c_tgt = np.zeros((cfg.order - 1, v))
+    c_ctx = np.zeros(cfg.order - 1)
+    types = np.zeros(cfg.order - 1)
+    for n in range(2, cfg.order + 1):
+        k = n - 1  # context length
+        if t <= k:
+            continue
+        ctx = tok[t - k : t]
+        windows = np.lib.stride_tricks.sliding_window_view(tok, k)[: t - k]
+        match = np.nonzero((windows == ctx).all(axis=1))[0] + k  # positions after the context
+        c_tgt[n - 2] = np.bincount(tok[match], minlength=v)[:v]
+        c_ctx[n - 2] = match.size
+        types[n - 2] = np.count_nonzero(c_tgt[n - 2])
+    lam = cfg.lambdas(torch.from_numpy(c_ctx), torch.from_numpy(types))
+    return _mix(model_logp.double().exp(), torch.from_numpy(c_tgt), torch.from_numpy(c_ctx), lam)
+
+
+# ---------------------------------------------------------------------------------------------
+# The original record's scheme (a documented negative example) and its fast numpy scorer
+
+
+class HashedTwoTableCache:
+    """The invalid construction: two independently hashed count tables.
+
+    ``p_cache(v) = min(1, full[h(ctx, v)] / ctxc[h(ctx)])`` for the highest order whose hashed
+    context count is ≥ 2, blended as ``0.8 p_model + 0.2 p_cache``. Collisions make both tables
+    over-count independently, so Σ_v p_cache(v) is far above 1 once the tables are loaded. The
+    record put 62 M tokens into 4 M buckets (~15 per bucket); ``buckets`` defaults to the same
+    load for the stream being audited.
+    """
+
+    def __init__(self, order: int = 5, buckets: int | None = None):
+        self.order, self.buckets = order, buckets
+
+    def _hash(self, keys: np.ndarray, buckets: int) -> np.ndarray:
+        x = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        return ((x >> np.uint64(17)) % np.uint64(buckets)).astype(np.int64)
+
+    def distribution(self, tokens: torch.Tensor, t: int, model_logp: torch.Tensor
+                     ) -> torch.Tensor:
+        v = model_logp.numel()
+        tok = tokens[:t].numpy().astype(np.int64)
+        buckets = self.buckets or max(1024, t // 15)
+        p_cache = None
+        for n in range(self.order, 1, -1):
+            if t < n:
+                continue
+            full = np.bincount(self._hash(_pack_np(tok, n)[n - 1 :], buckets), minlength=buckets)
+            ctxc = np.bincount(self._hash(_pack_np(tok[:-1], n - 1)[n - 2 :], buckets),
+                               minlength=buckets)
+            ctx_key = _pack_np(tok[t - n + 1 :], n - 1)[-1]
+            cden = ctxc[self._hash(np.array([ctx_key]), buckets)[0]]
+            if cden < 2:
+                continue
+            cand = (ctx_key << VOCAB_BITS | np.arange(v)) & ~(np.int64(15) << 60) | (n << 60)
+            p_cache = np.minimum(1.0, full[self._hash(cand, buckets)] / cden)
+            break
+        pm = model_logp.double().exp()
+        if p_cache is None:
+            return pm
+        return 0.8 * pm + 0.2 * torch.from_numpy(p_cache)
+
+
+def hashed_numpy_cache_logprobs(tokens: np.ndarray, model_logp: np.ndarray, order: int = 5,
+                                buckets: int = 1 << 22, chunk: int = 2048) -> np.ndarray:
+    """A reimplementation of the record's fast hashed cache scorer (the speed baseline).
+
+    Per 2048-token chunk: hash the n-grams, score targets from the two count tables (highest
+    order with hashed context count >= 2), then add the chunk to the tables. Not normalised.
+    """
+    n_tok = tokens.size
+    full = [np.zeros(buckets, np.int32) for _ in range(order + 1)]
+    ctxc = [np.zeros(buckets, np.int32) for _ in range(order + 1)]
+    keys = {n: _pack_np(tokens, n) for n in range(1, order + 1)}
+    mix = np.uint64(0x9E3779B97F4A7C15)
+    hashed = {n: ((keys[n].astype(np.uint64) * mix) >> np.uint64(17)).astype(np.int64) % buckets
+              for n in keys}
+    out = np.empty(n_tok - 1)
+    for lo in range(1, n_tok, chunk):
+        hi = min(n_tok, lo + chunk)
+        t = np.arange(lo, hi)
+        p_cache = np.zeros(hi - lo)
+        done = np.zeros(hi - lo, bool)
+        for n in range(order, 1, -1):
+            ok = (t >= n - 1) & ~done
+            hf = hashed[n][t]
+            hc = hashed[n - 1][t - 1]
+            den = ctxc[n][hc]
+            use = ok & (den >= 2)
+            p_cache[use] = np.minimum(1.0, full[n][hf[use]] / den[use])
+            done |= use
+        p = 0.8 * np.exp(model_logp[lo - 1 : hi - 1]) + 0.2 * p_cache
+        out[lo - 1 : hi - 1] = np.log(np.maximum(p, 1e-30))
+        for n in range(2, order + 1):
+            ok = t >= n - 1
+            np.add.at(full[n], hashed[n][t[ok]], 1)
+            np.add.at(ctxc[n], hashed[n - 1][t[ok] - 1], 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The audit
+
+
+@dataclass
+class AuditReport:
+    passed: bool
+    scheme: str
+    positions: int
+    max_sum_error: float
+    min_prob: float
+    max_sum: float
+    causal: bool
+    consistent: bool | None  # audited p_t(target) == what the fast scorer used (None: n/a)
+
+    def __str__(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return (f"{verdict} ({self.scheme}, {self.positions} positions): max |sum p - 1| = "
+                f"{self.max_sum_error:.2e}, largest sum {self.max_sum:.6g}, min p = "
+                f"{self.min_prob:.2e}, causal={'yes' if self.causal else 'NO'}, "
+                f"scores match the distribution="
+                f"{'n/a' if self.consistent is None else 'yes' if self.consistent else 'NO'}")
+
+
+def audit(tokens: torch.Tensor, positions: torch.Tensor,
+          model_logprobs_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+          cfg: NgramConfig = NgramConfig(), scheme: HashedTwoTableCache | None = None,
+          tol: float = 1e-6) -> AuditReport:
+    """Materialise p_t over the vocabulary at ``positions``; check sums, signs and causality."""
+    positions = positions.to(torch.int64)
+    if positions.numel() == 0 or int(positions.min()) < 1 or int(positions.max()) >= tokens.numel():
+        raise ValueError(f"audit: need at least one position, each in [1, {tokens.numel()})")
+    model_lp = model_logprobs_fn(tokens, positions).double()
+
+    def dist(toks, t, lp):
+        return scheme.distribution(toks, t, lp) if scheme else cache_distribution(toks, t, lp, cfg)
+
+    sums, mins, causal, consistent = [], [], True, True
+    g = torch.Generator().manual_seed(1234)
+    for i, t in enumerate(positions.tolist()):
+        p = dist(tokens, t, model_lp[i])
+        sums.append(p.sum().item())
+        mins.append(p.min().item())
+        # change the target and every later token: p_t must not move
+        other = tokens.clone()
+        other[t:] = torch.randint(0, model_lp.shape[1], (tokens.numel() - t,), generator=g)
+        lp2 = model_logprobs_fn(other, torch.tensor([t]))[0].double()
+        if not torch.equal(dist(other, t, lp2), p):
+            causal = False
+        if scheme is None:
+            # the fast scorer's probability of the actual target must be this distribution's
+            tgt = int(tokens[t])
+            fast = ngram_blend_logprobs(tokens, t, t + 1, model_lp[i, tgt].reshape(1), cfg)
+            if not math.isclose(fast.exp().item(), p[tgt].item(), rel_tol=1e-9, abs_tol=1e-15):
+                consistent = False
+    err = max(abs(s - 1.0) for s in sums)
+    if scheme is not None:
+        consistent = None
+    passed = err <= tol and min(mins) >= 0.0 and causal and consistent is not False
+    name = "hashed two-table cache (the original record)" if scheme else f"ngram order {cfg.order}"
+    return AuditReport(passed, name, len(sums), err, min(mins), max(sums), causal, consistent)
