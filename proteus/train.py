@@ -51,7 +51,8 @@ class Dist:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
-        if self.enabled and not dist.is_initialized():
+        self.owns_group = self.enabled and not dist.is_initialized()
+        if self.owns_group:  # a group the caller created is the caller's to destroy
             dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
 
     @property
@@ -71,7 +72,7 @@ class Dist:
             offset += g.numel()
 
     def close(self) -> None:
-        if self.enabled and dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 

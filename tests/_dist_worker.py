@@ -1,17 +1,34 @@
-"""Run under torchrun by test_distributed.py: train the smoke preset, write this rank's results."""
+"""Run under torchrun by test_distributed.py: train the smoke preset, then score the n-gram
+cache over a fixed stand-in model, and write this rank's results."""
 
 import json
 import os
 import sys
 
+import torch
+
+from proteus import data as D
 from proteus.config import build_config
+from proteus.evaluate import TokenScores
+from proteus.evaluate_cli import _reduce, _setup_dist, cache_scores
 from proteus.train import train
 
 out = sys.argv[1]
+rank, world = _setup_dist()  # the group outlives train(), which leaves it to its creator
 cfg = build_config("smoke", {"train.iterations": 5, "train.warmup_steps": 1,
                              "train.batch_tokens": 512, "train.seq_len": 64}, environ={})
 res = train(cfg, run_dir=None, quiet=True)
-rank = int(os.environ.get("RANK", "0"))
+
+# The cache on this rank's shard of 20k real tokens; the stand-in model's log-probabilities are
+# a fixed function of the previous token, so only the split over processes varies between runs.
+tokens = D.load_tokens(D.bundled_val_glob(), "val", limit=20001)
+z = torch.sin(torch.arange(1024, dtype=torch.float64)[None] * (tokens[:-1, None] + 1) * 0.37)
+logp = torch.log_softmax(3.0 * z, -1).gather(1, tokens[1:, None])[:, 0]
+lut = D.build_byte_lut(D.load_tokenizer(), 1024)
+scores = TokenScores(1, logp, lut.target_bytes(tokens[:-1], tokens[1:]))
+nll, nbytes, _ = _reduce(*cache_scores(scores, tokens, cfg.eval, rank, world))
+if world > 1:
+    torch.distributed.destroy_process_group()
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"losses": res["losses"], "digest": res["param_digest"], "bpb": res["val"]["bpb"],
-               "world": res["world"]}, f)
+               "world": res["world"], "cache_nll": nll, "cache_bytes": nbytes}, f)

@@ -1,5 +1,7 @@
 """Two CPU processes with gloo (torchrun) against one process on the same global batch.
 
+The n-gram cache bpb of the two runs must agree to 10 decimals.
+
 Tolerance: the per-step global loss of the 2-rank run equals the 1-process loss to 1e-4
 relative; the only difference is float summation order (two half-batch means averaged, and
 gradients summed by all-reduce, instead of one full-batch mean).
@@ -53,3 +55,13 @@ def test_two_ranks_match_one_process(runs):
     for a, b in zip(one[0]["losses"], two[0]["losses"]):
         assert b == pytest.approx(a, rel=1e-4)
     assert two[0]["bpb"] == pytest.approx(one[0]["bpb"], rel=1e-4)
+
+
+def test_cache_bpb_is_the_same_on_one_and_two_processes(runs):
+    one, two = runs
+    # each rank counts every token before its shard: identical per-token scores; only the
+    # final float64 sum of two partial sums differs in rounding
+    assert two[0]["cache_bytes"] == two[1]["cache_bytes"] == one[0]["cache_bytes"]
+    bpb1 = one[0]["cache_nll"] / one[0]["cache_bytes"]
+    bpb2 = two[0]["cache_nll"] / two[0]["cache_bytes"]
+    assert f"{bpb1:.10f}" == f"{bpb2:.10f}"

@@ -1,0 +1,177 @@
+"""The n-gram cache: exact counts on every backend, order-exact scoring, normalisation, audit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from proteus import data as D
+from proteus.ngram import (
+    HashedTwoTableCache,
+    NgramConfig,
+    audit,
+    cache_distribution,
+    earlier_counts,
+    hashed_numpy_cache_logprobs,
+    ngram_blend_logprobs,
+)
+
+V = 1024
+
+
+def _streams():
+    g = torch.Generator().manual_seed(3)
+    real = D.load_tokens(D.bundled_val_glob(), "val", limit=3000)
+    return {
+        "random": torch.randint(0, V, (1500,), generator=g),
+        "small-alphabet": torch.randint(0, 3, (1500,), generator=g),
+        "one-token": torch.full((700,), 5),
+        "periodic": torch.arange(1200) % 7,
+        "real": real,
+        "short": torch.tensor([4, 4]),
+    }
+
+
+def _model_logp(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A fixed stand-in model: log p(v | x_<t) depends on the previous token only."""
+    out = []
+    for t in positions.tolist():
+        prev = int(tokens[t - 1])
+        z = torch.sin(torch.arange(V, dtype=torch.float64) * (prev + 1) * 0.37) * 3.0
+        out.append(torch.log_softmax(z, -1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", list(_streams()))
+@pytest.mark.parametrize("order", [2, 5, 6])
+def test_numpy_counts_equal_the_reference(name, order):
+    tok = _streams()[name]
+    ref = earlier_counts(tok, tok.numel(), order, "ref")
+    fast = earlier_counts(tok, tok.numel(), order, "numpy")
+    assert np.array_equal(ref.occ, fast.occ)
+    assert np.array_equal(ref.types, fast.types)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("name", ["random", "small-alphabet", "one-token", "real", "short"])
+@pytest.mark.parametrize("chunk", [1, 37, 4096])
+def test_device_table_counts_equal_the_reference(name, chunk):
+    tok = _streams()[name][: 60 if chunk == 1 else 900]  # chunk 1: one launch per position
+    ref = earlier_counts(tok, tok.numel(), 5, "ref")
+    dev = earlier_counts(tok, tok.numel(), 5, "triton", chunk=chunk)
+    assert np.array_equal(ref.occ, dev.occ)
+    assert np.array_equal(ref.types, dev.types)
+
+
+def _real_case(n=2500):
+    tok = D.load_tokens(D.bundled_val_glob(), "val", limit=n)
+    lp_all = _model_logp(tok, torch.arange(1, n))
+    lp = lp_all.gather(1, tok[1:, None])[:, 0]
+    return tok, lp_all, lp
+
+
+def test_scores_do_not_depend_on_shards_chunks_or_backend():
+    tok, _, lp = _real_case()
+    n = tok.numel()
+    cfg = NgramConfig()
+    whole = ngram_blend_logprobs(tok, 1, n, lp, cfg)
+    for cuts in ([1, 700, n], [1, 2, 1234, 2000, n]):
+        parts = [ngram_blend_logprobs(tok, a, b, lp[a - 1 : b - 1], cfg)
+                 for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        assert torch.equal(torch.cat(parts), whole)
+    assert torch.equal(ngram_blend_logprobs(tok, 1, n, lp, cfg, backend="ref"), whole)
+
+
+def test_changing_a_future_token_never_changes_an_earlier_score():
+    tok, _, lp = _real_case()
+    n = tok.numel()
+    base = ngram_blend_logprobs(tok, 1, n, lp, NgramConfig(order=6))
+    for t in (5, 800, n - 2):
+        other = tok.clone()
+        other[t:] = (other[t:] * 31 + 7) % V
+        lp2 = lp.clone()
+        lp2[t - 1 :] = -3.0  # the model's scores of the changed targets change too
+        got = ngram_blend_logprobs(other, 1, n, lp2, NgramConfig(order=6))
+        assert torch.equal(got[: t - 1], base[: t - 1])  # targets before t
+        assert not torch.equal(got, base)
+
+
+def test_fast_scores_equal_the_slow_per_token_reference():
+    tok, lp_all, lp = _real_case(1200)
+    cfg = NgramConfig()
+    fast = ngram_blend_logprobs(tok, 1, tok.numel(), lp, cfg)
+    for t in range(1, tok.numel(), 37):
+        p = cache_distribution(tok, t, lp_all[t - 1], cfg)
+        assert math.isclose(p[int(tok[t])].item(), fast[t - 1].exp().item(), rel_tol=1e-12)
+
+
+def test_distribution_is_normalised_and_non_negative():
+    tok, lp_all, _ = _real_case(1500)
+    for t in (1, 3, 500, 1499):
+        p = cache_distribution(tok, t, lp_all[t - 1], NgramConfig(order=6))
+        assert abs(p.sum().item() - 1.0) < 1e-12
+        assert p.min().item() >= 0.0
+
+
+def test_cache_helps_on_real_text():
+    tok, _, lp = _real_case(2500)
+    nb = torch.ones(lp.numel())
+    with_cache = ngram_blend_logprobs(tok, 1, tok.numel(), lp)
+    assert with_cache.sum() > lp.sum() + 0.05 * lp.numel()  # at least 0.05 nats/token better
+    assert nb.numel() == with_cache.numel()
+
+
+def test_audit_passes_ours_and_flags_the_hashed_scheme():
+    tok, _, _ = _real_case(3000)
+    positions = torch.tensor([50, 900, 1800, 2500, 2998])
+    ours = audit(tok, positions, _model_logp, NgramConfig())
+    assert ours.passed and ours.causal and ours.consistent
+    assert ours.max_sum_error < 1e-12
+    bad = audit(tok, positions, _model_logp, scheme=HashedTwoTableCache())
+    assert not bad.passed
+    assert bad.max_sum > 2.0  # the record's "distribution" sums far above one
+    assert "FAIL" in str(bad) and "PASS" in str(ours)
+
+
+def test_audit_catches_a_peeking_cache(monkeypatch):
+    """Break causality on purpose: the audit must say so."""
+    import proteus.ngram as ng
+
+    tok, _, _ = _real_case(1000)
+    real = ng.cache_distribution
+
+    def peeking(tokens, t, model_logp, cfg):
+        p = real(tokens, t, model_logp, cfg)
+        q = torch.zeros_like(p)
+        q[int(tokens[t])] = 1.0  # looks at the target
+        return 0.5 * p + 0.5 * q
+
+    monkeypatch.setattr(ng, "cache_distribution", peeking)
+    rep = ng.audit(tok, torch.tensor([100, 700]), _model_logp, NgramConfig())
+    assert not rep.passed and not rep.causal
+
+
+def test_hashed_baseline_scores_every_target():
+    tok, _, lp = _real_case(3000)
+    out = hashed_numpy_cache_logprobs(tok.numpy(), lp.numpy(), buckets=1 << 12)
+    assert out.shape == (tok.numel() - 1,) and np.isfinite(out).all()
+
+
+def test_bad_input_is_a_clear_error():
+    tok = torch.randint(0, V, (100,))
+    lp = torch.zeros(99)
+    with pytest.raises(ValueError, match="order"):
+        ngram_blend_logprobs(tok, 1, 100, lp, NgramConfig(order=7))
+    with pytest.raises(ValueError, match="start"):
+        ngram_blend_logprobs(tok, 0, 100, torch.zeros(100))
+    with pytest.raises(ValueError, match="model_logp_target"):
+        ngram_blend_logprobs(tok, 1, 100, torch.zeros(5))
+    with pytest.raises(ValueError, match="token ids"):
+        earlier_counts(torch.tensor([1, 2000, 3]), 3, 3)
+    with pytest.raises(ValueError, match="backend"):
+        earlier_counts(tok, 100, 3, "cuda-magic")
+    with pytest.raises(ValueError, match="1-D integer"):
+        earlier_counts(tok.float(), 100, 3)
