@@ -5,7 +5,7 @@ Providers, side by side in one run (forward + backward + optimiser step, ``--ker
 ``proteus-eager`` — the PROTEUS model with Muon + AdamW; ``proteus-compile`` — the same under
 ``torch.compile`` (what the cpu-tiny preset trains with). Each provider first checks that a
 step is finite and lowers the loss over a few steps on a fixed batch, then is timed.
-Read the ratio column of ``benchmarks/summary.py``: tokens/s = batch / median time.
+Read the ratio column of ``proteus bench``: tokens/s = batch / median time.
 """
 
 from __future__ import annotations
@@ -55,5 +55,6 @@ def test_bench_train_step(benchmark, provider):
         last = step()
     assert torch.isfinite(first) and last < first, (first, last)  # check, then time
     benchmark.group = "train-step cpu-tiny 8x256"
-    benchmark.extra_info.update(tokens=BATCH * SEQ, provider=provider)
+    benchmark.extra_info.update(tokens=BATCH * SEQ, provider=provider,
+                                baseline=provider == "plain-eager")
     benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=2)

@@ -1,0 +1,71 @@
+"""The n-gram cache: scoring throughput on the bundled ~1M-token validation sample, and the
+device hash table's inserts/s and lookups/s.
+
+Scoring providers: ``numpy`` (ours: exact counts, normalised blend; the CPU path) and
+``hashed-record`` (a reimplementation of the original record's hashed two-table numpy cache with
+2048-token chunks: the speed baseline, invalid as a distribution). The model's log-probabilities
+are a fixed stand-in: the cache's cost does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.ngram_table import NgramTable, NgramTableRef
+from proteus import data as D
+from proteus.ngram import earlier_counts, hashed_numpy_cache_logprobs, ngram_blend_logprobs
+
+from .conftest import ON_GPU, run_timed
+
+
+@pytest.fixture(scope="module")
+def stream():
+    tokens = D.load_tokens(D.bundled_val_glob(), "val")
+    logp = torch.full((tokens.numel() - 1,), -4.0, dtype=torch.float64)
+    return tokens, logp
+
+
+@pytest.mark.parametrize("provider", ["numpy", "hashed-record"])
+def test_bench_cache_scoring(benchmark, stream, provider):
+    tokens, logp = stream
+    n = tokens.numel() - 1
+    if provider == "numpy":
+        head = tokens[:20000]
+        a, b = earlier_counts(head, 20000, 5, "numpy"), earlier_counts(head, 20000, 5, "ref")
+        assert np.array_equal(a.occ, b.occ) and np.array_equal(a.types, b.types)
+        fn = lambda: ngram_blend_logprobs(tokens, 1, n + 1, logp)  # noqa: E731
+    else:
+        fn = lambda: hashed_numpy_cache_logprobs(tokens.numpy(), logp.numpy())  # noqa: E731
+    out = fn()
+    assert out.shape[0] == n and np.isfinite(np.asarray(out)).all()
+    run_timed(benchmark, fn, group=f"ngram cache scoring {n:,} tokens (CPU)", provider=provider,
+              tokens=n, baseline=provider == "hashed-record", rounds=3)
+
+
+N_KEYS = 1 << 22 if ON_GPU else 1 << 12
+
+
+@pytest.mark.parametrize("op", ["insert", "lookup"])
+@pytest.mark.parametrize("provider", ["triton", "ref"])
+def test_bench_table(benchmark, device, provider, op):
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randint(0, 1 << 50, (N_KEYS,), generator=g) | (3 << 60)
+    if provider == "triton":
+        keys_d = keys.to(device)
+        table = NgramTable(1 << (N_KEYS.bit_length() + 1), device)
+    else:
+        keys_d, table = keys, NgramTableRef()
+    table.insert(keys_d)
+    table.insert(keys_d[:2048])
+    got = table.lookup(keys_d[:4096]).cpu()
+    want = torch.ones(min(4096, N_KEYS), dtype=torch.int32)
+    want[:2048] += 1
+    assert torch.equal(got, want)  # every key counted once, the first 2048 twice
+    if op == "insert":
+        fn = lambda: table.insert(keys_d)  # noqa: E731
+    else:
+        fn = lambda: table.lookup(keys_d)  # noqa: E731
+    run_timed(benchmark, fn, group=f"ngram table {op} {N_KEYS:,} keys", provider=provider,
+              items=N_KEYS, rounds=5 if ON_GPU or provider == "ref" else 2)
