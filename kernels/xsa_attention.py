@@ -417,15 +417,17 @@ def xsa_attention_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, xsa: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """The specification: SDPA (GQA) in the input dtype, then the XSA projection in fp32."""
+    """The specification: SDPA (GQA) in the input dtype, then the XSA projection in fp32 (fp64
+    for fp64 inputs)."""
     a = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                        enable_gqa=q.shape[1] != k.shape[1])
     if not xsa:
         return a
     b, h, t, d = a.shape
     kvh = v.shape[1]
-    u = F.normalize(v.float(), dim=-1, eps=XSA_EPS).unsqueeze(2)  # (B, KV, 1, T, D)
-    a5 = a.float().view(b, kvh, h // kvh, t, d)
+    acc = torch.promote_types(a.dtype, torch.float32)
+    u = F.normalize(v.to(acc), dim=-1, eps=XSA_EPS).unsqueeze(2)  # (B, KV, 1, T, D)
+    a5 = a.to(acc).view(b, kvh, h // kvh, t, d)
     return (a5 - (a5 * u).sum(-1, keepdim=True) * u).view(b, h, t, d).to(a.dtype)
 
 

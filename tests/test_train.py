@@ -25,7 +25,8 @@ def run_cli(*args, env=None, cwd=None):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    r = run_cli("train", "--preset", "smoke", "--out-dir", str(out), "--run-name", "s")
+    r = run_cli("train", "--preset", "smoke", "--out-dir", str(out), "--run-name", "s",
+                "--cache", "ngram")
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "s", r
 
@@ -38,6 +39,9 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 6 and 0 < summary["val"]["bpb"] < 10
     assert "unigram" in r.stdout and "val bpb" in r.stdout
+    assert "with the n-gram cache" in r.stdout and "audit: PASS" in r.stdout
+    assert summary["cache"]["audit_passed"] and summary["cache"]["gain"] > 0
+    assert (run_dir / "model.int6").exists() and "of 16,000,000 bytes: OK" in r.stdout
     events = [json.loads(line)["event"] for line in (run_dir / "log.jsonl").open()]
     assert events[0] == "config" and "step" in events and events[-1] == "final"
 
@@ -48,6 +52,34 @@ def test_eval_of_checkpoint_reproduces_train_bpb(smoke_run):
     r = run_cli("eval", str(run_dir / "model.ckpt"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{summary['val']['bpb']:.4f}" in r.stdout
+
+
+@pytest.mark.interpret
+def test_artifact_eval_triton_equals_ref_to_4_decimals(smoke_run):
+    run_dir, _ = smoke_run
+    art = str(run_dir / "model.int6")
+    out = {}
+    for kind in ("ref", "triton"):
+        r = run_cli("eval", art, "--kernels", kind, "--val-tokens", "1024")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"kernels={kind}" in r.stdout
+        line = next(ln for ln in r.stdout.splitlines() if "(plain" in ln)
+        out[kind] = line.split()[2]
+    assert out["ref"] == out["triton"]
+
+
+def test_audit_command_passes_ours_and_flags_the_record(smoke_run):
+    run_dir, _ = smoke_run
+    r = run_cli("audit", str(run_dir / "model.ckpt"), "--audit-positions", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "audit: PASS" in r.stdout and "negative example: FAIL" in r.stdout
+
+
+def test_artifact_inspect(smoke_run):
+    run_dir, _ = smoke_run
+    r = run_cli("artifact", "inspect", str(run_dir / "model.int6"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "blocks.0" in r.stdout
 
 
 @pytest.mark.parametrize(
