@@ -73,6 +73,7 @@ class Dist:
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while a peer still uses it
             dist.destroy_process_group()
 
 

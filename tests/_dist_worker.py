@@ -27,8 +27,9 @@ logp = torch.log_softmax(3.0 * z, -1).gather(1, tokens[1:, None])[:, 0]
 lut = D.build_byte_lut(D.load_tokenizer(), 1024)
 scores = TokenScores(1, logp, lut.target_bytes(tokens[:-1], tokens[1:]))
 nll, nbytes, _ = _reduce(*cache_scores(scores, tokens, cfg.eval, rank, world))
-if world > 1:
-    torch.distributed.destroy_process_group()
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"losses": res["losses"], "digest": res["param_digest"], "bpb": res["val"]["bpb"],
                "world": res["world"], "cache_nll": nll, "cache_bytes": nbytes}, f)
+if world > 1:
+    torch.distributed.barrier()  # nobody tears down the group while a peer still uses it
+    torch.distributed.destroy_process_group()
