@@ -98,7 +98,7 @@ def compile_spec(spec: AotSpec, arch: int = 90) -> dict:
     from triton.compiler import ASTSource
 
     fn = _jit_fn(spec.fn)
-    bound = {**dict(zip(fn.arg_names, spec.args)), **spec.kwargs}
+    bound = {**dict(zip(fn.arg_names, spec.args, strict=False)), **spec.kwargs}
     missing = [p.name for p in fn.params if p.name not in bound]
     if missing:
         raise ValueError(f"{spec.kernel}: launch arguments missing for {missing}")
@@ -230,7 +230,8 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['kernel']} | {r['shape']} | {r['config']} | {r['regs']} "
             f"| {r['spill_stores']}/{r['spill_loads']} | {r['smem']} | {wg} "
-            f"| {r['warps_per_sm']}/64 ({r['limiter']}) | {'FAIL: ' + '; '.join(bad) if bad else 'ok'} |"
+            f"| {r['warps_per_sm']}/64 ({r['limiter']}) "
+            f"| {'FAIL: ' + '; '.join(bad) if bad else 'ok'} |"
         )
     return "\n".join(lines)
 

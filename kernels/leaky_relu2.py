@@ -345,7 +345,7 @@ def leaky_relu2_mlp(
 
 
 class FusedLeakyReLU2MLP(nn.Module):
-    """Drop-in MLP: ``proj(leaky_relu2(fc(x)))`` with state_dict keys ``fc.weight``/``proj.weight``."""
+    """Drop-in MLP: ``proj(leaky_relu2(fc(x)))``; state_dict keys ``fc.weight``, ``proj.weight``."""
 
     def __init__(self, dim: int, hidden: int, slope: float = 0.9):
         super().__init__()

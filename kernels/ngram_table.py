@@ -192,7 +192,8 @@ class NgramTable:
 class NgramTableRef:
     """The specification: a plain dictionary of counts with the same API."""
 
-    def __init__(self, capacity: int = 0, device: str | torch.device = "cpu", max_load: float = 0.5):
+    def __init__(self, capacity: int = 0, device: str | torch.device = "cpu",
+                 max_load: float = 0.5):
         self.device = torch.device(device)
         self.table: dict[int, int] = {}
 
@@ -201,7 +202,7 @@ class NgramTableRef:
 
     def insert(self, keys: torch.Tensor, incs: torch.Tensor | None = None) -> None:
         incs_l = [1] * keys.numel() if incs is None else incs.tolist()
-        for k, c in zip(keys.tolist(), incs_l):
+        for k, c in zip(keys.tolist(), incs_l, strict=False):
             self.table[k] = self.table.get(k, 0) + c
 
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:

@@ -26,13 +26,19 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The GPT of SPEC.md's model table. Each row of the table is a field; defaults = the record."""
 
-    vocab_size: int = field(default=1024, metadata={"help": "vocabulary size (must match the tokenizer)"})
+    vocab_size: int = field(
+        default=1024, metadata={"help": "vocabulary size (must match the tokenizer)"}
+    )
     num_layers: int = field(default=11, metadata={"help": "transformer blocks"})
     model_dim: int = field(default=512, metadata={"help": "residual width"})
     num_heads: int = field(default=8, metadata={"help": "query heads"})
-    num_kv_heads: int = field(default=4, metadata={"help": "key/value heads (GQA); divides num_heads"})
+    num_kv_heads: int = field(
+        default=4, metadata={"help": "key/value heads (GQA); divides num_heads"}
+    )
     mlp_mult: float = field(default=3.0, metadata={"help": "MLP hidden = mlp_mult * model_dim"})
-    mlp_slope: float = field(default=0.9, metadata={"help": "LeakyReLU slope of the squared activation"})
+    mlp_slope: float = field(
+        default=0.9, metadata={"help": "LeakyReLU slope of the squared activation"}
+    )
     qk_norm: bool = field(default=True, metadata={"help": "RMS-normalise q and k per head"})
     q_gain_init: float = field(default=1.5, metadata={"help": "initial learnable per-head q gain"})
     rope_dims: int = field(default=16, metadata={"help": "head dims that get RoPE (partial RoPE)"})
@@ -41,14 +47,21 @@ class ModelConfig:
     bigram_buckets: int = field(default=2048, metadata={"help": "BigramHash buckets (0 = off)"})
     bigram_dim: int = field(default=128, metadata={"help": "BigramHash embedding width"})
     value_embed_layers: str = field(
-        default="9,10", metadata={"help": "comma-separated blocks that get value embeddings ('' = off)"}
+        default="9,10",
+        metadata={"help": "comma-separated blocks that get value embeddings ('' = off)"},
     )
     value_embed_dim: int = field(default=128, metadata={"help": "value-embedding width"})
-    smear_gate: bool = field(default=True, metadata={"help": "SmearGate: mix in previous token's embedding"})
+    smear_gate: bool = field(
+        default=True, metadata={"help": "SmearGate: mix in previous token's embedding"}
+    )
     resid_mix: bool = field(default=True, metadata={"help": "per-block learned mix of x with x0"})
-    unet_skips: bool = field(default=True, metadata={"help": "U-Net skips: first half into second half"})
+    unet_skips: bool = field(
+        default=True, metadata={"help": "U-Net skips: first half into second half"}
+    )
     ln_scale: bool = field(default=True, metadata={"help": "scale block inputs by 1/sqrt(layer+1)"})
-    logit_softcap: float = field(default=30.0, metadata={"help": "softcap*tanh(z/softcap) (0 = off)"})
+    logit_softcap: float = field(
+        default=30.0, metadata={"help": "softcap*tanh(z/softcap) (0 = off)"}
+    )
     tie_embeddings: bool = field(default=True, metadata={"help": "tie input and output embeddings"})
 
     @property
@@ -82,9 +95,7 @@ class ModelConfig:
             raise ConfigError(f"xsa_last_n {self.xsa_last_n} must be in [0, {self.num_layers}]")
         bad = [i for i in self.value_embed_set if not 0 <= i < self.num_layers]
         if bad:
-            raise ConfigError(
-                f"value_embed_layers {bad} out of range for {self.num_layers} layers"
-            )
+            raise ConfigError(f"value_embed_layers {bad} out of range for {self.num_layers} layers")
 
 
 @dataclass(frozen=True)
@@ -114,14 +125,19 @@ class TrainConfig:
     )
     lr_warmup_steps: int = field(default=0, metadata={"help": "linear LR ramp-up steps"})
     warmdown_steps: int = field(
-        default=3500, metadata={"help": "linear LR warm-down over the last N steps (wall-clock aware)"}
+        default=3500,
+        metadata={"help": "linear LR warm-down over the last N steps (wall-clock aware)"},
     )
-    matrix_lr: float = field(default=0.025, metadata={"help": "Muon learning rate (block matrices)"})
+    matrix_lr: float = field(
+        default=0.025, metadata={"help": "Muon learning rate (block matrices)"}
+    )
     embed_lr: float = field(default=0.035, metadata={"help": "AdamW LR for (tied) embeddings"})
     scalar_lr: float = field(default=0.025, metadata={"help": "AdamW LR for scalars/vectors"})
     muon_momentum: float = field(default=0.99, metadata={"help": "Muon momentum after warm-up"})
     muon_momentum_start: float = field(default=0.92, metadata={"help": "Muon momentum at step 0"})
-    muon_momentum_warmup: int = field(default=1500, metadata={"help": "Muon momentum warm-up steps"})
+    muon_momentum_warmup: int = field(
+        default=1500, metadata={"help": "Muon momentum warm-up steps"}
+    )
     muon_ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz iterations"})
     muon_wd: float = field(default=0.04, metadata={"help": "Muon decoupled weight decay"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
@@ -186,11 +202,14 @@ class EvalConfig:
         if self.stride < 0 or self.val_tokens < 0:
             raise ConfigError("stride and val_tokens must be >= 0")
         if not 2 <= self.ngram_order <= 6:
-            raise ConfigError(f"ngram_order must be in [2, 6] (10-bit tokens in 64-bit keys), "
-                              f"got {self.ngram_order}")
+            raise ConfigError(
+                f"ngram_order must be in [2, 6] (10-bit tokens in 64-bit keys), "
+                f"got {self.ngram_order}"
+            )
         if self.ngram_backend not in ("auto", "numpy", "triton", "ref"):
-            raise ConfigError(f"ngram_backend must be auto, numpy, triton or ref, got "
-                              f"{self.ngram_backend!r}")
+            raise ConfigError(
+                f"ngram_backend must be auto, numpy, triton or ref, got {self.ngram_backend!r}"
+            )
         if self.audit_positions < 1:
             raise ConfigError("audit_positions must be >= 1")
 
@@ -226,32 +245,87 @@ PRESETS: dict[str, dict[str, dict]] = {
     # The record of SPEC.md: 8 GPUs, 600 s, 786k-token batches of 2048-token sequences.
     "h100": {
         "model": {},
-        "train": dict(seq_len=2048, batch_tokens=786432, micro_batch_seqs=48, iterations=20000,
-                      max_wallclock_s=600.0, warmdown_steps=3500, val_every=1000,
-                      kernels="triton", compile=True, device="cuda", log_every=50),
+        "train": dict(
+            seq_len=2048,
+            batch_tokens=786432,
+            micro_batch_seqs=48,
+            iterations=20000,
+            max_wallclock_s=600.0,
+            warmdown_steps=3500,
+            val_every=1000,
+            kernels="triton",
+            compile=True,
+            device="cuda",
+            log_every=50,
+        ),
         "eval": dict(stride=64, eval_batch_seqs=32),
     },
     # A small model that learns real text in about three minutes on two CPU cores.
     "cpu-tiny": {
-        "model": dict(num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8,
-                      xsa_last_n=2, bigram_buckets=2048, bigram_dim=64,
-                      value_embed_layers="2,3", value_embed_dim=64),
-        "train": dict(seq_len=256, batch_tokens=2048, iterations=100000, max_wallclock_s=170.0,
-                      warmup_steps=3, lr_warmup_steps=0, warmdown_steps=1200,
-                      matrix_lr=0.04, embed_lr=0.02, scalar_lr=0.04,
-                      muon_momentum=0.95, muon_momentum_start=0.85, muon_momentum_warmup=300,
-                      muon_wd=0.0, adam_wd=0.0, ema_decay=0.0, swa_every=0,
-                      compile=True, autocast_bf16="on", device="cpu", log_every=100),
+        "model": dict(
+            num_layers=4,
+            model_dim=128,
+            num_heads=4,
+            num_kv_heads=2,
+            rope_dims=8,
+            xsa_last_n=2,
+            bigram_buckets=2048,
+            bigram_dim=64,
+            value_embed_layers="2,3",
+            value_embed_dim=64,
+        ),
+        "train": dict(
+            seq_len=256,
+            batch_tokens=2048,
+            iterations=100000,
+            max_wallclock_s=170.0,
+            warmup_steps=3,
+            lr_warmup_steps=0,
+            warmdown_steps=1200,
+            matrix_lr=0.04,
+            embed_lr=0.02,
+            scalar_lr=0.04,
+            muon_momentum=0.95,
+            muon_momentum_start=0.85,
+            muon_momentum_warmup=300,
+            muon_wd=0.0,
+            adam_wd=0.0,
+            ema_decay=0.0,
+            swa_every=0,
+            compile=True,
+            autocast_bf16="on",
+            device="cpu",
+            log_every=100,
+        ),
         "eval": dict(val_tokens=131072, eval_batch_seqs=32, stride=64, cache="ngram"),
     },
     # Seconds, for tests and smoke runs: proves the plumbing, learns little.
     "smoke": {
-        "model": dict(num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, rope_dims=8,
-                      xsa_last_n=1, bigram_buckets=256, bigram_dim=32,
-                      value_embed_layers="1", value_embed_dim=32),
-        "train": dict(seq_len=64, batch_tokens=512, iterations=6, max_wallclock_s=60.0,
-                      warmup_steps=1, warmdown_steps=3, swa_every=2, swa_lr_below=0.9,
-                      ema_decay=0.9, device="cpu", log_every=1),
+        "model": dict(
+            num_layers=2,
+            model_dim=64,
+            num_heads=2,
+            num_kv_heads=1,
+            rope_dims=8,
+            xsa_last_n=1,
+            bigram_buckets=256,
+            bigram_dim=32,
+            value_embed_layers="1",
+            value_embed_dim=32,
+        ),
+        "train": dict(
+            seq_len=64,
+            batch_tokens=512,
+            iterations=6,
+            max_wallclock_s=60.0,
+            warmup_steps=1,
+            warmdown_steps=3,
+            swa_every=2,
+            swa_lr_below=0.9,
+            ema_decay=0.9,
+            device="cpu",
+            log_every=1,
+        ),
         "eval": dict(val_tokens=4096, eval_batch_seqs=8),
     },
 }
@@ -297,13 +371,23 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections=("model", "tr
             default = f.default
             helptext = f"{f.metadata.get('help', '')} [default {default!r}; env {env}]"
             if kind is bool:
-                group.add_argument(flag, dest=f"{section}.{f.name}", default=None,
-                                   type=lambda s, n=flag: _parse_value(bool, s, n),
-                                   metavar="BOOL", help=helptext)
+                group.add_argument(
+                    flag,
+                    dest=f"{section}.{f.name}",
+                    default=None,
+                    type=lambda s, n=flag: _parse_value(bool, s, n),
+                    metavar="BOOL",
+                    help=helptext,
+                )
             else:
-                group.add_argument(flag, dest=f"{section}.{f.name}", default=None,
-                                   type=lambda s, k=kind, n=flag: _parse_value(k, s, n),
-                                   metavar=kind.__name__.upper(), help=helptext)
+                group.add_argument(
+                    flag,
+                    dest=f"{section}.{f.name}",
+                    default=None,
+                    type=lambda s, k=kind, n=flag: _parse_value(k, s, n),
+                    metavar=kind.__name__.upper(),
+                    help=helptext,
+                )
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, dict]:

@@ -54,7 +54,8 @@ def load_model(path: str, kernels: str | None) -> tuple[GPT, RunConfig, dict]:
 
 
 def _eval_config(cfg: RunConfig, cli: dict) -> EvalConfig:
-    over = {k.split(".", 1)[1]: v for k, v in cli.items() if k.startswith("eval.") and v is not None}
+    over = {k.split(".", 1)[1]: v for k, v in cli.items()
+            if k.startswith("eval.") and v is not None}
     import dataclasses
 
     ec = dataclasses.replace(cfg.eval, **over)

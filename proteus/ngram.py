@@ -12,7 +12,8 @@ Distribution (the model as the base, orders 2..N mixed in from the lowest up)::
 
     p_1(v) = p_model(v | x_<t)
     p_n(v) = (1 - λ_n) p_{n-1}(v) + λ_n count_n(ctx, v) / ctx_n                 n = 2 .. N
-    λ_n    = min(1, weight · decay^(N-n)) · ctx_n / (ctx_n + k · max(types_n, 1)^a)  (0 if ctx_n = 0)
+    λ_n    = min(1, weight · decay^(N-n)) · ctx_n / (ctx_n + k · max(types_n, 1)^a)
+             (λ_n = 0 when ctx_n = 0)
 
 Every p_n is a convex combination of two distributions over the whole vocabulary, so p_N is
 non-negative and sums to 1 by construction; equivalently ``p = (1-λ) p_model + λ p_cache`` with
@@ -179,7 +180,7 @@ def earlier_counts_ref(tokens: torch.Tensor, end: int, order: int) -> NgramCount
 
 
 def _rank_in_group(keys: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Exclusive running sum of ``weights`` (default 1) over earlier equal keys, in position order."""
+    """Exclusive running sum of ``weights`` (default 1) over earlier equal keys (position order)."""
     n = keys.numel()
     _, idx = torch.sort(keys, stable=True)
     sk = keys[idx]

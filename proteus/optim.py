@@ -47,9 +47,12 @@ def newton_schulz5(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr: float, momentum: float, ns_steps: int = 5, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps,
-                                      weight_decay=weight_decay))
+    def __init__(
+        self, params, lr: float, momentum: float, ns_steps: int = 5, weight_decay: float = 0.0
+    ):
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -93,8 +96,10 @@ def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
             seen.add(id(p))
             if isinstance(module, nn.Embedding):
                 groups["embed"].append(p)
-            elif isinstance(module, Linear) and p.dim() == 2 and module is not getattr(
-                model, "lm_head", None
+            elif (
+                isinstance(module, Linear)
+                and p.dim() == 2
+                and module is not getattr(model, "lm_head", None)
             ):
                 groups["matrix"].append(p)
             elif module is getattr(model, "lm_head", None):
@@ -105,17 +110,24 @@ def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 def build_optimizers(model: nn.Module, tc) -> list[torch.optim.Optimizer]:
-    """Muon + AdamW from a :class:`~proteus.config.TrainConfig`; each group remembers its base LR."""
+    """Muon + AdamW from a :class:`~proteus.config.TrainConfig`; groups remember their base LR."""
     g = split_params(model)
     betas = (tc.adam_beta1, tc.adam_beta2)
-    muon = Muon(g["matrix"], lr=tc.matrix_lr, momentum=tc.muon_momentum_start,
-                ns_steps=tc.muon_ns_steps, weight_decay=tc.muon_wd)
+    muon = Muon(
+        g["matrix"],
+        lr=tc.matrix_lr,
+        momentum=tc.muon_momentum_start,
+        ns_steps=tc.muon_ns_steps,
+        weight_decay=tc.muon_wd,
+    )
     adam = torch.optim.AdamW(
         [
             dict(params=g["embed"], lr=tc.embed_lr, weight_decay=tc.adam_wd),
             dict(params=g["scalar"], lr=tc.scalar_lr, weight_decay=0.0),
         ],
-        betas=betas, eps=1e-10, foreach=True,
+        betas=betas,
+        eps=1e-10,
+        foreach=True,
     )
     for opt in (muon, adam):
         for group in opt.param_groups:

@@ -11,18 +11,21 @@ Artifact file (little-endian)::
     magic  b"PROTEUS\\x00" (8 B) | version u32 | header length u32 | header | header crc32 u32
     payload: the tensors' blobs at the offsets the header's table gives (relative to payload)
 
-The header is LZMA-compressed JSON; it holds ``meta`` (the run config and notes) and ``tensors``: name, kind,
-shape, encoding, offset, nbytes and crc32 of every blob. Reading parses JSON and numpy
-buffers only: nothing is unpickled or executed. Every blob is checked against its crc32 before
-anything is returned, so a damaged file raises instead of half-loading.
+The header is LZMA-compressed JSON; it holds ``meta`` (the run config and notes) and
+``tensors``: name, kind, shape, encoding, offset, nbytes and crc32 of every blob. Reading
+parses JSON and numpy buffers only: nothing is unpickled or executed. Every blob is checked
+against its crc32 before anything is returned, so a damaged file raises instead of
+half-loading.
 
 Payload sections: ``side`` (LZMA of: per-tensor scales, row/column classes, the frequency
 tables, and the small fp16/fp32 tensors), then one rANS stream per integer kind (``int6``,
 ``int8``). Values are symbols (int6: q + 32; int8: q + 128); each symbol's context is a
-bucket of its predicted magnitude from its row's and column's mean |q|, 16 whose static frequency tables (quantised to 2^14) are shared by all tensors of the
-kind (see ``_contexts``: the row/column spread enters through a rank-1 magnitude prediction). rANS uses a 32-bit state and 16-bit renormalisation over interleaved lanes, so encoding
-and decoding are numpy-vectorised across lanes. The contexts capture structure a single
-order-0 model misses: trained matrices have input columns and output rows of very different
+bucket of its predicted magnitude from its row's and column's mean |q|: 16 buckets whose
+static frequency tables (quantised to 2^14) are shared by all tensors of the kind (see
+``_contexts``: the row/column spread enters through a rank-1 magnitude prediction). rANS uses
+a 32-bit state and 16-bit renormalisation over interleaved lanes, so encoding and decoding
+are numpy-vectorised across lanes. The contexts capture structure a single order-0 model
+misses: trained matrices have input columns and output rows of very different
 spread, so the value distribution depends on where it sits.
 """
 
@@ -492,7 +495,8 @@ def inspect_artifact(path: str) -> str:
     for kind in ("int6", "int8"):
         sec = next((s for s in hdr["sections"] if s["name"] == kind), None)
         if sec:
-            lines.append(f"  {kind}: {counts[kind]:,} values, {8 * sec['nbytes'] / counts[kind]:.3f} "
+            bits = 8 * sec["nbytes"] / counts[kind]
+            lines.append(f"  {kind}: {counts[kind]:,} values, {bits:.3f} "
                          "bits/value in the rANS stream")
     lines.append(f"{'tensor':42s} {'kind':5s} {'shape':>16s}")
     for name, t in qs.tensors.items():

@@ -76,7 +76,8 @@ def test_fused_mlp_within_2x_torch_error(dtype, m, d, h, device):
     torch_same = _grads(leaky_relu2_mlp_ref, x, wu, wd, dy, dtype, device)
     ours = _grads(leaky_relu2_mlp, x, wu, wd, dy, dtype, device)
     floor = 1e-6 if dtype == torch.float32 else 0.0
-    for name, a, b, r in zip(("out", "dx", "dW_up", "dW_down"), ours, torch_same, ref64):
+    names = ("out", "dx", "dW_up", "dW_down")
+    for name, a, b, r in zip(names, ours, torch_same, ref64, strict=True):
         assert a.dtype == dtype and a.shape == r.shape
         assert_within_2x_torch_error(f"{name} {dtype}", a, b, r, floor=floor)
 
@@ -136,7 +137,7 @@ def test_torch_compile_fullgraph(device):
     for t in (x, wu, wd):
         t.grad = None
     f(x, wu, wd).backward()
-    for a, t in zip(g, (x, wu, wd)):
+    for a, t in zip(g, (x, wu, wd), strict=False):
         torch.testing.assert_close(a, t.grad)
 
 
@@ -155,5 +156,6 @@ def test_fused_mlp_production_shape_on_gpu(dtype):
     ref64 = _grads(leaky_relu2_mlp_ref, x, wu, wd, dy, torch.float64, "cpu")
     torch_same = _grads(leaky_relu2_mlp_ref, x, wu, wd, dy, dtype, "cuda")
     ours = _grads(leaky_relu2_mlp, x, wu, wd, dy, dtype, "cuda")
-    for name, a, b, r in zip(("out", "dx", "dW_up", "dW_down"), ours, torch_same, ref64):
+    names = ("out", "dx", "dW_up", "dW_down")
+    for name, a, b, r in zip(names, ours, torch_same, ref64, strict=True):
         assert_within_2x_torch_error(name, a, b, r)

@@ -33,7 +33,7 @@ def _same(table: NgramTable, ref: NgramTableRef, probe: torch.Tensor) -> None:
 def test_random_stream_matches_dictionary_including_growth(device):
     g = torch.Generator().manual_seed(1)
     table, ref = NgramTable(16, device), NgramTableRef()
-    for step in range(6):  # starts tiny, so it grows several times
+    for _step in range(6):  # starts tiny, so it grows several times
         keys = torch.randint(0, 5000, (700,), generator=g) * 7919 + (3 << 60)
         incs = torch.randint(1, 4, (700,), generator=g, dtype=torch.int32)
         table.insert(keys.to(device), incs.to(device))

@@ -54,7 +54,7 @@ def test_quantizer_range_scale_and_sqnr():
 def test_quantise_pack_unpack_dequantise_bit_exact():
     sd = _trained_like_state()
     qs = Q.quantize_state_dict(sd)
-    for name, t in qs.tensors.items():
+    for _name, t in qs.tensors.items():
         if t.kind == "int6":
             packed = pack_int6(t.q)
             via_kernel_format = unpack_int6(packed).float() * t.scale.float()[:, None]

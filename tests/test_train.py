@@ -88,7 +88,8 @@ def test_artifact_inspect(smoke_run):
         (["train", "--preset", "nope"], {}, "unknown preset 'nope'"),
         (["train", "--preset", "smoke", "--bogus", "1"], {}, "unrecognized arguments: --bogus"),
         (["train", "--preset", "smoke"], {"PROTEUS_BOGUS": "1"}, "unknown environment variable"),
-        (["train", "--preset", "smoke", "--vocab-size", "2048"], {}, "does not match the tokenizer"),
+        (["train", "--preset", "smoke", "--vocab-size", "2048"], {},
+         "does not match the tokenizer"),
         (["train", "--preset", "smoke", "--seq-len", "100"], {}, "does not divide batch_tokens"),
         (["train", "--preset", "smoke", "--tokenizer", "/nope.model"], {}, "tokenizer /nope.model"),
         (["train", "--preset", "smoke", "--train-files", "/nope/*.bin"], {}, "no train shards"),
@@ -103,7 +104,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, env, needle):
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     # nothing half-written: no checkpoint, no temp files
-    for root, _dirs, files in os.walk(tmp_path):
+    for _root, _dirs, files in os.walk(tmp_path):
         assert not [f for f in files if f.endswith(".ckpt") or ".tmp" in f], files
 
 
