@@ -34,7 +34,7 @@ def test_bench_cache_scoring(benchmark, stream, provider):
     if provider == "numpy":
         head = tokens[:20000]
         a, b = earlier_counts(head, 20000, 5, "numpy"), earlier_counts(head, 20000, 5, "ref")
-        assert np.array_equal(a.occ, b.occ) and np.array_equal(a.types, b.types)
+        assert torch.equal(a.occ, b.occ) and torch.equal(a.types, b.types)
         fn = lambda: ngram_blend_logprobs(tokens, 1, n + 1, logp)  # noqa: E731
     else:
         fn = lambda: hashed_numpy_cache_logprobs(tokens.numpy(), logp.numpy())  # noqa: E731

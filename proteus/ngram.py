@@ -65,7 +65,8 @@ class NgramConfig:
         """λ_n for orders 2..N: ``ctx``/``types`` (N-1, ...) counts -> (N-1, ...) float64."""
         ctx, types = ctx.double(), types.double()
         w = torch.tensor([min(1.0, self.weight * self.decay ** (self.order - n))
-                          for n in range(2, self.order + 1)], dtype=torch.float64)
+                          for n in range(2, self.order + 1)], dtype=torch.float64,
+                         device=ctx.device)
         w = w.reshape((-1,) + (1,) * (ctx.dim() - 1))
         return w * ctx / (ctx + self.k * types.clamp(min=1.0) ** self.a)
 
@@ -74,10 +75,15 @@ class NgramConfig:
 class NgramCounts:
     """``occ[n-1, t]``: earlier occurrences of the n-gram ending at t (n = 1..N);
     ``types[n-2, t]``: distinct tokens seen after the context of that n-gram, before t (n = 2..N).
-    Positions whose n-gram is incomplete (t < n-1) hold 0."""
+    Positions whose n-gram is incomplete (t < n-1) hold 0. int64 tensors, on the device that
+    counted them (the GPU for the ``triton`` backend), so the blend runs there too."""
 
-    occ: np.ndarray
-    types: np.ndarray
+    occ: torch.Tensor
+    types: torch.Tensor
+
+    @staticmethod
+    def from_numpy(occ: np.ndarray, types: np.ndarray) -> NgramCounts:
+        return NgramCounts(torch.from_numpy(occ), torch.from_numpy(types))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +126,7 @@ def earlier_counts_numpy(tokens: torch.Tensor, end: int, order: int) -> NgramCou
     occ = np.zeros((order, end), np.int64)
     types = np.zeros((order - 1, end), np.int64)
     if end == 0:
-        return NgramCounts(occ, types)
+        return NgramCounts.from_numpy(occ, types)
     bits = max(1, int(end - 1).bit_length())
     pos = np.arange(end, dtype=np.int64)
     # ids[t]: dense id of the n-gram ending at t (-1 if incomplete); order 1 ids are the tokens
@@ -153,7 +159,7 @@ def earlier_counts_numpy(tokens: torch.Tensor, end: int, order: int) -> NgramCou
         ids[srt] = np.cumsum(new) - 1
         ids[: n - 1] = -1
         prev_order, prev_start = srt, start
-    return NgramCounts(occ, types)
+    return NgramCounts.from_numpy(occ, types)
 
 
 def earlier_counts_ref(tokens: torch.Tensor, end: int, order: int) -> NgramCounts:
@@ -176,7 +182,7 @@ def earlier_counts_ref(tokens: torch.Tensor, end: int, order: int) -> NgramCount
                 g = tuple(tok[t - n + 1 : t + 1])
                 seen[n - 1][g] = seen[n - 1].get(g, 0) + 1
                 follow[n - 1].setdefault(g[:-1], set()).add(g[-1])
-    return NgramCounts(occ, types)
+    return NgramCounts.from_numpy(occ, types)
 
 
 def _rank_in_group(keys: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,7 +242,7 @@ def earlier_counts_triton(tokens: torch.Tensor, end: int, order: int, chunk: int
                 ins_incs.append(add[keep])
         # every lookup of this chunk is done before any of its updates lands
         table.insert(torch.cat(ins_keys), torch.cat(ins_incs).to(torch.int32))
-    return NgramCounts(occ.cpu().numpy(), types.cpu().numpy())
+    return NgramCounts(occ, types)
 
 
 def earlier_counts(tokens: torch.Tensor, end: int, order: int, backend: str = "numpy",
@@ -297,13 +303,14 @@ def ngram_blend_logprobs(tokens: torch.Tensor, start: int, end: int,
         raise ValueError(f"ngram_blend_logprobs: model_logp_target must have end - start = "
                          f"{end - start} entries, got {model_logp_target.numel()}")
     c = earlier_counts(tokens, end, cfg.order, backend, cfg.chunk) if counts is None else counts
-    t = np.arange(start, end)
+    dev = c.occ.device  # the blend runs where the counts are (the GPU for ``triton``)
     o = cfg.order
-    c_tgt = torch.from_numpy(c.occ[1:o, t]).double()  # count_n(ctx, x_t)
-    c_ctx = torch.from_numpy(c.occ[: o - 1, t - 1]).double()  # ctx_n
-    lam = cfg.lambdas(c_ctx, torch.from_numpy(c.types[: o - 1, t]))
-    p = _mix(model_logp_target.double().exp()[:, None], c_tgt[..., None], c_ctx, lam)[:, 0]
-    return torch.log(p)
+    c_tgt = c.occ[1:o, start:end].double()  # count_n(ctx, x_t)
+    c_ctx = c.occ[: o - 1, start - 1 : end - 1].double()  # ctx_n
+    lam = cfg.lambdas(c_ctx, c.types[: o - 1, start:end])
+    p_model = model_logp_target.to(dev, torch.float64).exp()[:, None]
+    p = _mix(p_model, c_tgt[..., None], c_ctx, lam)[:, 0]
+    return torch.log(p).to(model_logp_target.device)
 
 
 def cache_distribution(tokens: torch.Tensor, t: int, model_logp: torch.Tensor,
