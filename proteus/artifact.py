@@ -27,34 +27,55 @@ def code_bytes() -> int:
     return total
 
 
-def write_run_artifact(model, cfg, run_dir: Path, say, val=None, lut=None, float_bpb=None) -> dict:
-    """Quantise ``model``, write ``run_dir/model.int6``, report sizes and the budget check."""
-    from proteus.quant import lzma_baseline_bytes, quantize_state_dict, write_artifact
+def write_run_artifact(model, cfg, run_dir: Path, say, val=None, lut=None, float_bpb=None,
+                       rank: int = 0) -> dict:
+    """Quantise ``model``, write ``run_dir/model.int6``, report sizes and the budget check.
+
+    Under torch.distributed every rank calls this: rank 0 writes the file, and the quantised
+    model's evaluation is shared by all ranks (rank 0 reads the artifact back from disk, the
+    others rebuild the same quantised weights in memory: ranks hold bit-identical weights and
+    quantisation is deterministic)."""
+    from proteus.quant import quantize_state_dict, write_artifact
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     qstate = quantize_state_dict(state)
-    meta = {"run_config": cfg.to_dict(), "float_bpb": float_bpb}
     path = Path(run_dir) / ARTIFACT_NAME
-    write_artifact(str(path), qstate, meta)
-    art = os.path.getsize(path)
-    lzma = lzma_baseline_bytes(qstate)
-    code = code_bytes()
-    total = art + code
-    out = dict(path=str(path), artifact_bytes=art, lzma_baseline_bytes=lzma,
-               ratio_vs_lzma=art / lzma if lzma else None, code_bytes=code, total_bytes=total,
-               limit=ARTIFACT_LIMIT, within_limit=total <= ARTIFACT_LIMIT)
-    say(f"artifact {path}: {art:,} bytes ({art / lzma:.3f}x the {lzma:,}-byte LZMA-over-int8 "
-        f"baseline) + code {code:,} = {total:,} of {ARTIFACT_LIMIT:,} bytes: "
-        f"{'OK' if out['within_limit'] else 'OVER BUDGET'}")
+    out: dict = dict(path=str(path))
+    if rank == 0:
+        meta = {"run_config": cfg.to_dict(), "float_bpb": float_bpb}
+        write_artifact(str(path), qstate, meta)
+        out.update(_sizes(path, qstate, say))
     if val is not None and lut is not None:
         from proteus.evaluate import evaluate_bpb
         from proteus.evaluate_cli import load_model
+        from proteus.model import GPT
+        from proteus.quant import apply_int6
 
-        qmodel, _, _ = load_model(str(path), cfg.train.kernels)
+        if rank == 0:
+            qmodel, _, _ = load_model(str(path), cfg.train.kernels)
+        else:
+            qmodel = GPT(cfg.model, cfg.train.kernels)
+            apply_int6(qmodel, qstate, use_kernel=(cfg.train.kernels == "triton"))
         r = evaluate_bpb(qmodel, val, lut, cfg.eval.eval_seq_len or cfg.train.seq_len, 0,
                          cfg.eval.eval_batch_seqs)
         out["quantized_bpb"] = r["bpb"]
         if float_bpb is not None:
             say(f"  int6 round trip: val bpb {r['bpb']:.4f} (float {float_bpb:.4f}, "
                 f"{r['bpb'] - float_bpb:+.4f})")
+    return out
+
+
+def _sizes(path: Path, qstate, say) -> dict:
+    from proteus.quant import lzma_baseline_bytes
+
+    art = os.path.getsize(path)
+    lzma = lzma_baseline_bytes(qstate)
+    code = code_bytes()
+    total = art + code
+    out = dict(artifact_bytes=art, lzma_baseline_bytes=lzma,
+               ratio_vs_lzma=art / lzma if lzma else None, code_bytes=code, total_bytes=total,
+               limit=ARTIFACT_LIMIT, within_limit=total <= ARTIFACT_LIMIT)
+    say(f"artifact {path}: {art:,} bytes ({art / lzma:.3f}x the {lzma:,}-byte LZMA-over-int8 "
+        f"baseline) + code {code:,} = {total:,} of {ARTIFACT_LIMIT:,} bytes: "
+        f"{'OK' if out['within_limit'] else 'OVER BUDGET'}")
     return out

@@ -398,17 +398,17 @@ def train(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False) -> d
             results["cache"] = cache_report(model, cfg, ec, val, scores, say, dd.rank, dd.world)
     log.write(event="final", **{k: v for k, v in results.items()})
 
-    if run_dir and dd.main:
-        save_checkpoint(run_dir / "model.ckpt", model, cfg, dict(results=results))
-        results["checkpoint"] = str(run_dir / "model.ckpt")
-        try:
-            from proteus.artifact import write_run_artifact
-        except ImportError:  # the artifact writer is optional until quantisation lands
-            write_run_artifact = None
-        if write_run_artifact is not None:
-            results["artifact"] = write_run_artifact(model, cfg, run_dir, say, val, lut,
-                                                     results["val"]["bpb"])
-        atomic_write_json(run_dir / "summary.json", results)
+    if run_dir:
+        if dd.main:
+            save_checkpoint(run_dir / "model.ckpt", model, cfg, dict(results=results))
+            results["checkpoint"] = str(run_dir / "model.ckpt")
+        from proteus.artifact import write_run_artifact
+
+        # every rank takes part: the quantised model's evaluation is shared across ranks
+        results["artifact"] = write_run_artifact(model, cfg, run_dir, say, val, lut,
+                                                 results["val"]["bpb"], rank=dd.rank)
+        if dd.main:
+            atomic_write_json(run_dir / "summary.json", results)
     log.close()
     dd.close()
     return results

@@ -1,9 +1,10 @@
-"""Run under torchrun by test_distributed.py: train the smoke preset, then score the n-gram
-cache over a fixed stand-in model, and write this rank's results."""
+"""Run under torchrun by test_distributed.py: train the smoke preset (with its run directory:
+checkpoint, int6 artifact and the artifact's evaluation), then score the n-gram cache over a fixed stand-in model, and write this rank's results."""
 
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -17,7 +18,9 @@ out = sys.argv[1]
 rank, world = _setup_dist()  # the group outlives train(), which leaves it to its creator
 cfg = build_config("smoke", {"train.iterations": 5, "train.warmup_steps": 1,
                              "train.batch_tokens": 512, "train.seq_len": 64}, environ={})
-res = train(cfg, run_dir=None, quiet=True)
+run_dir = os.path.join(out, "run")  # rank 0 writes checkpoint and artifact; all ranks evaluate it
+os.makedirs(run_dir, exist_ok=True)
+res = train(cfg, run_dir=Path(run_dir), quiet=True)
 
 # The cache on this rank's shard of 20k real tokens; the stand-in model's log-probabilities are
 # a fixed function of the previous token, so only the split over processes varies between runs.
@@ -29,7 +32,8 @@ scores = TokenScores(1, logp, lut.target_bytes(tokens[:-1], tokens[1:]))
 nll, nbytes, _ = _reduce(*cache_scores(scores, tokens, cfg.eval, rank, world))
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"losses": res["losses"], "digest": res["param_digest"], "bpb": res["val"]["bpb"],
-               "world": res["world"], "cache_nll": nll, "cache_bytes": nbytes}, f)
+               "world": res["world"], "int6_bpb": res["artifact"]["quantized_bpb"],
+               "cache_nll": nll, "cache_bytes": nbytes}, f)
 if world > 1:
     torch.distributed.barrier()  # nobody tears down the group while a peer still uses it
     torch.distributed.destroy_process_group()
