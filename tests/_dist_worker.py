@@ -1,5 +1,6 @@
 """Run under torchrun by test_distributed.py: train the smoke preset (with its run directory:
-checkpoint, int6 artifact and the artifact's evaluation), then score the n-gram cache over a fixed stand-in model, and write this rank's results."""
+checkpoint, int6 artifact and the artifact's evaluation), then score the n-gram cache over a
+fixed stand-in model, and write this rank's results."""
 
 import json
 import os
