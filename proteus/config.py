@@ -191,6 +191,8 @@ class EvalConfig:
     eval_batch_seqs: int = field(default=16, metadata={"help": "windows per eval forward"})
     cache: str = field(default="none", metadata={"help": "eval cache: none or ngram"})
     ngram_order: int = field(default=5, metadata={"help": "highest n-gram order of the cache"})
+    ngram_doc: bool = field(default=True, metadata={
+        "help": "also mix in n-gram counts of the current document alone (after the last BOS)"})
     ngram_backend: str = field(
         default="auto", metadata={"help": "cache counts: auto, numpy, triton or ref"}
     )

@@ -97,7 +97,8 @@ def cache_scores(scores: TokenScores, tokens: torch.Tensor, ec: EvalConfig, rank
         backend = "triton" if torch.cuda.is_available() else "numpy"
     t0 = time.perf_counter()
     lp = ngram_blend_logprobs(tokens, lo, hi, scores.logp[lo - 1 : hi - 1],
-                              NgramConfig(order=ec.ngram_order), backend=backend)
+                              NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc),
+                              backend=backend)
     seconds = time.perf_counter() - t0
     nll = -lp.double().sum().item()
     nbytes = int(scores.nbytes[lo - 1 : hi - 1].sum())
@@ -122,7 +123,7 @@ def run_audit(model, cfg, ec, tokens, say, hashed: bool = False) -> bool:
     g = torch.Generator().manual_seed(0)
     positions = torch.randint(2, n - 1, (ec.audit_positions,), generator=g).sort().values
     fn = model_logprobs_fn(model, seq)
-    rep = audit(tokens, positions, fn, NgramConfig(order=ec.ngram_order))
+    rep = audit(tokens, positions, fn, NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc))
     say(f"  audit: {rep}")
     ok = rep.passed
     if hashed:

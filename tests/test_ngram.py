@@ -14,6 +14,8 @@ from proteus.ngram import (
     NgramConfig,
     audit,
     cache_distribution,
+    doc_counts,
+    doc_counts_ref,
     earlier_counts,
     hashed_numpy_cache_logprobs,
     ngram_blend_logprobs,
@@ -66,6 +68,47 @@ def test_device_table_counts_equal_the_reference(name, chunk):
     assert torch.equal(ref.types, dev.types.cpu())
 
 
+@pytest.mark.parametrize("name", ["small-alphabet", "real", "one-token", "periodic", "short"])
+@pytest.mark.parametrize("order", [2, 5, 6])
+def test_document_counts_equal_the_reference(name, order):
+    tok = _streams()[name]
+    n = tok.numel()
+    # shards that begin anywhere in a document
+    for start in sorted({1, min(2, n), max(1, n // 3), n - 1, n}):
+        ref = doc_counts_ref(tok, start, n, order)
+        fast = doc_counts(tok, start, n, order)
+        for a, b in ((ref.tgt, fast.tgt), (ref.ctx, fast.ctx), (ref.types, fast.types)):
+            assert torch.equal(a, b)
+
+
+def test_document_counts_see_only_the_current_document():
+    bos = D.BOS_ID
+    tok = torch.tensor([bos, 7, 8, 9, 7, 8, bos, 7, 8, 9, 7, 8])
+    n = tok.numel()
+    glob = earlier_counts(tok, n, 3)
+    doc = doc_counts(tok, 1, n, 3)
+    t = 9  # the second document's "7 8 9": seen once before, but in the first document
+    assert glob.occ[2, t] == 1 and doc.tgt[1, t - 1] == 0 and doc.ctx[1, t - 1] == 0
+    t = 11  # "7 8" repeats inside the second document
+    assert doc.tgt[0, t - 1] == 1 and doc.ctx[0, t - 1] == 1 and doc.types[0, t - 1] == 1
+    assert glob.occ[1, t] == 3 and glob.occ[0, t - 1] == 3  # the whole history: 3 of 3
+    # the document of t is decided by x_<t: a BOS arriving at t changes nothing at t ...
+    other = tok.clone()
+    other[4] = bos
+    a, b = doc_counts(tok, 1, n, 3), doc_counts(other, 1, n, 3)
+    assert torch.equal(a.ctx[:, 3], b.ctx[:, 3]) and torch.equal(a.types[:, 3], b.types[:, 3])
+    # ... and the position after it starts from an empty document
+    assert b.ctx[:, 4].sum() == 0 and b.tgt[:, 4].sum() == 0
+
+
+def test_document_counts_add_to_the_gain():
+    tok, _, lp = _real_case(2500)
+    assert int((tok == D.BOS_ID).sum()) >= 2  # several documents in the sample
+    with_doc = ngram_blend_logprobs(tok, 1, tok.numel(), lp, NgramConfig())
+    without = ngram_blend_logprobs(tok, 1, tok.numel(), lp, NgramConfig(doc=False))
+    assert with_doc.sum() > without.sum()
+
+
 def _real_case(n=2500):
     tok = D.load_tokens(D.bundled_val_glob(), "val", limit=n)
     lp_all = _model_logp(tok, torch.arange(1, n))
@@ -104,6 +147,18 @@ def test_fast_scores_equal_the_slow_per_token_reference():
     cfg = NgramConfig()
     fast = ngram_blend_logprobs(tok, 1, tok.numel(), lp, cfg)
     for t in range(1, tok.numel(), 37):
+        p = cache_distribution(tok, t, lp_all[t - 1], cfg)
+        assert math.isclose(p[int(tok[t])].item(), fast[t - 1].exp().item(), rel_tol=1e-12)
+
+
+def test_fast_scores_equal_the_slow_reference_at_every_position_of_many_short_documents():
+    g = torch.Generator().manual_seed(5)
+    tok = torch.randint(0, 3, (400,), generator=g)  # BOS (id 1) is a third of the stream
+    lp_all = _model_logp(tok, torch.arange(1, tok.numel()))
+    lp = lp_all.gather(1, tok[1:, None])[:, 0]
+    cfg = NgramConfig(order=4)
+    fast = ngram_blend_logprobs(tok, 1, tok.numel(), lp, cfg)
+    for t in range(1, tok.numel()):
         p = cache_distribution(tok, t, lp_all[t - 1], cfg)
         assert math.isclose(p[int(tok[t])].item(), fast[t - 1].exp().item(), rel_tol=1e-12)
 
