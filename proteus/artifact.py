@@ -66,7 +66,7 @@ def write_run_artifact(model, cfg, run_dir: Path, say, val=None, lut=None, float
 
 
 def _sizes(path: Path, qstate, say) -> dict:
-    from proteus.quant import lzma_baseline_bytes
+    from proteus.quant import lzma_baseline_bytes, value_coding_report
 
     art = os.path.getsize(path)
     lzma = lzma_baseline_bytes(qstate)
@@ -78,4 +78,9 @@ def _sizes(path: Path, qstate, say) -> dict:
     say(f"artifact {path}: {art:,} bytes ({art / lzma:.3f}x the {lzma:,}-byte LZMA-over-int8 "
         f"baseline) + code {code:,} = {total:,} of {ARTIFACT_LIMIT:,} bytes: "
         f"{'OK' if out['within_limit'] else 'OVER BUDGET'}")
+    out["values"] = value_coding_report(qstate, str(path))
+    for kind, r in out["values"].items():
+        say(f"  {kind} values: rANS {r['rans_bytes']:,} bytes = "
+            f"{r['rans_bytes'] / r['lzma_bytes']:.3f}x LZMA over one byte per value "
+            f"({r['lzma_bytes']:,}); order-0 entropy {r['order0_bytes']:,.0f}")
     return out
