@@ -1,10 +1,12 @@
 """The n-gram cache: scoring throughput on the bundled ~1M-token validation sample, and the
 device hash table's inserts/s and lookups/s.
 
-Scoring providers: ``numpy`` (ours: exact counts, normalised blend; the CPU path) and
-``hashed-record`` (a reimplementation of the original record's hashed two-table numpy cache with
-2048-token chunks: the speed baseline, invalid as a distribution). The model's log-probabilities
-are a fixed stand-in: the cache's cost does not depend on their values.
+Scoring providers: ``numpy`` (ours: exact counts over the whole history and over the current
+document, normalised blend; the CPU path), ``numpy-history-only`` (the same without the
+document-level counts, ``NgramConfig(doc=False)``) and ``hashed-record`` (a reimplementation of
+the original record's hashed two-table numpy cache with 2048-token chunks: the speed baseline,
+invalid as a distribution). The model's log-probabilities are a fixed stand-in: the cache's
+cost does not depend on their values.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ import torch
 
 from kernels.ngram_table import NgramTable, NgramTableRef
 from proteus import data as D
-from proteus.ngram import earlier_counts, hashed_numpy_cache_logprobs, ngram_blend_logprobs
+from proteus.ngram import (
+    NgramConfig,
+    doc_counts,
+    doc_counts_ref,
+    earlier_counts,
+    hashed_numpy_cache_logprobs,
+    ngram_blend_logprobs,
+)
 
 from .conftest import ON_GPU, run_timed
 
@@ -27,15 +36,19 @@ def stream():
     return tokens, logp
 
 
-@pytest.mark.parametrize("provider", ["numpy", "hashed-record"])
+@pytest.mark.parametrize("provider", ["numpy", "numpy-history-only", "hashed-record"])
 def test_bench_cache_scoring(benchmark, stream, provider):
     tokens, logp = stream
     n = tokens.numel() - 1
-    if provider == "numpy":
+    if provider.startswith("numpy"):
         head = tokens[:20000]
         a, b = earlier_counts(head, 20000, 5, "numpy"), earlier_counts(head, 20000, 5, "ref")
         assert torch.equal(a.occ, b.occ) and torch.equal(a.types, b.types)
-        fn = lambda: ngram_blend_logprobs(tokens, 1, n + 1, logp)  # noqa: E731
+        c, d = doc_counts(head, 1, 20000, 5), doc_counts_ref(head, 1, 20000, 5)
+        assert all(torch.equal(x, y) for x, y in ((c.tgt, d.tgt), (c.ctx, d.ctx),
+                                                  (c.types, d.types)))
+        cfg = NgramConfig(doc=provider == "numpy")
+        fn = lambda: ngram_blend_logprobs(tokens, 1, n + 1, logp, cfg)  # noqa: E731
     else:
         fn = lambda: hashed_numpy_cache_logprobs(tokens.numpy(), logp.numpy())  # noqa: E731
     out = fn()

@@ -52,7 +52,8 @@ def summarize(data: dict) -> str:
         t0 = base["stats"]["median"]
         out.append(f"\n{group}")
         vs = "vs " + base["extra_info"].get("provider", "?")
-        out.append(f"  {'provider':16s} {'median':>12s} {vs:>14s}  throughput")
+        w = max([16] + [len(str(r["extra_info"].get("provider", r["name"]))) for r in rows])
+        out.append(f"  {'provider':{w}s} {'median':>12s} {vs:>14s}  throughput")
         for r in sorted(rows, key=lambda r: r["stats"]["median"]):
             info, t = r["extra_info"], r["stats"]["median"]
             tp = []
@@ -72,7 +73,7 @@ def summarize(data: dict) -> str:
             name = info.get("provider", r["name"])
             rel = ("baseline" if r is base else f"{speed:.2f}x faster" if speed >= 1
                    else f"{1 / speed:.2f}x slower")
-            out.append(f"  {name:16s} {t * 1e3:10.3f}ms {rel:>14s}")
+            out.append(f"  {name:{w}s} {t * 1e3:10.3f}ms {rel:>14s}")
             if tp:
                 out[-1] += "  " + ", ".join(tp)
     device = {r["extra_info"].get("device") for rs in groups.values() for r in rs}
