@@ -309,6 +309,22 @@ class DocCounts:
     types: torch.Tensor
 
 
+def _stable_sort(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted keys, permutation) of a stable sort. On the CPU, when (key, position) fits in 63
+    bits, one unstable numpy sort of ``key << bits | position`` (unique values, so the same
+    order) is ~3x faster than torch's stable sort."""
+    m = key.numel()
+    if key.device.type == "cpu" and m:
+        k = key.numpy()
+        lo = int(k.min())
+        bits = max(1, (m - 1).bit_length())
+        if int(k.max()) - lo < 1 << (62 - bits):
+            comp = np.sort(((k - lo) << bits) | np.arange(m, dtype=np.int64))
+            return (torch.from_numpy((comp >> bits) + lo),
+                    torch.from_numpy(comp & ((1 << bits) - 1)))
+    return torch.sort(key, stable=True)
+
+
 def doc_counts(tokens: torch.Tensor, start: int, end: int, order: int) -> DocCounts:
     """Document-level counts (see ``DocCounts``) by one stable sort per order, on the tokens'
     device. The key of the n-gram ending at i is (dense id of the (n-1)-gram ending at i-1,
@@ -344,7 +360,7 @@ def doc_counts(tokens: torch.Tensor, start: int, end: int, order: int) -> DocCou
             key = torch.full_like(pos, -1)
             key[n - 1 :] = (ids[n - 2 : m - 1] << VOCAB_BITS) | x[n - 1 :]
             key[: n - 1] -= pos[: n - 1]  # incomplete n-grams: keys of their own
-        sk, srt = torch.sort(key, stable=True)
+        sk, srt = _stable_sort(key)
         new = torch.ones(m, dtype=torch.bool, device=dev)
         new[1:] = sk[1:] != sk[:-1]
         run = torch.cummax(torch.where(new, pos, 0), 0).values
