@@ -230,3 +230,15 @@ def test_bad_input_is_a_clear_error():
         earlier_counts(tok, 100, 3, "cuda-magic")
     with pytest.raises(ValueError, match="1-D integer"):
         earlier_counts(tok.float(), 100, 3)
+
+
+def test_stable_sort_fast_path_equals_torchs_stable_sort():
+    from proteus.ngram import _stable_sort
+
+    g = torch.Generator().manual_seed(9)
+    for key in (torch.randint(-50, 50, (5000,), generator=g),  # duplicates, negatives: fast path
+                torch.randint(0, 1 << 62, (300,), generator=g) * torch.tensor([1, -1]).repeat(150),
+                torch.zeros(0, dtype=torch.int64)):  # too wide for the fast path; empty
+        sk, srt = _stable_sort(key)
+        rk, rs = torch.sort(key, stable=True)
+        assert torch.equal(sk, rk) and torch.equal(srt, rs)
