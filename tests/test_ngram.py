@@ -109,6 +109,16 @@ def test_document_counts_add_to_the_gain():
     assert with_doc.sum() > without.sum()
 
 
+@pytest.mark.interpret
+def test_blend_on_the_device_backend_equals_the_numpy_backend():
+    tok = _streams()["real"][:700]
+    lp = _model_logp(tok, torch.arange(1, 700)).gather(1, tok[1:, None])[:, 0]
+    cfg = NgramConfig(chunk=128)
+    for a, b in ((1, 700), (300, 700)):  # a shard that begins inside a document, too
+        dev = ngram_blend_logprobs(tok, a, b, lp[a - 1 : b - 1], cfg, backend="triton")
+        assert torch.equal(dev, ngram_blend_logprobs(tok, a, b, lp[a - 1 : b - 1], cfg))
+
+
 def _real_case(n=2500):
     tok = D.load_tokens(D.bundled_val_glob(), "val", limit=n)
     lp_all = _model_logp(tok, torch.arange(1, n))
