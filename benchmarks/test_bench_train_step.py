@@ -3,12 +3,18 @@
 Providers, side by side in one run (forward + backward + optimiser step, ``--kernels ref``):
 ``plain-eager`` — the original challenge design (benchmarks/plain_gpt.py) with AdamW;
 ``proteus-eager`` — the PROTEUS model with Muon + AdamW; ``proteus-compile`` — the same under
-``torch.compile`` (what the cpu-tiny preset trains with). Each provider first checks that a
+``torch.compile`` (what the cpu-tiny preset trains with); ``proteus-eager-plain-features`` —
+the PROTEUS model code with the plain design's features only (no XSA, BigramHash, value
+embeddings, SmearGate or layer-norm scale; full RoPE; ReLU²) and the plain design's AdamW: the
+like-for-like comparison of the two code bases, separating the cost of the reference model's
+extra features and of Muon from the cost of the package. Each provider first checks that a
 step is finite and lowers the loss over a few steps on a fixed batch, then is timed.
 Read the ratio column of ``proteus bench``: tokens/s = batch / median time.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -30,6 +36,14 @@ def _make(provider: str):
         model = PlainGPT()
         opts = [torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), fused=False)]
         fwd = model
+    elif provider == "proteus-eager-plain-features":
+        m = cfg.model
+        m = dataclasses.replace(m, xsa_last_n=0, bigram_buckets=0, value_embed_layers="",
+                                smear_gate=False, ln_scale=False,
+                                rope_dims=m.model_dim // m.num_heads, mlp_slope=0.0)
+        model = GPT(m, "ref")
+        opts = [torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), fused=False)]
+        fwd = model
     else:
         model = GPT(cfg.model, "ref")
         opts = build_optimizers(model, cfg.train)
@@ -47,7 +61,8 @@ def _make(provider: str):
     return step
 
 
-@pytest.mark.parametrize("provider", ["plain-eager", "proteus-eager", "proteus-compile"])
+@pytest.mark.parametrize("provider", ["plain-eager", "proteus-eager-plain-features",
+                                      "proteus-eager", "proteus-compile"])
 def test_bench_train_step(benchmark, provider):
     step = _make(provider)
     first = step()
