@@ -37,6 +37,9 @@ def test_layering_preset_env_cli():
     assert cfg.model.model_dim == 64 and cfg.train.seed == 7
     cfg = build_config("cpu-tiny", {}, environ={"PROTEUS_QK_NORM": "false"})
     assert cfg.model.qk_norm is False
+    assert build_config("cpu-tiny", {}, environ={}).eval.ngram_doc is True
+    cfg = build_config("cpu-tiny", {}, environ={"PROTEUS_NGRAM_DOC": "false"})
+    assert cfg.eval.ngram_doc is False
 
 
 def test_unknown_env_var_is_an_error():

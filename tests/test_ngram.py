@@ -252,3 +252,21 @@ def test_stable_sort_fast_path_equals_torchs_stable_sort():
         sk, srt = _stable_sort(key)
         rk, rs = torch.sort(key, stable=True)
         assert torch.equal(sk, rk) and torch.equal(srt, rs)
+
+
+def test_the_eval_switch_turns_the_document_counts_off():
+    import dataclasses
+
+    from proteus.config import build_config
+    from proteus.evaluate import TokenScores
+    from proteus.evaluate_cli import cache_scores
+
+    tok, _, lp = _real_case(2000)
+    scores = TokenScores(1, lp, torch.ones(lp.numel(), dtype=torch.int64))
+    ec = build_config("cpu-tiny", environ={}).eval
+    on, _, _ = cache_scores(scores, tok, ec, 0, 1)
+    off, _, _ = cache_scores(scores, tok, dataclasses.replace(ec, ngram_doc=False), 0, 1)
+    doc = -ngram_blend_logprobs(tok, 1, tok.numel(), lp, NgramConfig()).sum().item()
+    hist = -ngram_blend_logprobs(tok, 1, tok.numel(), lp, NgramConfig(doc=False)).sum().item()
+    assert on == pytest.approx(doc, rel=1e-12) and off == pytest.approx(hist, rel=1e-12)
+    assert on < off
