@@ -139,6 +139,8 @@ class TrainConfig:
         default=1500, metadata={"help": "Muon momentum warm-up steps"}
     )
     muon_ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz iterations"})
+    muon_ns_dtype: str = field(default="auto", metadata={
+        "help": "Newton-Schulz precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32"})
     muon_wd: float = field(default=0.04, metadata={"help": "Muon decoupled weight decay"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
@@ -168,6 +170,9 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.autocast_bf16 not in ("auto", "on", "off"):
             raise ConfigError(f"autocast_bf16 must be auto, on or off, got {self.autocast_bf16!r}")
+        if self.muon_ns_dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(
+                f"muon_ns_dtype must be auto, bf16 or fp32, got {self.muon_ns_dtype!r}")
         if self.seq_len <= 0 or self.batch_tokens <= 0:
             raise ConfigError("seq_len and batch_tokens must be positive")
         if self.batch_tokens % self.seq_len:
@@ -296,6 +301,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             swa_every=0,
             compile=True,
             autocast_bf16="on",
+            muon_ns_dtype="bf16",  # CPUs with AMX/AVX512-BF16 run the iteration ~2x faster
             device="cpu",
             log_every=100,
         ),

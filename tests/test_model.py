@@ -84,6 +84,30 @@ def test_newton_schulz_orthogonalises():
         assert torch.allclose(o[i], newton_schulz5(g[i], 5).double())
 
 
+def test_newton_schulz_in_bf16_orthogonalises_too():
+    g = torch.randn(4, 128, 64)
+    o = newton_schulz5(g, 5, torch.bfloat16)
+    assert o.dtype == g.dtype  # computed in bf16, returned in the parameter's dtype
+    s = torch.linalg.svdvals(o.double())
+    assert s.min() > 0.5 and s.max() < 1.3
+    ref = newton_schulz5(g, 5, torch.float32)
+    assert (o - ref).norm() / ref.norm() < 0.05  # the same update up to bf16 rounding
+
+
+def test_muon_ns_precision_reaches_the_update():
+    torch.manual_seed(0)
+    g = torch.randn(16, 8)
+    out = {}
+    for prec in ("fp32", "bf16"):
+        w = torch.nn.Parameter(torch.zeros(16, 8))
+        w.grad = g.clone()
+        Muon([w], lr=1.0, momentum=0.0, ns_precision=prec).step()
+        dt = torch.bfloat16 if prec == "bf16" else torch.float32
+        assert torch.equal(w.detach(), -(16 / 8) ** 0.5 * newton_schulz5(g, 5, dt))
+        out[prec] = w.detach().clone()
+    assert not torch.equal(out["fp32"], out["bf16"])
+
+
 def test_muon_update_matches_formula():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(8, 4))
