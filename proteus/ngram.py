@@ -121,65 +121,78 @@ def _pack_np(tok: np.ndarray, n: int) -> np.ndarray:
     return key
 
 
-def _sorted_groups(key: np.ndarray, bits_pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sort positions by (key, position): (order, key-change flags, group start offsets).
+def _stable_sort(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted keys, permutation) of a stable sort. On the CPU, when (key, position) fits in 63
+    bits, one unstable numpy sort of ``key << bits | position`` (unique values, so the same
+    order) is ~3x faster than torch's stable sort."""
+    m = key.numel()
+    if key.device.type == "cpu" and m:
+        k = key.numpy()
+        lo = int(k.min())
+        bits = max(1, (m - 1).bit_length())
+        if int(k.max()) - lo < 1 << (62 - bits):
+            comp = np.sort(((k - lo) << bits) | np.arange(m, dtype=np.int64))
+            return (torch.from_numpy((comp >> bits) + lo),
+                    torch.from_numpy(comp & ((1 << bits) - 1)))
+    return torch.sort(key, stable=True)
 
-    Keys are small dense ids, so ``key << bits_pos | pos`` is unique and an unstable sort of it
-    equals a stable sort of ``key`` (and is several times faster)."""
-    n = key.size
-    pos = np.arange(n, dtype=np.int64)
-    if int(key.max(initial=0)) < 1 << (62 - bits_pos):
-        order = np.sort((key << bits_pos) | pos) & ((1 << bits_pos) - 1)
-    else:
-        order = np.argsort(key, kind="stable")
-    sk = key[order]
-    new = np.empty(n, bool)
-    new[:1] = True
+
+def _sort_runs(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stable sort of ``key`` into runs of equal keys (positions in order within a run):
+    (permutation, run-start flags, index of each element's run start), the last two in sorted
+    order."""
+    sk, srt = _stable_sort(key)
+    pos = torch.arange(key.numel(), device=key.device)
+    new = torch.ones_like(sk, dtype=torch.bool)
     new[1:] = sk[1:] != sk[:-1]
-    start = np.maximum.accumulate(np.where(new, pos, 0))
-    return order, new, start
+    return srt, new, torch.cummax(torch.where(new, pos, 0), 0).values
+
+
+def _earlier_in_runs(srt: torch.Tensor, start: torch.Tensor, w: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """Per position: the sum of ``w`` (default 1) over the earlier members of its run, in
+    position order (``srt``, ``start`` from ``_sort_runs``)."""
+    if w is None:
+        e = torch.arange(srt.numel(), device=srt.device) - start
+    else:
+        ws = w[srt]
+        cs = torch.cumsum(ws, 0) - ws
+        e = cs - cs[start]
+    out = torch.empty_like(e)
+    out[srt] = e
+    return out
 
 
 def earlier_counts_numpy(tokens: torch.Tensor, end: int, order: int) -> NgramCounts:
-    """Exact counts with one sort per order over dense n-gram ids (CPU, vectorised)."""
-    tok = tokens[:end].numpy().astype(np.int64)
-    occ = np.zeros((order, end), np.int64)
-    types = np.zeros((order - 1, end), np.int64)
-    if end == 0:
-        return NgramCounts.from_numpy(occ, types)
-    bits = max(1, int(end - 1).bit_length())
-    pos = np.arange(end, dtype=np.int64)
-    # ids[t]: dense id of the n-gram ending at t (-1 if incomplete); order 1 ids are the tokens
-    ids = tok.copy()
-    prev_order = prev_start = None
+    """Exact counts with one sort per order over dense n-gram ids (CPU, vectorised; the
+    backend is named for numpy's sort, which ``_stable_sort`` uses)."""
+    tok = tokens[:end].to(torch.int64)
+    occ = torch.zeros((order, end), dtype=torch.int64)
+    types = torch.zeros((order - 1, end), dtype=torch.int64)
+    ids = tok  # ids[t]: dense id of the n-gram ending at t (-1 if incomplete); order 1: tokens
+    prev = None  # (sort permutation, run starts) of order n-1
     for n in range(1, order + 1):
         if n > 1:
-            key = np.full(end, -1, np.int64)
+            key = torch.full((end,), -1, dtype=torch.int64)
             key[n - 1 :] = (ids[n - 2 : end - 1] << VOCAB_BITS) | tok[n - 1 :]
         else:
             key = tok
-        srt, new, start = _sorted_groups(key + 1, bits)  # +1: incomplete (-1) sorts first
-        cnt = np.empty(end, np.int64)
-        cnt[srt] = pos - start
+        srt, new, start = _sort_runs(key)
+        cnt = _earlier_in_runs(srt, start)
         cnt[: n - 1] = 0
         occ[n - 1] = cnt
-        if n > 1:
+        if n > 1 and end > 1:
             # types: within each context group (the (n-1)-gram ending at t-1, in position order:
             # the previous order's sort shifted by one), count earlier first occurrences
-            first = np.zeros(end + 1, np.int64)  # first[end] = 0 pads the shift
-            first[n - 1 : end] = cnt[n - 1 :] == 0
-            f = first[prev_order + 1]
-            cs = np.cumsum(f) - f
-            ty = np.empty(end + 1, np.int64)
-            ty[prev_order + 1] = cs - cs[prev_start]
-            ty = ty[:end]
-            ty[: n - 1] = 0
-            types[n - 2] = ty
-        ids = np.empty(end, np.int64)
-        ids[srt] = np.cumsum(new) - 1
+            first = torch.zeros(end, dtype=torch.int64)  # first[j]: x_{j+1} is new after j
+            first[n - 2 : end - 1] = cnt[n - 1 :] == 0
+            types[n - 2, 1:] = _earlier_in_runs(*prev, first)[:-1]
+            types[n - 2, : n - 1] = 0
+        ids = torch.empty_like(cnt)
+        ids[srt] = torch.cumsum(new, 0) - 1
         ids[: n - 1] = -1
-        prev_order, prev_start = srt, start
-    return NgramCounts.from_numpy(occ, types)
+        prev = (srt, start)
+    return NgramCounts(occ, types)
 
 
 def earlier_counts_ref(tokens: torch.Tensor, end: int, order: int) -> NgramCounts:
@@ -207,18 +220,8 @@ def earlier_counts_ref(tokens: torch.Tensor, end: int, order: int) -> NgramCount
 
 def _rank_in_group(keys: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Exclusive running sum of ``weights`` (default 1) over earlier equal keys (position order)."""
-    n = keys.numel()
-    _, idx = torch.sort(keys, stable=True)
-    sk = keys[idx]
-    w = torch.ones(n, dtype=torch.int64, device=keys.device) if weights is None else weights[idx]
-    cs = torch.cumsum(w, 0) - w
-    pos = torch.arange(n, device=keys.device)
-    new = torch.ones(n, dtype=torch.bool, device=keys.device)
-    new[1:] = sk[1:] != sk[:-1]
-    start = torch.cummax(torch.where(new, pos, torch.zeros_like(pos)), 0).values
-    out = torch.empty_like(cs)
-    out[idx] = cs - cs[start]
-    return out
+    srt, _, start = _sort_runs(keys)
+    return _earlier_in_runs(srt, start, weights)
 
 
 def earlier_counts_triton(tokens: torch.Tensor, end: int, order: int, chunk: int = 4096
@@ -309,22 +312,6 @@ class DocCounts:
     types: torch.Tensor
 
 
-def _stable_sort(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted keys, permutation) of a stable sort. On the CPU, when (key, position) fits in 63
-    bits, one unstable numpy sort of ``key << bits | position`` (unique values, so the same
-    order) is ~3x faster than torch's stable sort."""
-    m = key.numel()
-    if key.device.type == "cpu" and m:
-        k = key.numpy()
-        lo = int(k.min())
-        bits = max(1, (m - 1).bit_length())
-        if int(k.max()) - lo < 1 << (62 - bits):
-            comp = np.sort(((k - lo) << bits) | np.arange(m, dtype=np.int64))
-            return (torch.from_numpy((comp >> bits) + lo),
-                    torch.from_numpy(comp & ((1 << bits) - 1)))
-    return torch.sort(key, stable=True)
-
-
 def doc_counts(tokens: torch.Tensor, start: int, end: int, order: int) -> DocCounts:
     """Document-level counts (see ``DocCounts``) by one stable sort per order, on the tokens'
     device. The key of the n-gram ending at i is (dense id of the (n-1)-gram ending at i-1,
@@ -360,24 +347,18 @@ def doc_counts(tokens: torch.Tensor, start: int, end: int, order: int) -> DocCou
             key = torch.full_like(pos, -1)
             key[n - 1 :] = (ids[n - 2 : m - 1] << VOCAB_BITS) | x[n - 1 :]
             key[: n - 1] -= pos[: n - 1]  # incomplete n-grams: keys of their own
-        sk, srt = _stable_sort(key)
-        new = torch.ones(m, dtype=torch.bool, device=dev)
-        new[1:] = sk[1:] != sk[:-1]
-        run = torch.cummax(torch.where(new, pos, 0), 0).values
-        tgt = torch.empty_like(pos)
-        tgt[srt] = pos - run
+        srt, new, run = _sort_runs(key)
+        tgt = _earlier_in_runs(srt, run)
         ids = torch.empty_like(pos)
         ids[srt] = torch.cumsum(new, 0)
         if n >= 2:
             p_tgt, p_srt, p_run = prev
-            fresh = torch.zeros(m + 1, dtype=torch.int64, device=dev)  # fresh[j + 1]: x_{j+1}
-            fresh[n - 1 : m] = (tgt[n - 1 :] == 0).to(torch.int64)  # is new in its context
-            fs = fresh[p_srt + 1]
-            cs = torch.cumsum(fs, 0) - fs
-            types = torch.zeros(m + 1, dtype=torch.int64, device=dev)
-            types[p_srt + 1] = cs - cs[p_run]
-            ctx = torch.zeros(m + 1, dtype=torch.int64, device=dev)
-            ctx[1:] = p_tgt
+            fresh = torch.zeros_like(pos)  # fresh[j]: x_{j+1} is new in its context
+            fresh[n - 2 : m - 1] = tgt[n - 1 :] == 0
+            types = torch.zeros_like(pos)
+            types[1:] = _earlier_in_runs(p_srt, p_run, fresh)[:-1]
+            ctx = torch.zeros_like(pos)
+            ctx[1:] = p_tgt[:-1]
             for o, v in zip(out, (tgt, ctx, types), strict=True):
                 o[n - 2] = v[start - lo : end - lo]
         prev = (tgt, srt, run)
@@ -412,12 +393,15 @@ def doc_counts_ref(tokens: torch.Tensor, start: int, end: int, order: int) -> Do
 # The blend
 
 
-def _mix(p: torch.Tensor, c_tgt: torch.Tensor, c_ctx: torch.Tensor, lam: torch.Tensor
-         ) -> torch.Tensor:
-    """p_n = (1 - λ_n) p_{n-1} + λ_n c_tgt_n / ctx_n, lowest order first (float64).
+def _mix(p: torch.Tensor, c_tgt: torch.Tensor, c_ctx: torch.Tensor, types: torch.Tensor,
+         cfg: NgramConfig, doc: bool = False) -> torch.Tensor:
+    """p_n = (1 - λ_n) p_{n-1} + λ_n c_tgt_n / ctx_n, lowest order first (float64), with λ_n
+    from ``cfg.lambdas`` (the document-level parameters with ``doc``).
 
-    ``p`` (..., K): the model's probability of K candidate tokens; ``c_tgt`` (N-1, ..., K),
-    ``c_ctx`` and ``lam`` (N-1, ...): counts and weights of orders 2..N."""
+    ``p`` (..., K): the current probability of K candidate tokens; ``c_tgt`` (N-1, ..., K),
+    ``c_ctx`` and ``types`` (N-1, ...): counts of orders 2..N."""
+    c_tgt, c_ctx = c_tgt.double(), c_ctx.double()
+    lam = cfg.lambdas(c_ctx, types, doc)
     for j in range(lam.shape[0]):
         q = c_tgt[j] / c_ctx[j].clamp(min=1.0)[..., None]
         lj = lam[j][..., None]
@@ -444,15 +428,13 @@ def ngram_blend_logprobs(tokens: torch.Tensor, start: int, end: int,
     c = earlier_counts(tokens, end, cfg.order, backend, cfg.chunk) if counts is None else counts
     dev = c.occ.device  # the blend runs where the counts are (the GPU for ``triton``)
     o = cfg.order
-    c_tgt = c.occ[1:o, start:end].double()  # count_n(ctx, x_t)
-    c_ctx = c.occ[: o - 1, start - 1 : end - 1].double()  # ctx_n
-    lam = cfg.lambdas(c_ctx, c.types[: o - 1, start:end])
+    c_tgt = c.occ[1:o, start:end]  # count_n(ctx, x_t)
+    c_ctx = c.occ[: o - 1, start - 1 : end - 1]  # ctx_n
     p_model = model_logp_target.to(dev, torch.float64).exp()[:, None]
-    p = _mix(p_model, c_tgt[..., None], c_ctx, lam)
+    p = _mix(p_model, c_tgt[..., None], c_ctx, c.types[: o - 1, start:end], cfg)
     if cfg.doc:
         d = (doc_counts_ref if backend == "ref" else doc_counts)(tokens.to(dev), start, end, o)
-        p = _mix(p, d.tgt.double()[..., None], d.ctx.double(),
-                 cfg.lambdas(d.ctx, d.types, doc=True))
+        p = _mix(p, d.tgt[..., None], d.ctx, d.types, cfg, doc=True)
     return torch.log(p[:, 0]).to(model_logp_target.device)
 
 
@@ -485,13 +467,11 @@ def cache_distribution(tokens: torch.Tensor, t: int, model_logp: torch.Tensor,
     """
     v = model_logp.numel()
     tok = tokens[:t].cpu().numpy().astype(np.int64)
-    c_tgt, c_ctx, types = _scan_counts(tok, t, cfg.order, v, after=-1)
-    p = _mix(model_logp.double().exp(), c_tgt, c_ctx, cfg.lambdas(c_ctx, types))
+    p = _mix(model_logp.double().exp(), *_scan_counts(tok, t, cfg.order, v, after=-1), cfg)
     if cfg.doc:
         bos = np.nonzero(tok == BOS_ID)[0]
-        c_tgt, c_ctx, types = _scan_counts(tok, t, cfg.order, v,
-                                           after=int(bos[-1]) if bos.size else -1)
-        p = _mix(p, c_tgt, c_ctx, cfg.lambdas(c_ctx, types, doc=True))
+        after = int(bos[-1]) if bos.size else -1
+        p = _mix(p, *_scan_counts(tok, t, cfg.order, v, after), cfg, doc=True)
     return p
 
 
