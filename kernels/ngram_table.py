@@ -202,7 +202,7 @@ class NgramTableRef:
 
     def insert(self, keys: torch.Tensor, incs: torch.Tensor | None = None) -> None:
         incs_l = [1] * keys.numel() if incs is None else incs.tolist()
-        for k, c in zip(keys.tolist(), incs_l, strict=False):
+        for k, c in zip(keys.tolist(), incs_l, strict=True):
             self.table[k] = self.table.get(k, 0) + c
 
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:

@@ -208,14 +208,17 @@ class EvalConfig:
             raise ConfigError(f"cache must be 'none' or 'ngram', got {self.cache!r}")
         if self.stride < 0 or self.val_tokens < 0:
             raise ConfigError("stride and val_tokens must be >= 0")
-        if not 2 <= self.ngram_order <= 6:
+        from proteus.ngram import BACKENDS, MAX_ORDER  # the cache's own limits
+
+        if not 2 <= self.ngram_order <= MAX_ORDER:
             raise ConfigError(
-                f"ngram_order must be in [2, 6] (10-bit tokens in 64-bit keys), "
+                f"ngram_order must be in [2, {MAX_ORDER}] (10-bit tokens in 64-bit keys), "
                 f"got {self.ngram_order}"
             )
-        if self.ngram_backend not in ("auto", "numpy", "triton", "ref"):
+        if self.ngram_backend not in ("auto", *BACKENDS):
             raise ConfigError(
-                f"ngram_backend must be auto, numpy, triton or ref, got {self.ngram_backend!r}"
+                f"ngram_backend must be one of auto, {', '.join(BACKENDS)}; "
+                f"got {self.ngram_backend!r}"
             )
         if self.audit_positions < 1:
             raise ConfigError("audit_positions must be >= 1")

@@ -137,7 +137,7 @@ def _gather_ordered(t: torch.Tensor) -> torch.Tensor:
     padded[: t.numel()] = t
     parts = [torch.zeros(n, dtype=t.dtype) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=False)])
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
 
 def evaluate_bpb(model, tokens, lut, seq_len, stride=0, batch_seqs=16, device="cpu",

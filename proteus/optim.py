@@ -24,7 +24,7 @@ from torch import nn
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def ns_dtype(name: str, device: torch.device) -> torch.dtype:
+def ns_torch_dtype(name: str, device: torch.device) -> torch.dtype:
     """The Newton–Schulz precision: ``auto`` is bf16 on CUDA (as in the record), fp32 on CPU."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -34,9 +34,9 @@ def ns_dtype(name: str, device: torch.device) -> torch.dtype:
 def newton_schulz5(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None
                    ) -> torch.Tensor:
     """Approximately orthogonalise the last two dims of ``g`` (batched), computing in ``dtype``
-    (default: ``ns_dtype("auto", g.device)``)."""
+    (default: ``ns_torch_dtype("auto", g.device)``)."""
     a, b, c = NS_COEFFS
-    x = g.to(dtype or ns_dtype("auto", g.device))
+    x = g.to(dtype or ns_torch_dtype("auto", g.device))
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
@@ -58,11 +58,11 @@ def newton_schulz5(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = 
 class Muon(torch.optim.Optimizer):
     def __init__(
         self, params, lr: float, momentum: float, ns_steps: int = 5, weight_decay: float = 0.0,
-        ns_precision: str = "auto",
+        ns_dtype: str = "auto",
     ):
         super().__init__(
             params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay,
-                         ns_precision=ns_precision)
+                         ns_dtype=ns_dtype)
         )
 
     @torch.no_grad()
@@ -82,7 +82,7 @@ class Muon(torch.optim.Optimizer):
                     buf = state["momentum_buffer"] = torch.zeros_like(grads)
                 buf.mul_(mu).add_(grads)
                 update = newton_schulz5(grads.add(buf, alpha=mu), group["ns_steps"],
-                                        ns_dtype(group["ns_precision"], grads.device))
+                                        ns_torch_dtype(group["ns_dtype"], grads.device))
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
                 for i, p in enumerate(ps):
                     if wd:
@@ -131,7 +131,7 @@ def build_optimizers(model: nn.Module, tc) -> list[torch.optim.Optimizer]:
         momentum=tc.muon_momentum_start,
         ns_steps=tc.muon_ns_steps,
         weight_decay=tc.muon_wd,
-        ns_precision=tc.muon_ns_dtype,
+        ns_dtype=tc.muon_ns_dtype,
     )
     adam = torch.optim.AdamW(
         [

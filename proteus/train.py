@@ -321,7 +321,7 @@ def train(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False) -> d
         for i in range(tc.warmup_steps):
             train_step(i, 1.0)
         model.load_state_dict(init_model)
-        for o, s in zip(optimizers, init_opt, strict=False):
+        for o, s in zip(optimizers, init_opt, strict=True):
             o.load_state_dict(s)
         stream._file_idx, stream._pos, stream._tokens = stream_state
         say(f"  warm-up: {tc.warmup_steps} steps in {time.perf_counter() - t0:.1f}s (discarded)")

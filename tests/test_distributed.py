@@ -52,7 +52,7 @@ def test_two_ranks_stay_bit_identical(runs):
 def test_two_ranks_match_one_process(runs):
     one, two = runs
     assert len(one[0]["losses"]) == len(two[0]["losses"]) == 5
-    for a, b in zip(one[0]["losses"], two[0]["losses"], strict=False):
+    for a, b in zip(one[0]["losses"], two[0]["losses"], strict=True):
         assert b == pytest.approx(a, rel=1e-4)
     assert two[0]["bpb"] == pytest.approx(one[0]["bpb"], rel=1e-4)
 

@@ -137,7 +137,7 @@ def test_torch_compile_fullgraph(device):
     for t in (x, wu, wd):
         t.grad = None
     f(x, wu, wd).backward()
-    for a, t in zip(g, (x, wu, wd), strict=False):
+    for a, t in zip(g, (x, wu, wd), strict=True):
         torch.testing.assert_close(a, t.grad)
 
 

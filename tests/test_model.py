@@ -94,14 +94,14 @@ def test_newton_schulz_in_bf16_orthogonalises_too():
     assert (o - ref).norm() / ref.norm() < 0.05  # the same update up to bf16 rounding
 
 
-def test_muon_ns_precision_reaches_the_update():
+def test_muon_ns_dtype_reaches_the_update():
     torch.manual_seed(0)
     g = torch.randn(16, 8)
     out = {}
     for prec in ("fp32", "bf16"):
         w = torch.nn.Parameter(torch.zeros(16, 8))
         w.grad = g.clone()
-        Muon([w], lr=1.0, momentum=0.0, ns_precision=prec).step()
+        Muon([w], lr=1.0, momentum=0.0, ns_dtype=prec).step()
         dt = torch.bfloat16 if prec == "bf16" else torch.float32
         assert torch.equal(w.detach(), -(16 / 8) ** 0.5 * newton_schulz5(g, 5, dt))
         out[prec] = w.detach().clone()

@@ -30,7 +30,7 @@ def _check(b, h, kv, t, d, xsa, dtype, device):
     ref64 = _run(xsa_attention_ref, q, k, v, do, torch.float64, "cpu", xsa)
     torch_same = _run(xsa_attention_ref, q, k, v, do, dtype, device, xsa)
     ours = _run(xsa_attention, q, k, v, do, dtype, device, xsa)
-    for name, a, b_, r in zip(("o", "dq", "dk", "dv"), ours, torch_same, ref64, strict=False):
+    for name, a, b_, r in zip(("o", "dq", "dk", "dv"), ours, torch_same, ref64, strict=True):
         assert a.shape == r.shape and a.dtype == dtype
         assert_within_2x_torch_error(f"{name} {dtype} xsa={xsa}", a, b_, r, FLOOR[dtype])
 
@@ -77,7 +77,7 @@ def test_backward_is_deterministic(device):
     q, k, v, do = _inputs(2, 4, 2, 100, 32, seed=1)
     a = _run(xsa_attention, q, k, v, do, torch.float32, device, True)
     b = _run(xsa_attention, q, k, v, do, torch.float32, device, True)
-    for x, y in zip(a, b, strict=False):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
 
@@ -99,7 +99,7 @@ def test_torch_compile_fullgraph(device):
     for x in leaves:
         x.grad = None
     xsa_attention(*leaves, xsa=True).square().sum().backward()
-    for a, x in zip(got, leaves, strict=False):
+    for a, x in zip(got, leaves, strict=True):
         torch.testing.assert_close(a, x.grad)
 
 
