@@ -8,7 +8,6 @@ artifact) so the bpb cost of quantisation is reported next to the float model's.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 ARTIFACT_LIMIT = 16_000_000
@@ -43,8 +42,7 @@ def write_run_artifact(model, cfg, run_dir: Path, say, val=None, lut=None, float
     out: dict = dict(path=str(path))
     if rank == 0:
         meta = {"run_config": cfg.to_dict(), "float_bpb": float_bpb}
-        write_artifact(str(path), qstate, meta)
-        out.update(_sizes(path, qstate, say))
+        out.update(_sizes(write_artifact(str(path), qstate, meta), qstate, say))
     if val is not None and lut is not None:
         from proteus.evaluate import evaluate_bpb
         from proteus.evaluate_cli import load_model
@@ -65,20 +63,22 @@ def write_run_artifact(model, cfg, run_dir: Path, say, val=None, lut=None, float
     return out
 
 
-def _sizes(path: Path, qstate, say) -> dict:
+def _sizes(info, qstate, say) -> dict:
+    """Sizes of the file ``write_artifact`` wrote (its ``ArtifactInfo``), against the budget
+    and the LZMA baseline."""
     from proteus.quant import lzma_baseline_bytes, value_coding_report
 
-    art = os.path.getsize(path)
+    art = info.total_bytes
     lzma = lzma_baseline_bytes(qstate)
     code = code_bytes()
     total = art + code
     out = dict(artifact_bytes=art, lzma_baseline_bytes=lzma,
                ratio_vs_lzma=art / lzma if lzma else None, code_bytes=code, total_bytes=total,
                limit=ARTIFACT_LIMIT, within_limit=total <= ARTIFACT_LIMIT)
-    say(f"artifact {path}: {art:,} bytes ({art / lzma:.3f}x the {lzma:,}-byte LZMA-over-int8 "
+    say(f"artifact {info.path}: {art:,} bytes ({art / lzma:.3f}x the {lzma:,}-byte LZMA-over-int8 "
         f"baseline) + code {code:,} = {total:,} of {ARTIFACT_LIMIT:,} bytes: "
         f"{'OK' if out['within_limit'] else 'OVER BUDGET'}")
-    out["values"] = value_coding_report(qstate, str(path))
+    out["values"] = value_coding_report(qstate, info)
     for kind, r in out["values"].items():
         say(f"  {kind} values: rANS {r['rans_bytes']:,} bytes = "
             f"{r['rans_bytes'] / r['lzma_bytes']:.3f}x LZMA over one byte per value "

@@ -479,22 +479,20 @@ def lzma_baseline_bytes(qstate: QuantizedState) -> int:
     return len(lzma.compress(buf.getvalue(), preset=9 | lzma.PRESET_EXTREME))
 
 
-def value_coding_report(qstate: QuantizedState, path: str) -> dict[str, dict]:
-    """Per integer kind: bytes of our rANS stream in the artifact at ``path``, LZMA over one
-    byte per value (the record's way to store them), and the values' order-0 entropy."""
-    with open(path, "rb") as f:
-        hdr, _ = _read_header(path, f.read())
+def value_coding_report(qstate: QuantizedState, info: ArtifactInfo) -> dict[str, dict]:
+    """Per integer kind: bytes of our rANS stream in the artifact ``write_artifact`` wrote
+    (``info``), LZMA over one byte per value (the record's way to store them), and the values'
+    order-0 entropy."""
     out = {}
     for kind in KIND_ALPHABET:
         vals = [t.q.numpy().astype(np.int8).ravel() for t in qstate.tensors.values()
                 if t.kind == kind]
-        sec = next((s for s in hdr["sections"] if s["name"] == kind), None)
-        if not vals or sec is None:
+        if not vals or kind not in info.section_bytes:
             continue
         v = np.concatenate(vals)
         counts = np.bincount(v.astype(np.int64) + 128)
         p = counts[counts > 0] / v.size
-        out[kind] = dict(values=int(v.size), rans_bytes=int(sec["nbytes"]),
+        out[kind] = dict(values=int(v.size), rans_bytes=int(info.section_bytes[kind]),
                          lzma_bytes=len(lzma.compress(v.tobytes(), preset=9 | lzma.PRESET_EXTREME)),
                          order0_bytes=float(-(p * np.log2(p)).sum() * v.size / 8))
     return out

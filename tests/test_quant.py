@@ -95,7 +95,7 @@ def test_artifact_beats_lzma_on_trained_like_weights(tmp_path):
     qs = Q.quantize_state_dict(_trained_like_state())
     info = Q.write_artifact(str(tmp_path / "m.int6"), qs, {})
     assert info.total_bytes < Q.lzma_baseline_bytes(qs)
-    rep = Q.value_coding_report(qs, str(tmp_path / "m.int6"))
+    rep = Q.value_coding_report(qs, info)
     n6 = sum(int(np.prod(t.shape)) for t in qs.tensors.values() if t.kind == "int6")
     assert rep["int6"]["values"] == n6
     r = rep["int6"]
