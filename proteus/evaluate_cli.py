@@ -152,6 +152,24 @@ def cache_report(model, cfg: RunConfig, ec: EvalConfig, tokens: torch.Tensor,
     return out
 
 
+def sliding_and_cache(model, cfg: RunConfig, ec: EvalConfig, tokens: torch.Tensor, lut,
+                      seq: int, say, rank: int = 0, world: int = 1, device="cpu",
+                      autocast: bool = False, progress: bool = False) -> dict:
+    """One scoring pass for the sliding-window bpb (``ec.stride``) and the n-gram cache
+    (``ec.cache == "ngram"``); returns ``val_sliding`` and ``cache`` for those that ran."""
+    out: dict = {}
+    if not (ec.stride or ec.cache == "ngram"):
+        return out
+    scores = score_tokens(model, tokens, lut, seq, ec.stride, ec.eval_batch_seqs, device,
+                          autocast, progress=progress)
+    if ec.stride:
+        out["val_sliding"] = dict(bpb=scores.bpb(), stride=ec.stride, seq_len=seq)
+        say(f"  val bpb {format_bpb(scores.bpb())} (sliding window {seq}, stride {ec.stride})")
+    if ec.cache == "ngram":
+        out["cache"] = cache_report(model, cfg, ec, tokens, scores, say, rank, world)
+    return out
+
+
 def main_eval(path: str, cli: dict) -> int:
     rank, world = _setup_dist()
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -168,14 +186,9 @@ def main_eval(path: str, cli: dict) -> int:
         say(f"  bpb before quantisation (recorded at training): {format_bpb(info['float_bpb'])}")
     r = evaluate_bpb(model, tokens, lut, seq, 0, ec.eval_batch_seqs)
     say(f"  val bpb {format_bpb(r['bpb'])} (plain, loss {r['loss']:.4f})")
-    if ec.stride or ec.cache == "ngram":
-        scores = score_tokens(model, tokens, lut, seq, ec.stride, ec.eval_batch_seqs)
-        if ec.stride:
-            say(f"  val bpb {format_bpb(scores.bpb())} (sliding window, stride {ec.stride})")
-        if ec.cache == "ngram":
-            rep = cache_report(model, cfg, ec, tokens, scores, say, rank, world)
-            if rank == 0 and not rep["audit_passed"]:
-                return 1
+    rep = sliding_and_cache(model, cfg, ec, tokens, lut, seq, say, rank, world)
+    if rank == 0 and "cache" in rep and not rep["cache"]["audit_passed"]:
+        return 1
     return 0
 
 

@@ -384,18 +384,10 @@ def train(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False) -> d
     results["val"] = r
     say(f"  val bpb {format_bpb(r['bpb'])} (loss {r['loss']:.4f}, window {seq}, plain)"
         + (f"; unigram baseline {format_bpb(results['unigram_bpb'])}" if dd.main else ""))
-    if ec.stride or ec.cache == "ngram":
-        from proteus.evaluate import score_tokens
+    from proteus.evaluate_cli import sliding_and_cache
 
-        scores = score_tokens(model, val, lut, seq, ec.stride, ec.eval_batch_seqs, device,
-                              autocast, progress=True)
-        if ec.stride:
-            results["val_sliding"] = dict(bpb=scores.bpb(), stride=ec.stride, seq_len=seq)
-            say(f"  val bpb {format_bpb(scores.bpb())} (sliding window {seq}, stride {ec.stride})")
-        if ec.cache == "ngram":
-            from proteus.evaluate_cli import cache_report
-
-            results["cache"] = cache_report(model, cfg, ec, val, scores, say, dd.rank, dd.world)
+    results.update(sliding_and_cache(model, cfg, ec, val, lut, seq, say, dd.rank, dd.world,
+                                     device, autocast, progress=True))
     log.write(event="final", **{k: v for k, v in results.items()})
 
     if run_dir:
