@@ -128,10 +128,9 @@ def run_report(json_path: str | None = None) -> int:
     print(format_table(rows))
     bad = [r for r in rows if problems(r)]
     if json_path:
-        tmp = json_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(tmp, json_path)
+        from proteus.train import atomic_write_json
+
+        atomic_write_json(Path(json_path), rows)
     if bad:
         print(f"\n{len(bad)} config(s) with problems (spills, shared memory over 227 KB, no "
               "wgmma on a matrix path, or a compile error)", file=sys.stderr)
