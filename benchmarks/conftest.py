@@ -50,6 +50,9 @@ def run_timed(benchmark, fn, *, group: str, provider: str, rounds: int | None = 
     benchmark.pedantic(call, rounds=r, iterations=1, warmup_rounds=1)
 
 
-def compiled(fn):
-    """``torch.compile`` of a reference function (inductor on CPU and GPU alike)."""
-    return torch.compile(fn, dynamic=False)
+def provider_fn(provider: str, kernel, ref):
+    """The function a provider times: our ``kernel``, the eager ``ref``, or ``ref`` under
+    ``torch.compile`` (inductor on CPU and GPU alike)."""
+    if provider == "ref-compile":
+        return torch.compile(ref, dynamic=False)
+    return {"triton": kernel, "ref": ref}[provider]

@@ -12,7 +12,7 @@ import torch
 
 from kernels.int6_matmul import int6_matmul, int6_matmul_ref, pack_int6
 
-from .conftest import ON_GPU, PROVIDERS, compiled, run_timed
+from .conftest import ON_GPU, PROVIDERS, provider_fn, run_timed
 
 DTYPE = torch.float16 if ON_GPU else torch.float32
 K, N = (512, 1536) if ON_GPU else (128, 192)
@@ -32,8 +32,7 @@ def test_bench_int6_matmul(benchmark, device, provider, m):
         w = (q.float() * scale.float().cpu()[:, None]).to(device, DTYPE)
         fn = lambda: x @ w.t()  # noqa: E731
     else:
-        op = {"triton": int6_matmul, "ref": int6_matmul_ref,
-              "ref-compile": compiled(int6_matmul_ref)}[provider]
+        op = provider_fn(provider, int6_matmul, int6_matmul_ref)
         fn = lambda: op(x, packed, scale)  # noqa: E731
     tol = dict(rtol=1e-2, atol=1e-2) if DTYPE != torch.float32 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fn(), ref, **tol)

@@ -12,7 +12,7 @@ from kernels.leaky_relu2 import (
     leaky_relu2_ref,
 )
 
-from .conftest import ON_GPU, PROVIDERS, compiled, run_timed
+from .conftest import ON_GPU, PROVIDERS, provider_fn, run_timed
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 # production: T=2048 x B=8 tokens per GPU, 512 -> 1536; interpreter: a small slice of it
@@ -22,8 +22,7 @@ M, D, H = (16384, 512, 1536) if ON_GPU else (64, 64, 192)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_bench_elementwise(benchmark, device, provider):
     x = torch.randn(M, H, device=device, dtype=DTYPE)
-    fn = {"triton": leaky_relu2, "ref": leaky_relu2_ref,
-          "ref-compile": compiled(leaky_relu2_ref)}[provider]
+    fn = provider_fn(provider, leaky_relu2, leaky_relu2_ref)
     assert torch.equal(fn(x, 0.9), leaky_relu2_ref(x, 0.9))  # bit-identical, then timed
     nbytes = 2 * x.numel() * x.element_size()
     run_timed(benchmark, lambda: fn(x, 0.9), group=f"leaky_relu2 elementwise {M}x{H}",
@@ -37,8 +36,7 @@ def test_bench_mlp_fwd_bwd(benchmark, device, provider):
     w_up = (torch.randn(H, D, device=device, dtype=DTYPE, generator=g) * D**-0.5).requires_grad_()
     w_dn = (torch.randn(D, H, device=device, dtype=DTYPE, generator=g) * H**-0.5).requires_grad_()
     dy = torch.randn(M, D, device=device, dtype=DTYPE, generator=g)
-    fn = {"triton": leaky_relu2_mlp, "ref": leaky_relu2_mlp_ref,
-          "ref-compile": compiled(leaky_relu2_mlp_ref)}[provider]
+    fn = provider_fn(provider, leaky_relu2_mlp, leaky_relu2_mlp_ref)
 
     def step():
         x.grad = w_up.grad = w_dn.grad = None

@@ -7,7 +7,7 @@ import torch
 
 from kernels.xsa_attention import xsa_attention, xsa_attention_ref
 
-from .conftest import ON_GPU, PROVIDERS, compiled, run_timed
+from .conftest import ON_GPU, PROVIDERS, provider_fn, run_timed
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 B, H, KV, T, D = (8, 8, 4, 2048, 64) if ON_GPU else (1, 4, 2, 128, 64)
@@ -22,18 +22,13 @@ def _inputs(device, grad=False):
     return [t.requires_grad_(grad) for t in (q, k, v)]
 
 
-def _fn(provider):
-    return {"triton": xsa_attention, "ref": xsa_attention_ref,
-            "ref-compile": compiled(xsa_attention_ref)}[provider]
-
-
 TOL = dict(rtol=2e-2, atol=2e-2) if DTYPE != torch.float32 else dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_bench_forward(benchmark, device, provider):
     q, k, v = _inputs(device)
-    fn = _fn(provider)
+    fn = provider_fn(provider, xsa_attention, xsa_attention_ref)
     torch.testing.assert_close(fn(q, k, v, xsa=True), xsa_attention_ref(q, k, v, xsa=True),
                                **TOL)
     run_timed(benchmark, lambda: fn(q, k, v, xsa=True),
@@ -45,7 +40,7 @@ def test_bench_forward(benchmark, device, provider):
 def test_bench_forward_backward(benchmark, device, provider):
     q, k, v = _inputs(device, grad=True)
     do = torch.randn_like(q.detach())
-    fn = _fn(provider)
+    fn = provider_fn(provider, xsa_attention, xsa_attention_ref)
 
     def step():
         for t in (q, k, v):
