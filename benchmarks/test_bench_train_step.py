@@ -1,6 +1,8 @@
 """Training step of the cpu-tiny shape (4 layers, dim 128, 4/2 heads, batch 8x256): tokens/s.
 
-Providers, side by side in one run (forward + backward + optimiser step, ``--kernels ref``):
+Two groups: ``bf16`` runs every provider under bf16 autocast, as the cpu-tiny preset trains
+(``autocast_bf16=on``); ``fp32`` runs them without autocast. Providers, side by side in one
+run (forward + backward + optimiser step, ``--kernels ref``):
 ``plain-eager`` — the original challenge design (benchmarks/plain_gpt.py) with AdamW;
 ``proteus-eager`` — the PROTEUS model with Muon + AdamW; ``proteus-compile`` — the same under
 ``torch.compile`` (what the cpu-tiny preset trains with); ``proteus-eager-plain-features`` —
@@ -29,7 +31,7 @@ from .plain_gpt import PlainGPT
 BATCH, SEQ = 8, 256
 
 
-def _make(provider: str):
+def _make(provider: str, autocast: bool = False):
     torch.manual_seed(0)
     cfg = build_config("cpu-tiny", environ={})
     if provider == "plain-eager":
@@ -51,7 +53,8 @@ def _make(provider: str):
     x, y = TokenStream(bundled_train_glob()).next_batch(BATCH * SEQ, SEQ)
 
     def step():
-        loss = fwd(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fwd(x, y)
         loss.backward()
         for o in opts:
             o.step()
@@ -61,15 +64,16 @@ def _make(provider: str):
     return step
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
 @pytest.mark.parametrize("provider", ["plain-eager", "proteus-eager-plain-features",
                                       "proteus-eager", "proteus-compile"])
-def test_bench_train_step(benchmark, provider):
-    step = _make(provider)
+def test_bench_train_step(benchmark, provider, precision):
+    step = _make(provider, autocast=precision == "bf16")
     first = step()
     for _ in range(4):
         last = step()
     assert torch.isfinite(first) and last < first, (first, last)  # check, then time
-    benchmark.group = "train-step cpu-tiny 8x256"
+    benchmark.group = f"train-step cpu-tiny 8x256 {precision}"
     benchmark.extra_info.update(tokens=BATCH * SEQ, provider=provider,
                                 baseline=provider == "plain-eager")
     benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=2)

@@ -53,6 +53,7 @@ def write_run_artifact(model, cfg, run_dir: Path, say, val=None, lut=None, float
             qmodel, _, _ = load_model(str(path), cfg.train.kernels)
         else:
             qmodel = GPT(cfg.model, cfg.train.kernels)
+            qmodel.set_attention_fp32(cfg.train.attn_fp32)
             apply_int6(qmodel, qstate, use_kernel=(cfg.train.kernels == "triton"))
         r = evaluate_bpb(qmodel, val, lut, cfg.eval.eval_seq_len or cfg.train.seq_len, 0,
                          cfg.eval.eval_batch_seqs)

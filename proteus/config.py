@@ -158,6 +158,10 @@ class TrainConfig:
     autocast_bf16: str = field(
         default="auto", metadata={"help": "bf16 autocast: auto (on CUDA), on, off"}
     )
+    attn_fp32: str = field(
+        default="auto", metadata={"help": "attention in fp32 under bf16 autocast: auto (on CPU, "
+                                  "where torch's bf16 attention backward is ~2x slower), on, off"}
+    )
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = all cores)"})
     out_dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
     run_name: str = field(default="", metadata={"help": "run directory name ('' = preset+time)"})
@@ -170,6 +174,8 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.autocast_bf16 not in ("auto", "on", "off"):
             raise ConfigError(f"autocast_bf16 must be auto, on or off, got {self.autocast_bf16!r}")
+        if self.attn_fp32 not in ("auto", "on", "off"):
+            raise ConfigError(f"attn_fp32 must be auto, on or off, got {self.attn_fp32!r}")
         if self.muon_ns_dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(
                 f"muon_ns_dtype must be auto, bf16 or fp32, got {self.muon_ns_dtype!r}")

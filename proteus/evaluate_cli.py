@@ -41,11 +41,13 @@ def load_model(path: str, kernels: str | None) -> tuple[GPT, RunConfig, dict]:
         cfg = RunConfig.from_dict(meta["run_config"])
         kind = kernels or cfg.train.kernels
         model = GPT(cfg.model, kind)
+        model.set_attention_fp32(cfg.train.attn_fp32)
         apply_int6(model, qstate, use_kernel=(kind == "triton"))
         return model, cfg, dict(source="artifact", float_bpb=meta.get("float_bpb"))
     cfg, state, extra = load_checkpoint(path)
     kind = kernels or cfg.train.kernels
     model = GPT(cfg.model, kind)
+    model.set_attention_fp32(cfg.train.attn_fp32)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

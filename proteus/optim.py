@@ -8,8 +8,8 @@ Muon step for a matrix parameter W with gradient G (momentum mu, Nesterov)::
     W <- (1 - lr * wd) * W - lr * sqrt(max(1, rows / cols)) * O
 
 Newton–Schulz uses the quintic X <- aX + (bA + cA^2)X, A = XX^T, (a, b, c) =
-(3.4445, -4.7750, 2.0315), after scaling X to unit Frobenius norm. Matrices of one shape are
-stacked and orthogonalised in one batched call, which on a CPU saves hundreds of small kernel
+(3.4445, -4.7750, 2.0315), after scaling X to unit Frobenius norm. Matrices of one shape (up to
+transposition) are stacked and orthogonalised in one batched call, which on a CPU saves hundreds of small kernel
 launches per step. Every rank computes the same update from the same all-reduced gradients,
 so data-parallel ranks stay bit-identical.
 """
@@ -68,26 +68,31 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
+            # Matrices are grouped by their wide orientation (rows <= cols): a tall W is
+            # orthogonalised as W^T anyway, so (384, 128) and (128, 384) share one batched call.
             by_shape: dict[tuple, list[nn.Parameter]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is not None:
-                    by_shape[tuple(p.shape)].append(p)
+                    by_shape[tuple(sorted(p.shape))].append(p)
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for shape, ps in by_shape.items():
-                grads = torch.stack([p.grad for p in ps])
-                key = ps[0]
-                state = self.state[key]
+            for ps in by_shape.values():
+                grads = torch.stack([_wide(p.grad) for p in ps])
+                state = self.state[ps[0]]
                 buf = state.get("momentum_buffer")
                 if buf is None or buf.shape != grads.shape:
                     buf = state["momentum_buffer"] = torch.zeros_like(grads)
                 buf.mul_(mu).add_(grads)
                 update = newton_schulz5(grads.add(buf, alpha=mu), group["ns_steps"],
                                         ns_torch_dtype(group["ns_dtype"], grads.device))
-                scale = max(1.0, shape[0] / shape[1]) ** 0.5
-                for i, p in enumerate(ps):
+                for p, u in zip(ps, update, strict=True):
                     if wd:
                         p.mul_(1.0 - lr * wd)
-                    p.add_(update[i].to(p.dtype), alpha=-lr * scale)
+                    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    p.add_((u.mT if p.size(0) > p.size(1) else u).to(p.dtype), alpha=-lr * scale)
+
+
+def _wide(g: torch.Tensor) -> torch.Tensor:
+    return g.mT if g.size(0) > g.size(1) else g
 
 
 def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:

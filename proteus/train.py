@@ -270,6 +270,7 @@ def train(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False) -> d
                         limit=ec.val_tokens + 1 if ec.val_tokens else 0)
 
     model = GPT(mc, tc.kernels).to(device)
+    model.set_attention_fp32(tc.attn_fp32)
     run_model = torch.compile(model, dynamic=False) if tc.compile else model
     optimizers = build_optimizers(model, tc)
     params = [p for p in model.parameters()]

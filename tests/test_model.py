@@ -96,16 +96,36 @@ def test_newton_schulz_in_bf16_orthogonalises_too():
 
 def test_muon_ns_dtype_reaches_the_update():
     torch.manual_seed(0)
-    g = torch.randn(16, 8)
+    g = torch.randn(8, 16)
     out = {}
     for prec in ("fp32", "bf16"):
-        w = torch.nn.Parameter(torch.zeros(16, 8))
+        w = torch.nn.Parameter(torch.zeros(8, 16))
         w.grad = g.clone()
         Muon([w], lr=1.0, momentum=0.0, ns_dtype=prec).step()
         dt = torch.bfloat16 if prec == "bf16" else torch.float32
-        assert torch.equal(w.detach(), -(16 / 8) ** 0.5 * newton_schulz5(g, 5, dt))
+        assert torch.equal(w.detach(), -newton_schulz5(g, 5, dt))
         out[prec] = w.detach().clone()
     assert not torch.equal(out["fp32"], out["bf16"])
+
+
+def test_muon_batches_a_matrix_with_its_transpose_shape():
+    # (12, 4) is orthogonalised as its (4, 12) transpose, in one call with the (4, 12) matrix;
+    # each must get the update it gets alone, with its own shape scale
+    torch.manual_seed(0)
+    shapes = [(12, 4), (4, 12), (12, 4)]
+    grads = [torch.randn(s) for s in shapes]
+    together = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for w, g in zip(together, grads, strict=True):
+        w.grad = g.clone()
+    opt = Muon(together, lr=0.5, momentum=0.9)
+    opt.step()
+    assert len(opt.state) == 1  # one batched group
+    for w, g in zip(together, grads, strict=True):
+        alone = torch.nn.Parameter(torch.zeros(g.shape))
+        alone.grad = g.clone()
+        Muon([alone], lr=0.5, momentum=0.9).step()
+        torch.testing.assert_close(w.detach(), alone.detach(), rtol=1e-5, atol=1e-6)
+        assert w.shape == g.shape
 
 
 def test_muon_update_matches_formula():
@@ -122,18 +142,111 @@ def test_muon_update_matches_formula():
     assert torch.allclose(w.detach(), expect, atol=1e-6)
 
 
-@pytest.mark.parametrize("cap", [30.0, 2.0])
-def test_fused_softcap_cross_entropy_matches_autograd(cap):
-    from proteus.model import SoftcapCrossEntropy
+@pytest.mark.parametrize("cap", [30.0, 2.0, 0.0])
+def test_fused_head_cross_entropy_matches_autograd(cap):
+    from proteus.model import HEAD_CHUNK_ROWS, head_cross_entropy
 
-    z = (torch.randn(64, 50, dtype=torch.float64) * 10).requires_grad_()
-    y = torch.randint(0, 50, (64,))
-    ref = torch.nn.functional.cross_entropy(cap * torch.tanh(z / cap), y)
-    (g_ref,) = torch.autograd.grad(ref, z)
-    ours = SoftcapCrossEntropy.apply(z, y, cap)
-    (g,) = torch.autograd.grad(ours * 3.0, z)
+    n = 2 * HEAD_CHUNK_ROWS + 37  # two full chunks and a remainder
+    x = torch.randn(n, 16, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(50, 16, dtype=torch.float64) * 3).requires_grad_()
+    y = torch.randint(0, 50, (n,))
+    z = torch.nn.functional.linear(x, w)
+    ref = torch.nn.functional.cross_entropy(cap * torch.tanh(z / cap) if cap else z, y)
+    gx_ref, gw_ref = torch.autograd.grad(ref, (x, w))
+    ours = head_cross_entropy(x, w, y, cap)
+    gx, gw = torch.autograd.grad(ours * 3.0, (x, w))
     assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(g, 3.0 * g_ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(gx, 3.0 * gx_ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(gw, 3.0 * gw_ref, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # the loss-only path
+        assert torch.allclose(head_cross_entropy(x, w, y, cap), ref, rtol=1e-12, atol=1e-12)
+    (gw_only,) = torch.autograd.grad(head_cross_entropy(x.detach(), w, y, cap), w)
+    assert torch.allclose(gw_only, gw_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_head_under_autocast_matches_unfused():
+    # bf16 matmul (as F.linear under autocast), fp32 soft-cap and log-sum-exp: same loss and
+    # gradients as the unfused graph to bf16 rounding
+    from proteus.model import head_cross_entropy
+
+    x = torch.randn(300, 32, requires_grad=True)
+    w = (torch.randn(64, 32) * 0.3).requires_grad_()
+    y = torch.randint(0, 64, (300,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = torch.nn.functional.linear(x, w).float()
+        ref = torch.nn.functional.cross_entropy(30 * torch.tanh(z / 30), y)
+        ours = head_cross_entropy(x, w, y, 30.0)
+    assert ours.dtype == torch.float32
+    g_ref = torch.autograd.grad(ref, (x, w))
+    g = torch.autograd.grad(ours, (x, w))
+    assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g, g_ref, strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 32), (2, 7, 6, 128)])
+def test_rms_norm_matches_torch_and_its_gradient(shape):
+    from proteus.model import rms_norm
+
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(shape, dtype=torch.float64)
+    ref = torch.nn.functional.rms_norm(x, (shape[-1],))
+    ours = rms_norm(x)
+    (g_ref,) = torch.autograd.grad(ref, x, dy)
+    (g,) = torch.autograd.grad(ours, x, dy)
+    assert torch.allclose(ours, ref, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(g, g_ref, rtol=1e-11, atol=1e-12)
+    x32 = x.detach().float()  # fp32: same values as torch's; bf16 in -> bf16 out
+    torch.testing.assert_close(rms_norm(x32), torch.nn.functional.rms_norm(x32, (shape[-1],)))
+    xb = x32.bfloat16()
+    assert rms_norm(xb).dtype == torch.bfloat16
+    torch.testing.assert_close(rms_norm(xb), torch.nn.functional.rms_norm(xb, (shape[-1],)))
+
+
+@pytest.mark.parametrize("dims", [8, 32])
+def test_rotary_gradient_is_the_inverse_rotation(dims):
+    from proteus.model import Rotary, _rotate
+
+    rot = Rotary(dims, 10000.0)
+    cos, sin = (c.double() for c in rot.cos_sin(9, torch.device("cpu")))
+    x = torch.randn(2, 9, 3, 32, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn_like(x)
+    ours = rot.apply(x, cos, sin)
+    ref = _rotate(x, cos, sin, dims)  # plain autograd through slices and cat
+    assert torch.equal(ours, ref)
+    (g,) = torch.autograd.grad(ours, x, dy)
+    (g_ref,) = torch.autograd.grad(ref, x, dy)
+    assert torch.allclose(g, g_ref, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode, autocast, expect", [
+    ("auto", True, torch.float32), ("off", True, torch.bfloat16), ("on", True, torch.float32),
+    ("auto", False, torch.float32), ("on", False, torch.float32)])
+def test_attention_precision_switch(mode, autocast, expect):
+    cfg = small_cfg()
+    m = GPT(cfg)
+    seen = []
+    attention = m.ops.attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return attention(q, k, v, **kw)
+
+    m.set_attention_fp32(mode)
+    m.ops = dataclasses.replace(m.ops, attention=spy)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = m(x, x)
+    loss.backward()
+    assert seen, "attention was not called"
+    for q_dt, k_dt, v_dt, autocast_inside in seen:
+        if expect == torch.float32:  # upcast, with autocast off (it would cast back to bf16)
+            assert (q_dt, k_dt, v_dt, autocast_inside) == (torch.float32,) * 3 + (False,)
+        else:  # left to autocast: bf16 SDPA
+            assert autocast_inside and k_dt == v_dt == torch.bfloat16
+    with pytest.raises(ValueError, match="auto, on or off"):
+        m.set_attention_fp32("yes")
 
 
 def test_every_parameter_gets_gradient_after_one_step():
