@@ -9,9 +9,9 @@ Muon step for a matrix parameter W with gradient G (momentum mu, Nesterov)::
 
 Newton–Schulz uses the quintic X <- aX + (bA + cA^2)X, A = XX^T, (a, b, c) =
 (3.4445, -4.7750, 2.0315), after scaling X to unit Frobenius norm. Matrices of one shape (up to
-transposition) are stacked and orthogonalised in one batched call, which on a CPU saves hundreds of small kernel
-launches per step. Every rank computes the same update from the same all-reduced gradients,
-so data-parallel ranks stay bit-identical.
+transposition) are stacked and orthogonalised in one batched call, which on a CPU saves
+hundreds of small kernel launches per step. Every rank computes the same update from the same
+all-reduced gradients, so data-parallel ranks stay bit-identical.
 """
 
 from __future__ import annotations
