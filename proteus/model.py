@@ -246,7 +246,12 @@ class ValueEmbedding(nn.Module):
         return self.proj(self.embed(idx))
 
 
-HEAD_CHUNK_ROWS = 512
+HEAD_CHUNK_ROWS = 512  # at least this many rows per chunk (256 KB-2 MB of fp32 logits)
+HEAD_MAX_CHUNKS = 16  # and at most this many chunks (bounds the launches on a GPU)
+
+
+def _head_chunks(n: int) -> range:
+    return range(0, n, max(HEAD_CHUNK_ROWS, -(-n // HEAD_MAX_CHUNKS)))
 
 
 def _head_chunk(x, w, y, cap):
@@ -265,8 +270,9 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
 
     Same function as ``F.cross_entropy(softcap(F.linear(x, W).float()), y)`` (``cap <= 0``: no
     cap). The loss is a mean, so its gradient is known in the forward pass: each chunk of
-    ``HEAD_CHUNK_ROWS`` rows computes its logits, log-sum-exp, loss and
-    ``∂L/∂z = (softmax(zc) − onehot(y)) ⊙ (1 − tanh²) / N`` while the chunk is still in cache,
+    ``HEAD_CHUNK_ROWS`` rows or more (at most ``HEAD_MAX_CHUNKS`` chunks) computes its logits,
+    log-sum-exp, loss and ``∂L/∂z = (softmax(zc) − onehot(y)) ⊙ (1 − tanh²) / N`` while the
+    chunk is still in cache,
     and stores only that gradient (in the matmul dtype). The backward is two matmuls,
     ``dx = G W`` and ``dW = Gᵀ x``, scaled by the incoming gradient. The matmuls run in x's
     dtype (the caller casts to the autocast dtype); everything else in fp32.
@@ -277,8 +283,9 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
         n = x.size(0)
         g = torch.empty((n, w.size(0)), dtype=x.dtype, device=x.device)
         total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
-        for s in range(0, n, HEAD_CHUNK_ROWS):
-            e = min(n, s + HEAD_CHUNK_ROWS)
+        chunks = _head_chunks(n)
+        for s in chunks:
+            e = min(n, s + chunks.step)
             zc, dcap = _head_chunk(x[s:e], w, y, cap)
             lse = torch.logsumexp(zc, dim=-1)
             yc = y[s:e, None]
@@ -316,9 +323,10 @@ def head_cross_entropy(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cap: f
         if torch.is_grad_enabled() and (x.requires_grad or wd.requires_grad):
             return LinearSoftcapCrossEntropy.apply(x, wd, y, cap)
         total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
-        for s in range(0, x.size(0), HEAD_CHUNK_ROWS):
-            zc, _ = _head_chunk(x[s:s + HEAD_CHUNK_ROWS], wd, y, cap)
-            yc = y[s:s + HEAD_CHUNK_ROWS, None]
+        chunks = _head_chunks(x.size(0))
+        for s in chunks:
+            zc, _ = _head_chunk(x[s:s + chunks.step], wd, y, cap)
+            yc = y[s:s + chunks.step, None]
             total += torch.logsumexp(zc, dim=-1).sum() - zc.gather(-1, yc).sum()
         return total / x.size(0)
 

@@ -142,11 +142,13 @@ def test_muon_update_matches_formula():
     assert torch.allclose(w.detach(), expect, atol=1e-6)
 
 
-@pytest.mark.parametrize("cap", [30.0, 2.0, 0.0])
-def test_fused_head_cross_entropy_matches_autograd(cap):
-    from proteus.model import HEAD_CHUNK_ROWS, head_cross_entropy
+@pytest.mark.parametrize("cap, n", [(30.0, 1061), (2.0, 1061), (0.0, 1061), (30.0, 9000)])
+def test_fused_head_cross_entropy_matches_autograd(cap, n):
+    from proteus.model import HEAD_CHUNK_ROWS, HEAD_MAX_CHUNKS, _head_chunks, head_cross_entropy
 
-    n = 2 * HEAD_CHUNK_ROWS + 37  # two full chunks and a remainder
+    # 1061: two chunks of HEAD_CHUNK_ROWS and a remainder; 9000: HEAD_MAX_CHUNKS larger chunks
+    assert HEAD_CHUNK_ROWS == 512 and HEAD_MAX_CHUNKS == 16
+    assert len(_head_chunks(1061)) == 3 and len(_head_chunks(9000)) == 16
     x = torch.randn(n, 16, dtype=torch.float64, requires_grad=True)
     w = (torch.randn(50, 16, dtype=torch.float64) * 3).requires_grad_()
     y = torch.randint(0, 50, (n,))
