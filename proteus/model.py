@@ -272,10 +272,9 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
     cap). The loss is a mean, so its gradient is known in the forward pass: each chunk of
     ``HEAD_CHUNK_ROWS`` rows or more (at most ``HEAD_MAX_CHUNKS`` chunks) computes its logits,
     log-sum-exp, loss and ``∂L/∂z = (softmax(zc) − onehot(y)) ⊙ (1 − tanh²) / N`` while the
-    chunk is still in cache,
-    and stores only that gradient (in the matmul dtype). The backward is two matmuls,
-    ``dx = G W`` and ``dW = Gᵀ x``, scaled by the incoming gradient. The matmuls run in x's
-    dtype (the caller casts to the autocast dtype); everything else in fp32.
+    chunk is still in cache, and stores only that gradient (in the matmul dtype). The backward
+    is two matmuls, ``dx = G W`` and ``dW = Gᵀ x``, scaled by the incoming gradient. The
+    matmuls run in x's dtype (the caller casts to the autocast dtype); everything else in fp32.
     """
 
     @staticmethod
