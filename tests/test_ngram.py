@@ -17,6 +17,7 @@ from proteus.ngram import (
     doc_counts,
     doc_counts_ref,
     earlier_counts,
+    earlier_counts_numpy,
     hashed_numpy_cache_logprobs,
     ngram_blend_logprobs,
 )
@@ -77,8 +78,12 @@ def test_document_counts_equal_the_reference(name, order):
     for start in sorted({1, min(2, n), max(1, n // 3), n - 1, n}):
         ref = doc_counts_ref(tok, start, n, order)
         fast = doc_counts(tok, start, n, order)
-        for a, b in ((ref.tgt, fast.tgt), (ref.ctx, fast.ctx), (ref.types, fast.types)):
-            assert torch.equal(a, b)
+        whole, shared = earlier_counts_numpy(tok, n, order, doc_start=start)  # one set of sorts
+        for got in (fast, shared):
+            for a, b in ((ref.tgt, got.tgt), (ref.ctx, got.ctx), (ref.types, got.types)):
+                assert torch.equal(a, b)
+        plain = earlier_counts_numpy(tok, n, order)
+        assert torch.equal(whole.occ, plain.occ) and torch.equal(whole.types, plain.types)
 
 
 def test_document_counts_see_only_the_current_document():
