@@ -173,7 +173,16 @@ def sliding_and_cache(model, cfg: RunConfig, ec: EvalConfig, tokens: torch.Tenso
 
 
 def main_eval(path: str, cli: dict) -> int:
+    from proteus.train import close_process_group
+
     rank, world = _setup_dist()
+    code = _eval(path, cli, rank, world)
+    if world > 1:  # not after an error: a peer may still be inside a collective
+        close_process_group()
+    return code
+
+
+def _eval(path: str, cli: dict, rank: int, world: int) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     model, cfg, info = load_model(path, cli.get("train.kernels"))
     ec = _eval_config(cfg, cli)

@@ -20,6 +20,7 @@ update, so ranks hold bit-identical weights without broadcasting them.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -72,9 +73,20 @@ class Dist:
             offset += g.numel()
 
     def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.barrier()  # no rank tears the group down while a peer still uses it
-            dist.destroy_process_group()
+        if self.owns_group:
+            close_process_group()
+
+
+def close_process_group() -> None:
+    """Tear down the default process group (if any) once every rank is done with it, then
+    collect garbage while the interpreter is still whole: left to interpreter shutdown, the
+    cyclic garbage of a gloo run aborted ~1 in 10 two-process runs on exit here ("terminate
+    called without an active exception", after all output was written); with the collection,
+    0 in 36."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while a peer still uses it
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def pick_device(tc) -> torch.device:

@@ -13,7 +13,7 @@ from proteus import data as D
 from proteus.config import build_config
 from proteus.evaluate import TokenScores
 from proteus.evaluate_cli import _reduce, _setup_dist, cache_scores
-from proteus.train import train
+from proteus.train import close_process_group, train
 
 out = sys.argv[1]
 rank, world = _setup_dist()  # the group outlives train(), which leaves it to its creator
@@ -35,6 +35,4 @@ with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"losses": res["losses"], "digest": res["param_digest"], "bpb": res["val"]["bpb"],
                "world": res["world"], "int6_bpb": res["artifact"]["quantized_bpb"],
                "cache_nll": nll, "cache_bytes": nbytes}, f)
-if world > 1:
-    torch.distributed.barrier()  # nobody tears down the group while a peer still uses it
-    torch.distributed.destroy_process_group()
+close_process_group()  # this script created the group (train() leaves it to its creator)
