@@ -35,8 +35,10 @@ counts, everything from the start of the document containing ``start``), so any 
 ranks or chunks gives the same numbers. Backends computing the counts: ``ref`` (a per-token dict
 loop: the specification), ``numpy`` (one sort per order), ``triton`` (the device hash table of
 ``kernels/ngram_table.py``, chunk by chunk: look up, count within the chunk, then insert).
-Document-level counts come from ``doc_counts`` (torch sorts, on the same device) for the numpy
-and triton backends and from ``doc_counts_ref`` (a dictionary loop) for ``ref``.
+Document-level counts come from the numpy backend's own sorts (``earlier_counts_numpy`` with
+``doc_start``: runs split where the document changes), from ``doc_counts`` (torch sorts on the
+same device) for the triton backend, and from ``doc_counts_ref`` (a dictionary loop) for
+``ref``; all three are tested equal.
 """
 
 from __future__ import annotations
