@@ -80,9 +80,9 @@ class Dist:
 def close_process_group() -> None:
     """Tear down the default process group (if any) once every rank is done with it, then
     collect garbage while the interpreter is still whole: left to interpreter shutdown, the
-    cyclic garbage of a gloo run aborted ~1 in 10 two-process runs on exit here ("terminate
+    cyclic garbage of a gloo run aborted 5 of ~31 two-process runs on exit here ("terminate
     called without an active exception", after all output was written); with the collection,
-    0 in 56."""
+    0 of 56."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank tears the group down while a peer still uses it
         dist.destroy_process_group()
