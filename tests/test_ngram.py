@@ -245,6 +245,23 @@ def test_bad_input_is_a_clear_error():
         earlier_counts(tok, 100, 3, "cuda-magic")
     with pytest.raises(ValueError, match="1-D integer"):
         earlier_counts(tok.float(), 100, 3)
+    for bad in (dict(weight=1.5), dict(doc_weight=0.0), dict(k=(1.0, 2.0)),
+                dict(doc_a=(1.0, -1.0, 1.0, 1.0, 1.0)), dict(doc_k=(0.0,) * 5)):
+        with pytest.raises(ValueError, match="ngram"):
+            NgramConfig(**bad).validate()
+
+
+def test_each_order_uses_its_own_confidence_parameters():
+    # λ_n = weight · ctx / (ctx + k_n · max(types, 1)^a_n), row n-2 with the n-th parameters
+    cfg = NgramConfig(weight=0.5, k=(1.0, 2.0, 3.0, 4.0, 5.0), a=(0.0, 1.0, 2.0, 0.5, 1.0))
+    ctx = torch.tensor([[3], [3], [3], [3], [0]])
+    types = torch.tensor([[2], [2], [0], [4], [7]])
+    lam = cfg.lambdas(ctx, types)[:, 0]
+    want = [0.5 * 3 / (3 + 1), 0.5 * 3 / (3 + 2 * 2), 0.5 * 3 / (3 + 3), 0.5 * 3 / (3 + 4 * 2),
+            0.0]
+    assert torch.allclose(lam, torch.tensor(want, dtype=torch.float64), rtol=1e-15, atol=0)
+    doc = NgramConfig(doc_weight=1.0, doc_k=(2.0,) * 5, doc_a=(1.0,) * 5)
+    assert doc.lambdas(ctx, types, doc=True)[0, 0] == 3 / (3 + 2 * 2)
 
 
 def test_stable_sort_fast_path_equals_torchs_stable_sort():
