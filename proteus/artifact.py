@@ -45,16 +45,10 @@ def write_run_artifact(model, cfg, run_dir: Path, say, val=None, lut=None, float
         out.update(_sizes(write_artifact(str(path), qstate, meta), qstate, say))
     if val is not None and lut is not None:
         from proteus.evaluate import evaluate_bpb
-        from proteus.evaluate_cli import load_model
-        from proteus.model import GPT
-        from proteus.quant import apply_int6
+        from proteus.evaluate_cli import int6_model, load_model
 
-        if rank == 0:
-            qmodel, _, _ = load_model(str(path), cfg.train.kernels)
-        else:
-            qmodel = GPT(cfg.model, cfg.train.kernels)
-            qmodel.set_attention_fp32(cfg.train.attn_fp32)
-            apply_int6(qmodel, qstate, use_kernel=(cfg.train.kernels == "triton"))
+        qmodel = load_model(str(path), cfg.train.kernels)[0] if rank == 0 else int6_model(
+            cfg, qstate)
         r = evaluate_bpb(qmodel, val, lut, cfg.eval.eval_seq_len or cfg.train.seq_len, 0,
                          cfg.eval.eval_batch_seqs)
         out["quantized_bpb"] = r["bpb"]

@@ -19,7 +19,16 @@ import torch.distributed as dist
 from proteus import data as D
 from proteus.config import ConfigError, EvalConfig, RunConfig
 from proteus.evaluate import TokenScores, evaluate_bpb, format_bpb, score_tokens
-from proteus.model import GPT
+from proteus.model import GPT, build_model
+
+
+def int6_model(cfg: RunConfig, qstate, kernels: str | None = None) -> GPT:
+    """The model of ``cfg`` running on quantised weights (packed int6 linears, the rest
+    dequantised), through the int6 kernel with ``--kernels triton``."""
+    from proteus.quant import apply_int6
+
+    kind = kernels or cfg.train.kernels
+    return apply_int6(build_model(cfg, kind), qstate, use_kernel=(kind == "triton"))
 
 
 def _is_artifact(path: str) -> bool:
@@ -35,19 +44,14 @@ def load_model(path: str, kernels: str | None) -> tuple[GPT, RunConfig, dict]:
     if not os.path.exists(path):
         raise ConfigError(f"{path} not found; pass a run's model.ckpt or its artifact")
     if os.path.getsize(path) >= 8 and _is_artifact(path):
-        from proteus.quant import apply_int6, read_artifact
+        from proteus.quant import read_artifact
 
         qstate, meta = read_artifact(path)
         cfg = RunConfig.from_dict(meta["run_config"])
-        kind = kernels or cfg.train.kernels
-        model = GPT(cfg.model, kind)
-        model.set_attention_fp32(cfg.train.attn_fp32)
-        apply_int6(model, qstate, use_kernel=(kind == "triton"))
+        model = int6_model(cfg, qstate, kernels)
         return model, cfg, dict(source="artifact", float_bpb=meta.get("float_bpb"))
     cfg, state, extra = load_checkpoint(path)
-    kind = kernels or cfg.train.kernels
-    model = GPT(cfg.model, kind)
-    model.set_attention_fp32(cfg.train.attn_fp32)
+    model = build_model(cfg, kernels)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -254,7 +254,7 @@ def _head_chunks(n: int) -> range:
     return range(0, n, max(HEAD_CHUNK_ROWS, -(-n // HEAD_MAX_CHUNKS)))
 
 
-def _head_chunk(x, w, y, cap):
+def _head_chunk(x, w, cap):
     """Logits of one chunk of rows in fp32 (fp64 for fp64 inputs), soft-capped:
     (capped logits, 1 - tanh² or None)."""
     z = F.linear(x, w).to(torch.promote_types(x.dtype, torch.float32))
@@ -262,6 +262,27 @@ def _head_chunk(x, w, y, cap):
         return z, None
     th = z.div_(cap).tanh_()
     return th * cap, th.mul_(th).neg_().add_(1.0)
+
+
+def _head_loss(x, w, y, cap, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean loss over the chunks and, ``with_grad``, ∂L/∂z (N, V) in x's dtype."""
+    n = x.size(0)
+    g = torch.empty((n, w.size(0)), dtype=x.dtype, device=x.device) if with_grad else None
+    total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
+    chunks = _head_chunks(n)
+    for s in chunks:
+        e = min(n, s + chunks.step)
+        zc, dcap = _head_chunk(x[s:e], w, cap)
+        lse = torch.logsumexp(zc, dim=-1)
+        yc = y[s:e, None]
+        total += lse.sum() - zc.gather(-1, yc).sum()
+        if g is not None:
+            p = zc.sub_(lse[:, None]).exp_()  # softmax, in place
+            p.scatter_add_(-1, yc, torch.full(yc.shape, -1.0, dtype=p.dtype, device=p.device))
+            if dcap is not None:
+                p.mul_(dcap)
+            g[s:e] = p
+    return total / n, g
 
 
 class LinearSoftcapCrossEntropy(torch.autograd.Function):
@@ -279,24 +300,10 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cap: float):
-        n = x.size(0)
-        g = torch.empty((n, w.size(0)), dtype=x.dtype, device=x.device)
-        total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
-        chunks = _head_chunks(n)
-        for s in chunks:
-            e = min(n, s + chunks.step)
-            zc, dcap = _head_chunk(x[s:e], w, y, cap)
-            lse = torch.logsumexp(zc, dim=-1)
-            yc = y[s:e, None]
-            total += lse.sum() - zc.gather(-1, yc).sum()
-            p = zc.sub_(lse[:, None]).exp_()  # softmax, in place
-            p.scatter_add_(-1, yc, torch.full(yc.shape, -1.0, dtype=p.dtype, device=p.device))
-            if dcap is not None:
-                p.mul_(dcap)
-            g[s:e] = p
+        loss, g = _head_loss(x, w, y, cap, with_grad=True)
         ctx.save_for_backward(x, w, g)
-        ctx.n = n
-        return total / n
+        ctx.n = x.size(0)
+        return loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -321,13 +328,7 @@ def head_cross_entropy(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cap: f
     with torch.autocast(x.device.type, enabled=False):
         if torch.is_grad_enabled() and (x.requires_grad or wd.requires_grad):
             return LinearSoftcapCrossEntropy.apply(x, wd, y, cap)
-        total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
-        chunks = _head_chunks(x.size(0))
-        for s in chunks:
-            zc, _ = _head_chunk(x[s:s + chunks.step], wd, y, cap)
-            yc = y[s:s + chunks.step, None]
-            total += torch.logsumexp(zc, dim=-1).sum() - zc.gather(-1, yc).sum()
-        return total / x.size(0)
+        return _head_loss(x, wd, y, cap, with_grad=False)[0]
 
 
 class GPT(nn.Module):
@@ -410,11 +411,18 @@ class GPT(nn.Module):
             return self.logits(idx)
         y, cap = targets.reshape(-1), self.cfg.logit_softcap
         if self.lm_head is not None and getattr(self.lm_head, "quantized", False):
-            z = self._raw_logits(idx).view(y.numel(), -1)
-            return F.cross_entropy(cap * torch.tanh(z / cap) if cap > 0 else z, y)
+            return F.cross_entropy(self.logits(idx).view(y.numel(), -1), y)
         x = self._features(idx)
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         return head_cross_entropy(x.reshape(-1, x.size(-1)), w, y, cap)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def build_model(cfg, kernels: str | None = None) -> GPT:
+    """The GPT of a :class:`~proteus.config.RunConfig`: its model, ``kernels`` (default: the
+    config's) and its attention precision."""
+    model = GPT(cfg.model, kernels or cfg.train.kernels)
+    model.set_attention_fp32(cfg.train.attn_fp32)
+    return model

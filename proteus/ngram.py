@@ -162,10 +162,15 @@ def _sort_runs(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     (permutation, run-start flags, index of each element's run start), the last two in sorted
     order."""
     sk, srt = _stable_sort(key)
-    pos = torch.arange(key.numel(), device=key.device)
     new = torch.ones_like(sk, dtype=torch.bool)
     new[1:] = sk[1:] != sk[:-1]
-    return srt, new, torch.cummax(torch.where(new, pos, 0), 0).values
+    return srt, new, _run_starts(new)
+
+
+def _run_starts(new: torch.Tensor) -> torch.Tensor:
+    """Index of each element's run start, from the run-start flags."""
+    pos = torch.arange(new.numel(), device=new.device)
+    return torch.cummax(torch.where(new, pos, 0), 0).values
 
 
 def _earlier_in_runs(srt: torch.Tensor, start: torch.Tensor, w: torch.Tensor | None = None
@@ -181,6 +186,20 @@ def _earlier_in_runs(srt: torch.Tensor, start: torch.Tensor, w: torch.Tensor | N
     out = torch.empty_like(e)
     out[srt] = e
     return out
+
+
+def _followers(prev_srt: torch.Tensor, prev_start: torch.Tensor, cnt: torch.Tensor, n: int
+               ) -> torch.Tensor:
+    """types of order n per position: within each context group (the (n-1)-gram ending at
+    t-1, in position order: order n-1's runs shifted by one), the earlier first occurrences,
+    i.e. positions whose order-n count ``cnt`` is 0. Positions t < n-1 get 0."""
+    end = cnt.numel()
+    first = torch.zeros_like(cnt)  # first[j]: x_{j+1} is new after j
+    first[n - 2 : end - 1] = cnt[n - 1 :] == 0
+    types = torch.zeros_like(cnt)
+    types[1:] = _earlier_in_runs(prev_srt, prev_start, first)[:-1]
+    types[: n - 1] = 0
+    return types
 
 
 def earlier_counts_numpy(tokens: torch.Tensor, end: int, order: int,
@@ -217,29 +236,20 @@ def earlier_counts_numpy(tokens: torch.Tensor, end: int, order: int,
         cnt[: n - 1] = 0
         occ[n - 1] = cnt
         if n > 1 and end > 1:
-            # types: within each context group (the (n-1)-gram ending at t-1, in position order:
-            # the previous order's sort shifted by one), count earlier first occurrences
-            first = torch.zeros(end, dtype=torch.int64)  # first[j]: x_{j+1} is new after j
-            first[n - 2 : end - 1] = cnt[n - 1 :] == 0
-            types[n - 2, 1:] = _earlier_in_runs(*prev, first)[:-1]
-            types[n - 2, : n - 1] = 0
+            types[n - 2] = _followers(*prev, cnt, n)
         if with_doc:
             ls = label[srt]
             dnew = new.clone()
             dnew[1:] |= ls[1:] != ls[:-1]
-            dstart = torch.cummax(torch.where(dnew, torch.arange(end), 0), 0).values
+            dstart = _run_starts(dnew)
             dcnt = _earlier_in_runs(srt, dstart)
             dcnt[: n - 1] = 0
             if n > 1 and end > 1:
-                fresh = torch.zeros(end, dtype=torch.int64)
-                fresh[n - 2 : end - 1] = dcnt[n - 1 :] == 0
-                dtypes = torch.zeros(end, dtype=torch.int64)
                 p_srt, p_start, p_cnt = prev_doc
-                dtypes[1:] = _earlier_in_runs(p_srt, p_start, fresh)[:-1]
-                dtypes[: n - 1] = 0
-                dctx = torch.zeros(end, dtype=torch.int64)
+                dctx = torch.zeros_like(dcnt)
                 dctx[1:] = p_cnt[:-1]
-                for o, v in zip(doc_out, (dcnt, dctx, dtypes), strict=True):
+                for o, v in zip(doc_out, (dcnt, dctx, _followers(p_srt, p_start, dcnt, n)),
+                                strict=True):
                     o[n - 2] = v[doc_start:]
             prev_doc = (srt, dstart, dcnt)
         ids = torch.empty_like(cnt)
@@ -326,15 +336,32 @@ def earlier_counts_triton(tokens: torch.Tensor, end: int, order: int, chunk: int
 def earlier_counts(tokens: torch.Tensor, end: int, order: int, backend: str = "numpy",
                    chunk: int = 4096) -> NgramCounts:
     """Counts for positions [0, end) with the chosen backend (all three are bit-identical)."""
+    return _counts(tokens, end, order, backend, chunk)[0]
+
+
+def _counts(tokens: torch.Tensor, end: int, order: int, backend: str, chunk: int,
+            doc_start: int | None = None) -> tuple[NgramCounts, DocCounts | None]:
+    """Whole-history counts for positions [0, end) and, with ``doc_start``, document-level
+    counts for targets [doc_start, end): the numpy backend takes both from one set of sorts;
+    the triton backend counts the documents with torch sorts on its device; ``ref`` walks
+    dictionaries."""
     _check_tokens(tokens, end, order)
     tokens = tokens.cpu().to(torch.int64)
     if backend == "numpy":
-        return earlier_counts_numpy(tokens, end, order)
+        if doc_start is None:
+            return earlier_counts_numpy(tokens, end, order), None
+        return earlier_counts_numpy(tokens, end, order, doc_start)
     if backend == "triton":
-        return earlier_counts_triton(tokens, end, order, chunk)
-    if backend == "ref":
-        return earlier_counts_ref(tokens, end, order)
-    raise ValueError(f"ngram backend must be one of {BACKENDS}, got {backend!r}")
+        c = earlier_counts_triton(tokens, end, order, chunk)
+        doc = doc_counts if doc_start is not None else None
+        dev = c.occ.device
+    elif backend == "ref":
+        c = earlier_counts_ref(tokens, end, order)
+        doc = doc_counts_ref if doc_start is not None else None
+        dev = tokens.device
+    else:
+        raise ValueError(f"ngram backend must be one of {BACKENDS}, got {backend!r}")
+    return c, (doc(tokens.to(dev), doc_start, end, order) if doc else None)
 
 
 def _check_tokens(tokens: torch.Tensor, end: int, order: int) -> None:
@@ -412,13 +439,9 @@ def doc_counts(tokens: torch.Tensor, start: int, end: int, order: int) -> DocCou
         ids[srt] = torch.cumsum(new, 0)
         if n >= 2:
             p_tgt, p_srt, p_run = prev
-            fresh = torch.zeros_like(pos)  # fresh[j]: x_{j+1} is new in its context
-            fresh[n - 2 : m - 1] = tgt[n - 1 :] == 0
-            types = torch.zeros_like(pos)
-            types[1:] = _earlier_in_runs(p_srt, p_run, fresh)[:-1]
             ctx = torch.zeros_like(pos)
             ctx[1:] = p_tgt[:-1]
-            for o, v in zip(out, (tgt, ctx, types), strict=True):
+            for o, v in zip(out, (tgt, ctx, _followers(p_srt, p_run, tgt, n)), strict=True):
                 o[n - 2] = v[start - lo : end - lo]
         prev = (tgt, srt, run)
     return DocCounts(*out)
@@ -468,8 +491,8 @@ def _mix(p: torch.Tensor, c_tgt: torch.Tensor, c_ctx: torch.Tensor, types: torch
 
 def ngram_blend_logprobs(tokens: torch.Tensor, start: int, end: int,
                          model_logp_target: torch.Tensor,
-                         cfg: NgramConfig = NgramConfig(), backend: str = "numpy",
-                         counts: NgramCounts | None = None) -> torch.Tensor:
+                         cfg: NgramConfig = NgramConfig(), backend: str = "numpy"
+                         ) -> torch.Tensor:
     """log p(x_t | x_<t) under the blend, for targets t in [start, end) (start >= 1), float64.
 
     ``model_logp_target[i]`` is the model's log-probability of x_{start+i}. Counts cover every
@@ -482,21 +505,14 @@ def ngram_blend_logprobs(tokens: torch.Tensor, start: int, end: int,
     if model_logp_target.numel() != end - start:
         raise ValueError(f"ngram_blend_logprobs: model_logp_target must have end - start = "
                          f"{end - start} entries, got {model_logp_target.numel()}")
-    d = None
-    if counts is None and cfg.doc and backend == "numpy":  # both from one set of sorts
-        _check_tokens(tokens, end, cfg.order)
-        counts, d = earlier_counts_numpy(tokens.cpu().to(torch.int64), end, cfg.order, start)
-    c = earlier_counts(tokens, end, cfg.order, backend, cfg.chunk) if counts is None else counts
+    c, d = _counts(tokens, end, cfg.order, backend, cfg.chunk, start if cfg.doc else None)
     dev = c.occ.device  # the blend runs where the counts are (the GPU for ``triton``)
     o = cfg.order
     c_tgt = c.occ[1:o, start:end]  # count_n(ctx, x_t)
     c_ctx = c.occ[: o - 1, start - 1 : end - 1]  # ctx_n
     p_model = model_logp_target.to(dev, torch.float64).exp()[:, None]
     p = _mix(p_model, c_tgt[..., None], c_ctx, c.types[: o - 1, start:end], cfg)
-    if cfg.doc:
-        if d is None:
-            d = (doc_counts_ref if backend == "ref" else doc_counts)(tokens.to(dev), start, end,
-                                                                     o)
+    if d is not None:
         p = _mix(p, d.tgt[..., None], d.ctx, d.types, cfg, doc=True)
     return torch.log(p[:, 0]).to(model_logp_target.device)
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from proteus import data as D
 from proteus.config import ConfigError, RunConfig
 from proteus.evaluate import evaluate_bpb, format_bpb
-from proteus.model import GPT
+from proteus.model import GPT, build_model
 from proteus.optim import build_optimizers
 
 ARTIFACT_LIMIT = 16_000_000
@@ -281,8 +281,7 @@ def train(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False) -> d
     val = D.load_tokens(tc.val_files or D.bundled_val_glob(), "val",
                         limit=ec.val_tokens + 1 if ec.val_tokens else 0)
 
-    model = GPT(mc, tc.kernels).to(device)
-    model.set_attention_fp32(tc.attn_fp32)
+    model = build_model(cfg).to(device)
     run_model = torch.compile(model, dynamic=False) if tc.compile else model
     optimizers = build_optimizers(model, tc)
     params = [p for p in model.parameters()]
