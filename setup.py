@@ -1,15 +1,22 @@
-"""PROTEUS: Triton kernels for small-LM training under a budget, with the model around them."""
+"""PROTEUS: Triton kernels for small-LM training under a budget, with the model around them.
 
-from setuptools import find_packages, setup
+Distribution ``proteus-kernels``; one import package, ``proteus``. The repository's top-level
+``kernels/`` folder is installed as ``proteus.kernels`` (``package_dir``), so nothing here takes
+an import name or a distribution name that another PyPI project owns (PyPI's ``kernels`` is
+Hugging Face's, and the distribution ``proteus`` is a Tryton client).
+"""
+
+from setuptools import setup
 
 setup(
-    name="proteus",
-    version="0.1.0",
+    name="proteus-kernels",
+    version="0.2.0",
     description="Fused Triton kernels with a thin PyTorch GPT, trainer and honest evaluator",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["proteus", "proteus.*", "kernels", "kernels.*"]),
+    packages=["proteus", "proteus.kernels"],
+    package_dir={"proteus": "proteus", "proteus.kernels": "kernels"},
     package_data={"proteus": ["data/*.bin", "data/*.model", "data/*.vocab", "data/README.md"]},
     include_package_data=True,
     # torch is pinned by the install commands (pip install torch==2.13.0) before this

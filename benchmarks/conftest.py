@@ -18,8 +18,8 @@ os.environ.setdefault("PROTEUS_TEST", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402,F401  (selects compiled vs interpreter before kernel modules load)
-from kernels._backend import kernel_device  # noqa: E402
+import proteus.kernels  # noqa: E402,F401  (selects compiled vs interpreter before kernel modules load)
+from proteus.kernels._backend import kernel_device  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 PROVIDERS = ["triton", "ref", "ref-compile"]

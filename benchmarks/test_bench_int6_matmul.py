@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.int6_matmul import int6_matmul, int6_matmul_ref, pack_int6
+from proteus.kernels.int6_matmul import int6_matmul, int6_matmul_ref, pack_int6
 
 from .conftest import ON_GPU, PROVIDERS, provider_fn, run_timed
 

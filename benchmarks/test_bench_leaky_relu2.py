@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.leaky_relu2 import (
+from proteus.kernels.leaky_relu2 import (
     leaky_relu2,
     leaky_relu2_mlp,
     leaky_relu2_mlp_ref,

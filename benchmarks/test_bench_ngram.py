@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.ngram_table import NgramTable, NgramTableRef
 from proteus import data as D
+from proteus.kernels.ngram_table import NgramTable, NgramTableRef
 from proteus.ngram import (
     NgramConfig,
     doc_counts_ref,

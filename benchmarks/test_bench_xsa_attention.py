@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.xsa_attention import xsa_attention, xsa_attention_ref
+from proteus.kernels.xsa_attention import xsa_attention, xsa_attention_ref
 
 from .conftest import ON_GPU, PROVIDERS, provider_fn, run_timed
 

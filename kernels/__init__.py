@@ -1,13 +1,42 @@
 """PROTEUS Triton kernels, each beside the PyTorch reference that specifies it.
 
-One op per file: ``leaky_relu2``, ``xsa_attention``, ``int6_matmul``, ``ngram_table``.
-Importing this package picks how ``@triton.jit`` kernels run (see ``kernels._backend``):
-compiled on a CUDA GPU, Triton's interpreter on a machine without one.
+One op per file: ``leaky_relu2``, ``xsa_attention``, ``int6_matmul``, ``ngram_table``; their
+public surface is re-exported here (``from proteus.kernels import xsa_attention``).
+
+Import-time side effect (documented, and the only one): importing this package runs
+``proteus.kernels._backend.configure()``, which decides how this process runs Triton kernels —
+compiled on a CUDA GPU, Triton's interpreter on a machine without one (``TRITON_INTERPRET``
+overrides; see ``_backend`` for exactly what it sets and patches). It must run before any
+``@triton.jit`` decorator below, which is why it happens at import.
 """
 
-from kernels._backend import configure as _configure
+from . import _backend  # noqa: F401  (first: kernel modules below are decorated in its mode)
+from .int6_matmul import dequantize_int6, int6_matmul, int6_matmul_ref, pack_int6, unpack_int6
+from .leaky_relu2 import (
+    FusedLeakyReLU2MLP,
+    leaky_relu2,
+    leaky_relu2_mlp,
+    leaky_relu2_mlp_ref,
+    leaky_relu2_ref,
+)
+from .ngram_table import NgramTable, NgramTableRef, pack_keys, types_keys
+from .xsa_attention import xsa_attention, xsa_attention_ref
 
-# Triton decides compiled-vs-interpreted when each @triton.jit decorator runs, so the
-# choice has to be made before any kernel module body executes: that is why this one
-# piece of set-up happens at import time.
-_configure()
+__all__ = [
+    "FusedLeakyReLU2MLP",
+    "NgramTable",
+    "NgramTableRef",
+    "dequantize_int6",
+    "int6_matmul",
+    "int6_matmul_ref",
+    "leaky_relu2",
+    "leaky_relu2_mlp",
+    "leaky_relu2_mlp_ref",
+    "leaky_relu2_ref",
+    "pack_int6",
+    "pack_keys",
+    "types_keys",
+    "unpack_int6",
+    "xsa_attention",
+    "xsa_attention_ref",
+]

@@ -11,13 +11,13 @@ normally fills these in at load time, and there is none here), disassemble the c
 with ``cuobjdump -sass`` to count instructions (HGMMA = wgmma, LDGSTS = cp.async,
 UTMALDG = TMA, LDL/STL = local memory) and compute the occupancy the resources allow.
 
-This module must run with ``TRITON_INTERPRET=0`` (``python -m kernels._aot``); the
+This module must run with ``TRITON_INTERPRET=0`` (``python -m proteus.kernels._aot``); the
 ``proteus kernels report`` command and the tests start it in a subprocess for that reason.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import importlib
 import json
 import os
@@ -25,7 +25,15 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Any
+
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from ._common import AotSpec
 
 H100_SMEM_PER_BLOCK = 232448  # 227 KB: the most dynamic shared memory one block may use
 H100_SMEM_PER_SM = 233472  # 228 KB per SM
@@ -34,38 +42,22 @@ H100_MAX_WARPS_PER_SM = 64
 H100_MAX_BLOCKS_PER_SM = 32
 
 KERNEL_MODULES = (
-    "kernels.leaky_relu2",
-    "kernels.xsa_attention",
-    "kernels.int6_matmul",
-    "kernels.ngram_table",
+    "proteus.kernels.leaky_relu2",
+    "proteus.kernels.xsa_attention",
+    "proteus.kernels.int6_matmul",
+    "proteus.kernels.ngram_table",
 )
 
 _SASS_OP = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)", re.M)
 
 
-@dataclasses.dataclass
-class AotSpec:
-    """One production launch of one kernel, as the report compiles it."""
-
-    kernel: str  # report row, e.g. "leaky_relu2.mlp_up_fwd"
-    shape: str  # the production shape in words, e.g. "M=16384 K=512 N=1536 bf16"
-    fn: Any  # the @triton.jit kernel (or its @autotune/@heuristics wrapper)
-    args: tuple  # positional launch arguments, CPU tensors standing in for device ones
-    kwargs: dict  # constexpr keyword arguments (BLOCK sizes ...)
-    num_warps: int = 4
-    num_stages: int = 3
-    matrix: bool = False  # the hot path is a matrix product: wgmma is expected on sm_90
-
-
 def _jit_fn(kernel):
-    from triton.runtime.jit import JITFunction
-
     fn = kernel
     while not isinstance(fn, JITFunction):
         if not hasattr(fn, "fn"):
             raise RuntimeError(
                 f"{kernel!r} is not a compiled Triton kernel: run the report with "
-                "TRITON_INTERPRET=0 (python -m kernels._aot)"
+                "TRITON_INTERPRET=0 (python -m proteus.kernels._aot)"
             )
         fn = fn.fn
     return fn
@@ -91,12 +83,6 @@ def occupancy(regs: int, smem: int, num_warps: int) -> dict:
 
 def compile_spec(spec: AotSpec, arch: int = 90) -> dict:
     """Compile one spec for sm_{arch}; return the resource and instruction summary."""
-    import triton
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
-
     fn = _jit_fn(spec.fn)
     bound = {**dict(zip(fn.arg_names, spec.args, strict=False)), **spec.kwargs}
     missing = [p.name for p in fn.params if p.name not in bound]
@@ -237,14 +223,13 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m kernels._aot", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m proteus.kernels._aot",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object per config")
     ap.add_argument("--only", default="", help="comma-separated kernel name prefixes")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
-        print("kernels._aot: run with TRITON_INTERPRET=0", file=sys.stderr)
+        print("proteus.kernels._aot: run with TRITON_INTERPRET=0", file=sys.stderr)
         return 2
     os.environ["TRITON_INTERPRET"] = "0"
     only = [s for s in args.only.split(",") if s]

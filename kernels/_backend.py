@@ -1,6 +1,8 @@
 """Where Triton kernels run: compiled for a CUDA GPU, or Triton's interpreter on CPU.
 
-Rules (applied once, when ``kernels`` is first imported):
+Rules (applied once, when ``proteus.kernels`` is first imported, before any kernel module:
+Triton decides compiled-vs-interpreted when each ``@triton.jit`` decorator runs, and its own
+``@jit`` helpers when ``triton.language`` is first imported):
 
 * ``TRITON_INTERPRET=1`` forces the interpreter; ``TRITON_INTERPRET=0`` forces compilation
   (used by the sm_90 ahead-of-time report, which needs real ``JITFunction`` objects).
@@ -16,7 +18,14 @@ is made to fire. Nothing here changes what a GPU runs.
 from __future__ import annotations
 
 import os
+import sys
 import time
+
+import numpy as np
+import torch
+
+# ``triton`` itself is imported inside the functions below, never at the top: the environment
+# variable it reads must be set first.
 
 _STATE: dict[str, bool] = {}
 
@@ -27,13 +36,9 @@ def configure() -> bool:
         return _STATE["interpret"]
     env = os.environ.get("TRITON_INTERPRET")
     if env is None:
-        import torch
-
         interpret = not torch.cuda.is_available()
     else:
         interpret = env.strip().lower() in ("1", "true", "yes", "on")
-    import sys
-
     if "triton" not in sys.modules:
         # Triton's own @jit helpers (tl.cdiv, ...) pick their mode when triton.language is
         # imported, so the variable must be set before the first `import triton`.
@@ -66,7 +71,6 @@ def _cpu_bench(fn, quantiles=None, **_kw):
 
 
 def _patch_interpreter() -> None:
-    import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter as ti
     from triton.runtime.autotuner import Autotuner
@@ -135,3 +139,7 @@ def _patch_interpreter() -> None:
 
     builder.create_dot, builder.binary_op, builder.unary_op = create_dot, binary_op, unary_op
     builder.cast_impl, reducer.apply = cast_impl, apply
+
+
+# The documented import-time side effect of the kernel modules (see proteus.kernels).
+configure()

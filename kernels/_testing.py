@@ -32,9 +32,11 @@ def assert_within_2x_torch_error(
 
 
 def run_sm90_report(only: str = "") -> list[dict]:
-    """Run ``python -m kernels._aot --json`` in a subprocess (compile mode); return its rows."""
+    """Run ``python -m proteus.kernels._aot --json`` in a subprocess (compile mode); return its
+    rows."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    cmd = [sys.executable, "-m", "kernels._aot", "--json"] + (["--only", only] if only else [])
+    cmd = [sys.executable, "-m", "proteus.kernels._aot", "--json"]
+    cmd += ["--only", only] if only else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if not rows:

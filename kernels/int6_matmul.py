@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._backend import interpreting
-from kernels._common import FLOAT_DTYPES, check_same_device, check_tensor
+from ._backend import interpreting
+from ._common import FLOAT_DTYPES, AotSpec, check_same_device, check_tensor
 
 QMAX = 31
 
@@ -204,8 +204,6 @@ def int6_matmul_ref(x: torch.Tensor, packed_w: torch.Tensor, scale: torch.Tensor
 
 
 def sm90_specs():
-    from kernels._aot import AotSpec
-
     specs = []
     for k, n in ((512, 1536), (1536, 512)):
         g = k // 4

@@ -47,8 +47,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels._backend import interpreting
-from kernels._common import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from ._backend import interpreting
+from ._common import FLOAT_DTYPES, AotSpec, check_same_device, check_same_dtype, check_tensor
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -387,8 +387,6 @@ def leaky_relu2_mlp_ref(
 
 
 def sm90_specs():
-    from kernels._aot import AotSpec
-
     m, d, hdim = 16384, 512, 1536
     bf = torch.bfloat16
     x = torch.empty((m, d), dtype=bf)

@@ -30,13 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._backend import interpreting
-from kernels._common import check_same_device, check_tensor
+from ._backend import interpreting
+from ._common import AotSpec, check_same_device, check_tensor
+from ._keys import MAX_ORDER, VOCAB_BITS
 
 EMPTY = -1
 NEVER = -2  # compare value for masked-off lanes: never present in the table
-VOCAB_BITS = 10
-MAX_ORDER = 6
 _EMPTY = tl.constexpr(EMPTY)  # the same values, visible inside @triton.jit code
 _NEVER = tl.constexpr(NEVER)
 
@@ -211,8 +210,6 @@ class NgramTableRef:
 
 
 def sm90_specs():
-    from kernels._aot import AotSpec
-
     n, cap = 1 << 20, 1 << 24
     keys = torch.empty(n, dtype=torch.int64)
     incs = torch.empty(n, dtype=torch.int32)

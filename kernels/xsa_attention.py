@@ -47,8 +47,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._backend import interpreting
-from kernels._common import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from ._backend import interpreting
+from ._common import FLOAT_DTYPES, AotSpec, check_same_device, check_same_dtype, check_tensor
 
 XSA_EPS = 1e-6
 LOG2E = 1.4426950408889634
@@ -436,8 +436,6 @@ def xsa_attention_ref(
 
 
 def sm90_specs():
-    from kernels._aot import AotSpec
-
     b, h, kvh, t, d = 8, 8, 4, 2048, 64
     bf = torch.bfloat16
     q = torch.empty((b, h, t, d), dtype=bf)

@@ -1,3 +1,3 @@
 """PROTEUS: the GPT model, optimiser, data, training, quantisation and evaluation."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

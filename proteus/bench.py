@@ -18,6 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from proteus.checkpoint import atomic_write_json
+from proteus.config import ConfigError
+from proteus.kernels._aot import format_table, problems
+
 # H100 SXM dense peaks: HBM3 bandwidth and bf16/fp16 tensor-core throughput
 H100_GBPS = 3350.0
 H100_TFLOPS = 989.0
@@ -26,8 +30,6 @@ H100_TFLOPS = 989.0
 def _bench_dir() -> Path:
     root = Path(__file__).resolve().parent.parent / "benchmarks"
     if not (root / "conftest.py").exists():
-        from proteus.config import ConfigError
-
         raise ConfigError(f"benchmarks not found at {root}; run `proteus bench` from a clone of "
                           "the repository (pip install -e .)")
     return root
@@ -107,10 +109,8 @@ def run_bench(json_path: str, pytest_args: list[str] | None = None) -> int:
 
 
 def run_report(json_path: str | None = None) -> int:
-    from kernels._aot import format_table, problems
-
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "kernels._aot", "--json"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "proteus.kernels._aot", "--json"], env=env,
                             stdout=subprocess.PIPE, text=True)
     rows = []
     assert proc.stdout is not None
@@ -128,8 +128,6 @@ def run_report(json_path: str | None = None) -> int:
     print(format_table(rows))
     bad = [r for r in rows if problems(r)]
     if json_path:
-        from proteus.train import atomic_write_json
-
         atomic_write_json(Path(json_path), rows)
     if bad:
         print(f"\n{len(bad)} config(s) with problems (spills, shared memory over 227 KB, no "

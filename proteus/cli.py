@@ -1,18 +1,20 @@
 """``proteus`` command line: train, eval, audit, artifact inspect, kernels report, bench.
 
-Every model/train/eval option is generated from the config dataclasses (see
-``proteus/config.py``). Bad input — unknown preset or option, missing data or tokenizer,
-mismatched vocabulary, unreadable checkpoint or artifact — prints one line naming the thing and
-the fix, and exits with code 2 (no traceback).
+The top of the layers: argument parsing, printing and exit codes. Every model/train/eval option
+is generated from the config dataclasses (see ``proteus/config.py``). Bad input — unknown preset
+or option, missing data or tokenizer, mismatched vocabulary, unreadable checkpoint or artifact —
+prints one line naming the thing and the fix, and exits with code 2 (no traceback). Progress
+lines of the library (the ``proteus`` logger) are printed on rank 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
-from proteus.config import PRESETS, ConfigError, add_config_arguments, build_config
+from proteus.config import PRESETS, ProteusError, add_config_arguments, build_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,51 +67,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def setup_logging() -> None:
+    """Print the library's progress lines (the ``proteus`` logger) on rank 0, as they come."""
+    logger = logging.getLogger("proteus")
+    if not any(getattr(h, "_proteus", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._proteus = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         return _dispatch(parser, args)
-    except ConfigError as e:
+    except ProteusError as e:  # bad input (config, data, checkpoint, artifact): one line
         print(f"proteus: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("proteus: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        from proteus.data import DataError
-
-        known = (DataError,)
-        try:
-            from proteus.quant import ArtifactError
-
-            known = known + (ArtifactError,)
-        except ImportError:
-            pass
-        if isinstance(e, known):
-            print(f"proteus: error: {e}", file=sys.stderr)
-            return 2
-        raise
 
 
 def _dispatch(parser, args) -> int:
+    # Each subcommand imports what it runs only when it runs: `proteus --help` and the light
+    # commands stay fast, and no command pays for another's imports (torch.compile, triton's
+    # compiler). These are the only function-local imports of the package.
     if args.command == "train":
-        from proteus.train import main_train
+        from proteus.commands import main_train
 
-        cfg = build_config(args.preset, _cli_values(args))
-        return main_train(cfg)
+        return main_train(build_config(args.preset, _cli_values(args)))
     if args.command in ("eval", "audit"):
-        from proteus.evaluate_cli import main_audit, main_eval
+        from proteus.commands import main_audit, main_eval
 
         fn = main_eval if args.command == "eval" else main_audit
         return fn(args.path, _cli_values(args))
     if args.command == "artifact" and args.artifact_command == "inspect":
-        from proteus.quant import inspect_artifact
+        from proteus.commands import main_inspect
 
-        if not os.path.exists(args.path):
-            raise ConfigError(f"artifact {args.path} not found")
-        print(inspect_artifact(args.path))
-        return 0
+        return main_inspect(args.path)
     if args.command == "kernels" and args.kernels_command == "report":
         from proteus.bench import run_report
 

@@ -17,9 +17,18 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from proteus.kernels._keys import MAX_ORDER
 
-class ConfigError(ValueError):
-    """A bad preset, option or value. The CLI prints it on one line and exits with code 2."""
+NGRAM_BACKENDS = ("numpy", "triton", "ref")  # how the n-gram cache counts (proteus.ngram)
+
+
+class ProteusError(ValueError):
+    """Bad input a user can fix (an option, a file, a checkpoint): the command line prints the
+    message on one line and exits with code 2."""
+
+
+class ConfigError(ProteusError):
+    """A bad preset, option or value."""
 
 
 @dataclass(frozen=True)
@@ -214,16 +223,14 @@ class EvalConfig:
             raise ConfigError(f"cache must be 'none' or 'ngram', got {self.cache!r}")
         if self.stride < 0 or self.val_tokens < 0:
             raise ConfigError("stride and val_tokens must be >= 0")
-        from proteus.ngram import BACKENDS, MAX_ORDER  # the cache's own limits
-
         if not 2 <= self.ngram_order <= MAX_ORDER:
             raise ConfigError(
                 f"ngram_order must be in [2, {MAX_ORDER}] (10-bit tokens in 64-bit keys), "
                 f"got {self.ngram_order}"
             )
-        if self.ngram_backend not in ("auto", *BACKENDS):
+        if self.ngram_backend not in ("auto", *NGRAM_BACKENDS):
             raise ConfigError(
-                f"ngram_backend must be one of auto, {', '.join(BACKENDS)}; "
+                f"ngram_backend must be one of auto, {', '.join(NGRAM_BACKENDS)}; "
                 f"got {self.ngram_backend!r}"
             )
         if self.audit_positions < 1:
@@ -422,6 +429,16 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, dict]:
             )
         section, cls, f = known[name]
         out[section][f.name] = _parse_value(_field_type(cls, f), raw, name)
+    return out
+
+
+def eval_overrides(ec: EvalConfig, cli: Mapping[str, object]) -> EvalConfig:
+    """``ec`` with the ``eval.*`` values given on the command line, validated (the evaluation
+    commands start from the config a checkpoint or artifact was trained with)."""
+    over = {k.split(".", 1)[1]: v for k, v in cli.items()
+            if k.startswith("eval.") and v is not None}
+    out = dataclasses.replace(ec, **over)
+    out.validate()
     return out
 
 

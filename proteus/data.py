@@ -19,7 +19,10 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 import torch
+
+from proteus.config import ProteusError
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -28,7 +31,7 @@ HEADER_BYTES = HEADER_INTS * 4
 BOS_ID = 1
 
 
-class DataError(ValueError):
+class DataError(ProteusError):
     """Missing, corrupt or mismatched data or tokenizer; the message names the file and the fix."""
 
 
@@ -143,6 +146,18 @@ class TokenStream:
         self._file_idx, self._pos = -1, 0
         self._tokens = np.zeros(0, dtype=np.uint16)
 
+    def state(self) -> tuple[int, int]:
+        """The stream's position (shard index, offset): :meth:`restore` returns to it."""
+        return self._file_idx, self._pos
+
+    def restore(self, state: tuple[int, int]) -> None:
+        """Continue from a position :meth:`state` returned (the shard is re-read if needed)."""
+        file_idx, pos = state
+        if file_idx != self._file_idx:
+            self._tokens = (load_shard(self.files[file_idx]) if file_idx >= 0
+                            else np.zeros(0, dtype=np.uint16))
+        self._file_idx, self._pos = file_idx, pos
+
     def _take(self, n: int) -> np.ndarray:
         out, need = [], n
         while need:
@@ -176,8 +191,6 @@ class TokenStream:
 
 
 def load_tokenizer(path: str = ""):
-    import sentencepiece as spm
-
     path = path or bundled_tokenizer()
     if not os.path.exists(path):
         raise DataError(

@@ -1,4 +1,5 @@
-"""Scoring: per-token model log-probabilities, plain and sliding-window bits per byte.
+"""Evaluation: per-token model log-probabilities, plain and sliding-window bits per byte, the
+n-gram cache's scores and report, and the cache audit run on a model.
 
 Targets are positions ``j = 1 .. N`` of a token stream ``x_0 .. x_N``: target ``x_j`` is scored
 with context ``x_<j`` (what the model sees of it depends on the window).
@@ -11,19 +12,28 @@ with context ``x_<j`` (what the model sees of it depends on the window).
 
 Work is split over ranks by whole windows, in order, so each rank owns one contiguous range of
 targets; per-token results are gathered in position order, and totals are reduced in float64.
+The cache on each rank first counts every token before its shard, so its result does not
+depend on the number of processes either. Functions return their results; progress and result
+lines go to the ``proteus`` logger (the command line prints them on rank 0).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from proteus.config import EvalConfig, RunConfig
 from proteus.data import ByteLUT, bits_per_byte
+from proteus.dist import gather_ordered, rank_world, reduce_sum
+from proteus.model import GPT
+from proteus.ngram import HashedTwoTableCache, NgramConfig, audit, ngram_blend_logprobs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,12 +66,6 @@ def windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, i
     return out
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def score_tokens(
     model,
@@ -83,7 +87,7 @@ def score_tokens(
     n_targets = tokens.numel() - 1
     if n_targets < 1:
         raise ValueError("score_tokens: need at least 2 tokens")
-    rank, world = _rank_world()
+    rank, world = rank_world()
     wins = windows(n_targets, seq_len, stride)
     lo, hi = len(wins) * rank // world, len(wins) * (rank + 1) // world
     mine = wins[lo:hi]
@@ -116,28 +120,15 @@ def score_tokens(
             last = now
             done = sum(e - f + 1 for _, e, f in mine[:i])
             total = sum(e - f + 1 for _, e, f in mine)
-            print(f"  eval {done}/{total} targets ({done / (now - t0):,.0f} tok/s)", flush=True)
+            log.info(f"  eval {done}/{total} targets ({done / (now - t0):,.0f} tok/s)")
     model.train(was_training)
     logp = torch.cat(logps) if logps else torch.zeros(0, dtype=torch.float64)
     if gather and world > 1:
-        logp = _gather_ordered(logp)
+        logp = gather_ordered(logp)
         first = 1
     positions = torch.arange(first, first + logp.numel())
     nbytes = lut.target_bytes(tokens[positions - 1], tokens[positions])
     return TokenScores(first, logp, nbytes)
-
-
-def _gather_ordered(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate each rank's 1-D tensor in rank order (ranks own consecutive ranges)."""
-    world = dist.get_world_size()
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([t.numel()], dtype=torch.int64))
-    n = int(max(s.item() for s in sizes))
-    padded = torch.zeros(n, dtype=t.dtype)
-    padded[: t.numel()] = t
-    parts = [torch.zeros(n, dtype=t.dtype) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
 
 def evaluate_bpb(model, tokens, lut, seq_len, stride=0, batch_seqs=16, device="cpu",
@@ -159,3 +150,92 @@ def evaluate_bpb(model, tokens, lut, seq_len, stride=0, batch_seqs=16, device="c
 
 def format_bpb(x: float) -> str:
     return "nan" if math.isnan(x) else f"{x:.4f}"
+
+
+def model_logprobs_fn(model: GPT, seq_len: int, device="cpu"):
+    """(tokens, positions) -> (n, V) log p_model(next token | tokens[:pos]) for the audit."""
+
+    @torch.no_grad()
+    def fn(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = []
+        for pos in positions.tolist():
+            ctx = tokens[max(0, pos - seq_len) : pos].to(device)
+            z = model.logits(ctx[None])[0, -1].float()
+            out.append(torch.log_softmax(z.double(), -1).cpu())
+        return torch.stack(out)
+
+    return fn
+
+
+def cache_scores(scores: TokenScores, tokens: torch.Tensor, ec: EvalConfig, rank: int,
+                 world: int) -> tuple[float, int, float]:
+    """(sum of nll in nats, bytes, seconds) of the cache-blended scores over this rank's shard."""
+    n = scores.logp.numel()
+    lo, hi = 1 + n * rank // world, 1 + n * (rank + 1) // world
+    backend = ec.ngram_backend
+    if backend == "auto":
+        backend = "triton" if torch.cuda.is_available() else "numpy"
+    t0 = time.perf_counter()
+    lp = ngram_blend_logprobs(tokens, lo, hi, scores.logp[lo - 1 : hi - 1],
+                              NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc),
+                              backend=backend)
+    seconds = time.perf_counter() - t0
+    nll = -lp.double().sum().item()
+    nbytes = int(scores.nbytes[lo - 1 : hi - 1].sum())
+    return nll, nbytes, seconds
+
+
+def run_audit(model: GPT, cfg: RunConfig, ec: EvalConfig, tokens: torch.Tensor,
+              hashed: bool = False) -> bool:
+    """Audit our cache (must pass) and, with ``hashed``, the original record's scheme (must be
+    flagged). Returns True when the verdicts are as they must be."""
+    seq = ec.eval_seq_len or cfg.train.seq_len
+    n = tokens.numel()
+    g = torch.Generator().manual_seed(0)
+    positions = torch.randint(2, n - 1, (ec.audit_positions,), generator=g).sort().values
+    fn = model_logprobs_fn(model, seq)
+    rep = audit(tokens, positions, fn, NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc))
+    log.info(f"  audit: {rep}")
+    ok = rep.passed
+    if hashed:
+        bad = audit(tokens, positions, fn, scheme=HashedTwoTableCache(order=ec.ngram_order))
+        log.info(f"  audit of the negative example: {bad}")
+        if bad.passed:
+            log.warning("  the audit did not flag the hashed two-table scheme: the audit is broken")
+        ok = ok and not bad.passed
+    return ok
+
+
+def cache_report(model: GPT, cfg: RunConfig, ec: EvalConfig, tokens: torch.Tensor,
+                 scores: TokenScores, rank: int = 0, world: int = 1) -> dict:
+    """bpb with the n-gram cache next to the model's own, cache throughput, audit verdict."""
+    nll, nbytes, secs = cache_scores(scores, tokens, ec, rank, world)
+    nll, nbytes, secs = reduce_sum(nll, nbytes, secs)
+    base = scores.bpb()
+    with_cache = nll / math.log(2) / nbytes
+    tps = (tokens.numel() - 1) / max(secs / world, 1e-9)
+    log.info(f"  val bpb {format_bpb(with_cache)} with the n-gram cache (order {ec.ngram_order}); "
+        f"without {format_bpb(base)}; difference {with_cache - base:+.4f}")
+    log.info(f"  cache throughput {tps:,.0f} tokens/s ({ec.ngram_backend} backend)")
+    out = dict(bpb_model=base, bpb_cache=with_cache, gain=base - with_cache, tokens_per_s=tps)
+    if rank == 0:
+        out["audit_passed"] = run_audit(model, cfg, ec, tokens)
+    return out
+
+
+def sliding_and_cache(model: GPT, cfg: RunConfig, ec: EvalConfig, tokens: torch.Tensor, lut,
+                      seq: int, rank: int = 0, world: int = 1, device="cpu",
+                      autocast: bool = False, progress: bool = False) -> dict:
+    """One scoring pass for the sliding-window bpb (``ec.stride``) and the n-gram cache
+    (``ec.cache == "ngram"``); returns ``val_sliding`` and ``cache`` for those that ran."""
+    out: dict = {}
+    if not (ec.stride or ec.cache == "ngram"):
+        return out
+    scores = score_tokens(model, tokens, lut, seq, ec.stride, ec.eval_batch_seqs, device,
+                          autocast, progress=progress)
+    if ec.stride:
+        out["val_sliding"] = dict(bpb=scores.bpb(), stride=ec.stride, seq_len=seq)
+        log.info(f"  val bpb {format_bpb(scores.bpb())} (sliding window {seq}, stride {ec.stride})")
+    if ec.cache == "ngram":
+        out["cache"] = cache_report(model, cfg, ec, tokens, scores, rank, world)
+    return out

@@ -54,10 +54,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-VOCAB_BITS = 10
-BOS_ID = 1  # every document starts with BOS (SPEC.md)
-MAX_ORDER = 6
-BACKENDS = ("numpy", "triton", "ref")
+from proteus.config import NGRAM_BACKENDS
+from proteus.data import BOS_ID
+from proteus.kernels._backend import kernel_device
+from proteus.kernels._keys import MAX_ORDER, VOCAB_BITS
+from proteus.kernels.ngram_table import NgramTable, pack_keys, types_keys
 
 
 @functools.lru_cache(maxsize=8)
@@ -295,10 +296,6 @@ def earlier_counts_triton(tokens: torch.Tensor, end: int, order: int, chunk: int
 
     One table holds both n-gram counts (keys of ``pack_keys``) and, per context, the number of
     distinct tokens that followed it (``types_keys``)."""
-    import kernels  # noqa: F401  (selects compiled vs interpreter)
-    from kernels._backend import kernel_device
-    from kernels.ngram_table import NgramTable, pack_keys, types_keys
-
     dev = kernel_device()
     tok = tokens[:end].to(dev)
     table = NgramTable(1 << 12, dev)
@@ -360,7 +357,7 @@ def _counts(tokens: torch.Tensor, end: int, order: int, backend: str, chunk: int
         doc = doc_counts_ref if doc_start is not None else None
         dev = tokens.device
     else:
-        raise ValueError(f"ngram backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"ngram backend must be one of {NGRAM_BACKENDS}, got {backend!r}")
     return c, (doc(tokens.to(dev), doc_start, end, order) if doc else None)
 
 

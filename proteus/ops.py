@@ -16,6 +16,17 @@ from dataclasses import dataclass
 
 import torch
 
+from proteus.kernels import (
+    int6_matmul,
+    int6_matmul_ref,
+    leaky_relu2,
+    leaky_relu2_mlp,
+    leaky_relu2_mlp_ref,
+    leaky_relu2_ref,
+    xsa_attention,
+    xsa_attention_ref,
+)
+
 
 @dataclass(frozen=True)
 class Ops:
@@ -34,20 +45,15 @@ _CACHE: dict[str, Ops] = {}
 
 
 def get_ops(kind: str) -> Ops:
-    """The op bundle for ``kind`` ('ref' or 'triton'); kernel modules are imported lazily."""
+    """The op bundle for ``kind`` ('ref' or 'triton')."""
     if kind in _CACHE:
         return _CACHE[kind]
     if kind not in ("ref", "triton"):
         raise ValueError(f"kernels must be 'ref' or 'triton', got {kind!r}")
-    import kernels  # noqa: F401  (selects compiled vs interpreter before kernel modules load)
-    from kernels import int6_matmul as i6
-    from kernels import leaky_relu2 as lr
-    from kernels import xsa_attention as xa
-
     if kind == "ref":
-        ops = Ops("ref", lr.leaky_relu2_mlp_ref, lr.leaky_relu2_ref, xa.xsa_attention_ref,
-                  i6.int6_matmul_ref)
+        ops = Ops("ref", leaky_relu2_mlp_ref, leaky_relu2_ref, xsa_attention_ref,
+                  int6_matmul_ref)
     else:
-        ops = Ops("triton", lr.leaky_relu2_mlp, lr.leaky_relu2, xa.xsa_attention, i6.int6_matmul)
+        ops = Ops("triton", leaky_relu2_mlp, leaky_relu2, xsa_attention, int6_matmul)
     _CACHE[kind] = ops
     return ops

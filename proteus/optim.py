@@ -21,6 +21,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from proteus.model import Linear
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
@@ -102,8 +104,6 @@ def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     BigramHash/value-embedding projections); embeddings are ``nn.Embedding`` tables (the tied
     output head included); everything else (gains, gates, mixes, skip weights) is 'scalar'.
     """
-    from proteus.model import Linear
-
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embed": [], "scalar": []}
     seen: set[int] = set()
     for module in model.modules():

@@ -1,4 +1,4 @@
-"""Quantisation and the artifact: int6/int8 per-row quantisers, a safe file format, rANS coding.
+"""Quantisers: int6/int8 per row, and the int6 linear layer that evaluates a quantised model.
 
 Rules (``tensor_kind``): every 2-D ``*.weight`` under ``blocks.`` (attention and MLP matrices)
 -> int6 in [-31, 31] with a per-row fp16 scale whose clip is chosen per row from a few
@@ -6,52 +6,25 @@ percentiles of |w| by minimum reconstruction MSE; other float tensors with at le
 ``INT8_MIN_NUMEL`` elements (embeddings) -> int8 per row with an fp16 scale; everything else ->
 fp16 if 2-D, fp32 if 1-D/scalar (gains, gates, mixes: control tensors).
 
-Artifact file (little-endian)::
-
-    magic  b"PROTEUS\\x00" (8 B) | version u32 | header length u32 | header | header crc32 u32
-    payload: the tensors' blobs at the offsets the header's table gives (relative to payload)
-
-The header is LZMA-compressed JSON; it holds ``meta`` (the run config and notes) and
-``tensors``: name, kind, shape, encoding, offset, nbytes and crc32 of every blob. Reading
-parses JSON and numpy buffers only: nothing is unpickled or executed. Every blob is checked
-against its crc32 before anything is returned, so a damaged file raises instead of
-half-loading.
-
-Payload sections: ``side`` (LZMA of: per-tensor scales, row/column classes, the frequency
-tables, and the small fp16/fp32 tensors), then one rANS stream per integer kind (``int6``,
-``int8``). Values are symbols (int6: q + 32; int8: q + 128); each symbol's context is a
-bucket of its predicted magnitude from its row's and column's mean |q|: 16 buckets whose
-static frequency tables (quantised to 2^14) are shared by all tensors of the kind (see
-``_contexts``: the row/column spread enters through a rank-1 magnitude prediction). rANS uses
-a 32-bit state and 16-bit renormalisation over interleaved lanes, so encoding and decoding
-are numpy-vectorised across lanes. The contexts capture structure a single order-0 model
-misses: trained matrices have input columns and output rows of very different
-spread, so the value distribution depends on where it sits.
+The file these values are stored in (rANS-coded, checksummed, no pickle) is
+``proteus.artifact``'s.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import lzma
 import math
-import os
-import struct
-import zlib
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-ARTIFACT_MAGIC = b"PROTEUS\x00"
-ARTIFACT_VERSION = 1
+from proteus.config import ProteusError
+from proteus.kernels.int6_matmul import int6_matmul, int6_matmul_ref, pack_int6
+
 INT8_MIN_NUMEL = 65536
 CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
-PROB_BITS = 14
-RANS_L = 1 << 16
 
 
-class ArtifactError(ValueError):
+class ArtifactError(ProteusError):
     """A missing, damaged, foreign or mismatched artifact; the message names file and problem."""
 
 
@@ -153,377 +126,6 @@ def dequantize_state(qs: QuantizedState) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# rANS over interleaved lanes, with context-conditional static frequency tables
-
-
-def _freq_table(counts: np.ndarray) -> np.ndarray:
-    """Counts -> frequencies summing to 2^PROB_BITS, every present symbol >= 1."""
-    m = 1 << PROB_BITS
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros_like(counts)
-    f = np.where(counts > 0, np.maximum(1, (counts * m) // total), 0).astype(np.int64)
-    order = np.argsort(-counts, kind="stable")[: np.count_nonzero(counts)]
-    i, diff = 0, m - int(f.sum())
-    while diff:  # hand the rounding remainder to (or take it from) the most frequent symbols
-        s = order[i % order.size]
-        if diff > 0:
-            f[s] += 1
-            diff -= 1
-        elif f[s] > 1:
-            f[s] -= 1
-            diff += 1
-        i += 1
-    return f
-
-
-def _lanes(n: int) -> int:
-    """Interleaved streams: enough for vectorised speed, few enough that states stay cheap."""
-    lanes = 32
-    while lanes < 4096 and lanes * 4096 < n:
-        lanes *= 2
-    return lanes
-
-
-def rans_encode(sym: np.ndarray, ctx: np.ndarray, freqs: np.ndarray) -> tuple[bytes, int]:
-    """Encode symbols ``sym`` with per-symbol context ``ctx`` under tables ``freqs[ctx]``.
-
-    Returns (blob, lanes): blob = final lane states (u32 each) + 16-bit words in the order
-    the decoder consumes them (step-major, then lane).
-    """
-    n = sym.size
-    lanes = _lanes(n)
-    steps = -(-n // lanes)
-    pad = steps * lanes - n
-    cums = np.concatenate([np.zeros((freqs.shape[0], 1), np.int64), np.cumsum(freqs, 1)[:, :-1]],
-                          axis=1)
-    pad_sym = int(np.argmax(freqs[0]))  # padding: a symbol context 0 can code; decoded, dropped
-    s = np.concatenate([sym.astype(np.int64), np.full(pad, pad_sym)]).reshape(steps, lanes)
-    c = np.concatenate([ctx.astype(np.int64), np.zeros(pad, np.int64)]).reshape(steps, lanes)
-    f_all = freqs[c, s].astype(np.uint64)
-    c_all = cums[c, s].astype(np.uint64)
-    x = np.full(lanes, RANS_L, np.uint64)
-    emitted = np.empty((steps, lanes), np.uint16)
-    emit_mask = np.empty((steps, lanes), bool)
-    k16, kp = np.uint64(16), np.uint64(PROB_BITS)
-    bound = np.uint64((RANS_L >> PROB_BITS) << 16)
-    for t in range(steps - 1, -1, -1):
-        f = f_all[t]
-        m = x >= bound * f
-        emitted[t] = (x & np.uint64(0xFFFF)).astype(np.uint16)
-        emit_mask[t] = m
-        x = np.where(m, x >> k16, x)
-        x = ((x // f) << kp) + x % f + c_all[t]
-    words = emitted[emit_mask]
-    return x.astype("<u4").tobytes() + words.astype("<u2").tobytes(), lanes
-
-
-def rans_decode(blob: bytes, n: int, ctx: np.ndarray, freqs: np.ndarray, lanes: int
-                ) -> np.ndarray:
-    m = 1 << PROB_BITS
-    n_words = (len(blob) - 4 * lanes) // 2
-    if n_words < 0 or 4 * lanes + 2 * n_words != len(blob):
-        raise ArtifactError("rANS stream has the wrong length")
-    x = np.frombuffer(blob, "<u4", lanes, 0).astype(np.uint64)
-    words = np.frombuffer(blob, "<u2", n_words, 4 * lanes).astype(np.uint64)
-    n_ctx, alphabet = freqs.shape
-    cums = np.concatenate([np.zeros((n_ctx, 1), np.int64), np.cumsum(freqs, 1)], axis=1)
-    lookup = np.zeros((n_ctx, m), np.int64)
-    for k in range(n_ctx):
-        if freqs[k].sum() == m:
-            lookup[k] = np.repeat(np.arange(alphabet), freqs[k])
-    steps = -(-n // lanes)
-    c = np.concatenate([ctx.astype(np.int64), np.zeros(steps * lanes - n, np.int64)])
-    c = c.reshape(steps, lanes)
-    out = np.empty((steps, lanes), np.int64)
-    pos, mask_bits, kp = 0, np.uint64(m - 1), np.uint64(PROB_BITS)
-    for t in range(steps):
-        ct = c[t]
-        slot = (x & mask_bits).astype(np.int64)
-        s = lookup[ct, slot]
-        out[t] = s
-        x = freqs[ct, s].astype(np.uint64) * (x >> kp) + (slot - cums[ct, s]).astype(np.uint64)
-        need = x < np.uint64(RANS_L)
-        k = int(np.count_nonzero(need))
-        if k:
-            if pos + k > n_words:
-                raise ArtifactError("rANS stream is corrupt (ran out of words)")
-            x[need] = (x[need] << np.uint64(16)) | words[pos : pos + k]
-            pos += k
-    if pos != n_words or not np.all(x == RANS_L):
-        raise ArtifactError("rANS stream is corrupt (final state mismatch)")
-    return out.ravel()[:n]
-
-
-# Context of entry (i, j) of a quantised matrix: a bucket of its predicted magnitude under a
-# rank-1 scale model, |q_ij| ~ rowmean_i * colmean_j / mean (trained matrices have input
-# columns and output rows of very different spread). Log-means are stored as integers
-# (quarter-octaves), so encoder and decoder derive identical contexts. On a trained cpu-tiny
-# model this took the int6 payload from 396 KB (order-0 entropy) to 385 KB of rANS output.
-N_CTX = 16
-CTX_OFFSET = {"int6": 12, "int8": 4}  # puts the predicted log2 magnitude range on 16 buckets
-
-
-def _log_means(q2: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    a = np.abs(q2.astype(np.float64))
-    code = lambda m: np.round(4 * np.log2(m + 0.05)).astype(np.int8)  # noqa: E731
-    return code(a.mean(1)), code(a.mean(0)), int(code(np.array([a.mean()]))[0])
-
-
-def _contexts(kind: str, rl: np.ndarray, cl: np.ndarray, ml: int) -> np.ndarray:
-    pred = rl.astype(np.int64)[:, None] + cl.astype(np.int64)[None, :] - ml
-    return np.clip((pred + CTX_OFFSET[kind]) // 2, 0, N_CTX - 1).ravel()
-
-
-# ---------------------------------------------------------------------------------------------
-# Artifact write / read
-
-
-@dataclass
-class ArtifactInfo:
-    path: str
-    total_bytes: int
-    section_bytes: dict
-
-
-KIND_ALPHABET = {"int6": (64, 32), "int8": (256, 128)}  # alphabet, offset (symbol = q + offset)
-
-
-def _encode_payload(qstate: QuantizedState) -> tuple[list[dict], dict[str, bytes]]:
-    """Tensor table + sections: 'side' (LZMA: scales, classes, tables, small tensors) and one
-    rANS stream per integer kind."""
-    side = io.BytesIO()
-    table: list[dict] = []
-    streams = {k: ([], []) for k in KIND_ALPHABET}
-    sym_offset = {k: 0 for k in KIND_ALPHABET}
-    for name, t in qstate.tensors.items():
-        e = dict(name=name, kind=t.kind, shape=list(t.shape))
-        if t.kind in KIND_ALPHABET:
-            alphabet, off = KIND_ALPHABET[t.kind]
-            q2 = t.q.numpy().reshape(t.q.shape[0], -1)
-            rl, cl, ml = _log_means(q2)
-            ctx = _contexts(t.kind, rl, cl, ml)
-            e.update(side=side.tell(), rows=q2.shape[0], cols=q2.shape[1], ml=ml,
-                     sym=sym_offset[t.kind])
-            side.write(t.scale.numpy().astype("<f2").tobytes())
-            side.write(rl.tobytes())
-            side.write(cl.tobytes())
-            streams[t.kind][0].append(q2.astype(np.int64).ravel() + off)
-            streams[t.kind][1].append(ctx)
-            sym_offset[t.kind] += q2.size
-        else:
-            arr = t.data.contiguous()
-            e.update(side=side.tell(), dtype=str(arr.dtype).replace("torch.", ""))
-            side.write(arr.numpy().tobytes())
-        table.append(e)
-    sections: dict[str, bytes] = {}
-    stream_meta = {}
-    for kind, (syms, ctxs) in streams.items():
-        if not syms:
-            continue
-        alphabet, _ = KIND_ALPHABET[kind]
-        sym, ctx = np.concatenate(syms), np.concatenate(ctxs)
-        n_ctx = N_CTX
-        counts = np.zeros((n_ctx, alphabet), np.int64)
-        np.add.at(counts, (ctx, sym), 1)
-        freqs = np.stack([_freq_table(c) for c in counts])
-        freqs[counts.sum(1) == 0, 0] = 1 << PROB_BITS  # unused contexts: any valid table
-        blob, lanes = rans_encode(sym, ctx, freqs)
-        stream_meta[kind] = dict(side=side.tell(), n=int(sym.size), lanes=lanes)
-        side.write(freqs.astype("<u2").tobytes())
-        sections[kind] = blob
-    sections["side"] = lzma.compress(side.getvalue(), preset=9 | lzma.PRESET_EXTREME)
-    table.append(dict(name="__streams__", streams=stream_meta))
-    return table, sections
-
-
-SECTION_ORDER = ("side", "int6", "int8")
-
-
-def write_artifact(path: str, qstate: QuantizedState, meta: dict) -> ArtifactInfo:
-    """Write atomically (temporary name in the same folder, then rename)."""
-    table, sections = _encode_payload(qstate)
-    layout, offset, body = [], 0, []
-    for name in SECTION_ORDER:
-        if name in sections:
-            blob = sections[name]
-            layout.append(dict(name=name, offset=offset, nbytes=len(blob), crc32=zlib.crc32(blob)))
-            body.append(blob)
-            offset += len(blob)
-    header = lzma.compress(json.dumps(dict(meta=meta, tensors=table, sections=layout),
-                                      separators=(",", ":")).encode(), preset=9)
-    head = ARTIFACT_MAGIC + struct.pack("<II", ARTIFACT_VERSION, len(header)) + header + \
-        struct.pack("<I", zlib.crc32(header))
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(head)
-            for b in body:
-                f.write(b)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return ArtifactInfo(path, len(head) + offset,
-                        {"header": len(head), **{s["name"]: s["nbytes"] for s in layout}})
-
-
-def _read_header(path: str, raw: bytes) -> tuple[dict, int]:
-    if raw[:2] == b"PK":
-        raise ArtifactError(f"{path} is a zip/torch.save file, not a PROTEUS artifact; it is "
-                            "not loaded (such files can execute code when unpickled)")
-    if raw[:1] == b"\x80":
-        raise ArtifactError(f"{path} is a pickle, not a PROTEUS artifact; refusing to load it")
-    if len(raw) < 16:
-        raise ArtifactError(f"{path} is truncated ({len(raw)} bytes): shorter than the header")
-    if raw[:8] != ARTIFACT_MAGIC:
-        raise ArtifactError(f"{path} has the wrong magic {raw[:8]!r}: not a PROTEUS artifact")
-    version, hlen = struct.unpack_from("<II", raw, 8)
-    if version > ARTIFACT_VERSION:
-        raise ArtifactError(f"{path} is format version {version}; this PROTEUS reads up to "
-                            f"{ARTIFACT_VERSION}: upgrade proteus")
-    end = 16 + hlen + 4
-    if len(raw) < end:
-        raise ArtifactError(f"{path} is truncated inside its header")
-    header = raw[16 : 16 + hlen]
-    (crc,) = struct.unpack_from("<I", raw, 16 + hlen)
-    if zlib.crc32(header) != crc:
-        raise ArtifactError(f"{path}: header checksum mismatch (file damaged)")
-    try:
-        return json.loads(lzma.decompress(header)), end
-    except (ValueError, lzma.LZMAError):
-        raise ArtifactError(f"{path}: header is not valid (LZMA-compressed JSON)") from None
-
-
-_NP_DTYPES = {"float16": np.float16, "float32": np.float32, "int64": np.int64}
-
-
-def read_artifact(path: str, expected_shapes: dict | None = None
-                  ) -> tuple[QuantizedState, dict]:
-    """Load and verify an artifact; returns (quantised state, meta). Executes nothing."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ArtifactError(f"cannot read artifact {path}: {e.strerror}") from None
-    hdr, start = _read_header(path, raw)
-    payload = memoryview(raw)[start:]
-    sections = {}
-    for s in hdr["sections"]:
-        lo, hi = s["offset"], s["offset"] + s["nbytes"]
-        if hi > len(payload):
-            raise ArtifactError(f"{path} is truncated: section {s['name']} needs payload bytes "
-                                f"up to {hi}, the file has {len(payload)}")
-        blob = bytes(payload[lo:hi])
-        if zlib.crc32(blob) != s["crc32"]:
-            raise ArtifactError(f"{path}: checksum mismatch in section {s['name']} (damaged)")
-        sections[s["name"]] = blob
-    if len(payload) != sum(s["nbytes"] for s in hdr["sections"]):
-        raise ArtifactError(f"{path} has trailing bytes after its last section")
-    entries = [e for e in hdr["tensors"] if e["name"] != "__streams__"]
-    streams = next(e for e in hdr["tensors"] if e["name"] == "__streams__")["streams"]
-    if expected_shapes is not None:
-        for e in entries:
-            want = expected_shapes.get(e["name"])
-            if want is not None and tuple(want) != tuple(e["shape"]):
-                raise ArtifactError(f"{path}: tensor {e['name']} has shape {tuple(e['shape'])} "
-                                    f"but the config expects {tuple(want)}")
-        missing = sorted(set(expected_shapes) - {e["name"] for e in entries})
-        if missing:
-            raise ArtifactError(f"{path}: tensors missing for this config: {missing[:5]}")
-    side = lzma.decompress(sections["side"])
-    decoded = {}
-    for kind, sm in streams.items():
-        alphabet, _ = KIND_ALPHABET[kind]
-        n_ctx = N_CTX
-        freqs = np.frombuffer(side, "<u2", n_ctx * alphabet, sm["side"]).astype(np.int64)
-        freqs = freqs.reshape(n_ctx, alphabet)
-        ctx = np.empty(sm["n"], np.int64)
-        for e in entries:
-            if e["kind"] == kind:
-                r, c = e["rows"], e["cols"]
-                rl = np.frombuffer(side, np.int8, r, e["side"] + 2 * r)
-                cl = np.frombuffer(side, np.int8, c, e["side"] + 3 * r)
-                ctx[e["sym"] : e["sym"] + r * c] = _contexts(kind, rl, cl, e["ml"])
-        decoded[kind] = rans_decode(sections[kind], sm["n"], ctx, freqs, sm["lanes"])
-    qs = QuantizedState()
-    for e in entries:
-        name, shape, kind = e["name"], tuple(e["shape"]), e["kind"]
-        if kind in KIND_ALPHABET:
-            r, c = e["rows"], e["cols"]
-            scale = torch.from_numpy(np.frombuffer(side, "<f2", r, e["side"]).copy())
-            sym = decoded[kind][e["sym"] : e["sym"] + r * c]
-            q = torch.from_numpy((sym - KIND_ALPHABET[kind][1]).astype(np.int8).reshape(r, c))
-            qs.tensors[name] = QTensor(kind, shape, q=q, scale=scale)
-        else:
-            dt = _NP_DTYPES.get(e["dtype"])
-            if dt is None:
-                raise ArtifactError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
-            count = int(np.prod(shape)) if shape else 1
-            arr = np.frombuffer(side, dt, count, e["side"]).copy().reshape(shape)
-            qs.tensors[name] = QTensor(kind, shape, data=torch.from_numpy(arr))
-    return qs, hdr["meta"]
-
-
-def lzma_baseline_bytes(qstate: QuantizedState) -> int:
-    """The record's encoding: one byte per quantised value (+ scales, + small tensors), LZMA."""
-    buf = io.BytesIO()
-    for t in qstate.tensors.values():
-        if t.kind in ("int6", "int8"):
-            buf.write(t.q.numpy().astype(np.int8).tobytes())
-            buf.write(t.scale.numpy().tobytes())
-        else:
-            buf.write(t.data.contiguous().numpy().tobytes())
-    return len(lzma.compress(buf.getvalue(), preset=9 | lzma.PRESET_EXTREME))
-
-
-def value_coding_report(qstate: QuantizedState, info: ArtifactInfo) -> dict[str, dict]:
-    """Per integer kind: bytes of our rANS stream in the artifact ``write_artifact`` wrote
-    (``info``), LZMA over one byte per value (the record's way to store them), and the values'
-    order-0 entropy."""
-    out = {}
-    for kind in KIND_ALPHABET:
-        vals = [t.q.numpy().astype(np.int8).ravel() for t in qstate.tensors.values()
-                if t.kind == kind]
-        if not vals or kind not in info.section_bytes:
-            continue
-        v = np.concatenate(vals)
-        counts = np.bincount(v.astype(np.int64) + 128)
-        p = counts[counts > 0] / v.size
-        out[kind] = dict(values=int(v.size), rans_bytes=int(info.section_bytes[kind]),
-                         lzma_bytes=len(lzma.compress(v.tobytes(), preset=9 | lzma.PRESET_EXTREME)),
-                         order0_bytes=float(-(p * np.log2(p)).sum() * v.size / 8))
-    return out
-
-
-def inspect_artifact(path: str) -> str:
-    """The tensor table, the sections and their sizes (decodes the payload to report bits/value)."""
-    qs, meta = read_artifact(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        hdr, start = _read_header(path, f.read())
-    lines = [f"{path}: PROTEUS artifact v{ARTIFACT_VERSION}, {size:,} bytes "
-             f"(header {start:,})"]
-    for s in hdr["sections"]:
-        lines.append(f"  section {s['name']:5s} {s['nbytes']:>12,} bytes  crc32 {s['crc32']:08x}")
-    counts = {}
-    for t in qs.tensors.values():
-        counts[t.kind] = counts.get(t.kind, 0) + int(np.prod(t.shape))
-    for kind in ("int6", "int8"):
-        sec = next((s for s in hdr["sections"] if s["name"] == kind), None)
-        if sec:
-            bits = 8 * sec["nbytes"] / counts[kind]
-            lines.append(f"  {kind}: {counts[kind]:,} values, {bits:.3f} "
-                         "bits/value in the rANS stream")
-    lines.append(f"{'tensor':42s} {'kind':5s} {'shape':>16s}")
-    for name, t in qs.tensors.items():
-        lines.append(f"{name:42s} {t.kind:5s} {str(tuple(t.shape)):>16s}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
 # Evaluating a quantised model through packed int6 weights
 
 
@@ -534,16 +136,12 @@ class Int6Linear(torch.nn.Module):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, use_kernel: bool):
         super().__init__()
-        from kernels.int6_matmul import pack_int6
-
         self.out_features, self.in_features = q.shape
         self.register_buffer("packed", pack_int6(q))
         self.register_buffer("scale", scale.half())
         self.use_kernel = use_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.int6_matmul import int6_matmul, int6_matmul_ref
-
         fn = int6_matmul if self.use_kernel else int6_matmul_ref
         return fn(x, self.packed, self.scale)
 

@@ -11,17 +11,17 @@ import torch
 
 from proteus import data as D
 from proteus.config import build_config
-from proteus.evaluate import TokenScores
-from proteus.evaluate_cli import _reduce, _setup_dist, cache_scores
-from proteus.train import close_process_group, train
+from proteus.dist import close_process_group, reduce_sum, setup_dist
+from proteus.evaluate import TokenScores, cache_scores
+from proteus.run import run
 
 out = sys.argv[1]
-rank, world = _setup_dist()  # the group outlives train(), which leaves it to its creator
+rank, world = setup_dist()  # the group outlives run(), which leaves it to its creator
 cfg = build_config("smoke", {"train.iterations": 5, "train.warmup_steps": 1,
                              "train.batch_tokens": 512, "train.seq_len": 64}, environ={})
 run_dir = os.path.join(out, "run")  # rank 0 writes checkpoint and artifact; all ranks evaluate it
 os.makedirs(run_dir, exist_ok=True)
-res = train(cfg, run_dir=Path(run_dir), quiet=True)
+res = run(cfg, run_dir=Path(run_dir))
 
 # The cache on this rank's shard of 20k real tokens; the stand-in model's log-probabilities are
 # a fixed function of the previous token, so only the split over processes varies between runs.
@@ -30,9 +30,9 @@ z = torch.sin(torch.arange(1024, dtype=torch.float64)[None] * (tokens[:-1, None]
 logp = torch.log_softmax(3.0 * z, -1).gather(1, tokens[1:, None])[:, 0]
 lut = D.build_byte_lut(D.load_tokenizer(), 1024)
 scores = TokenScores(1, logp, lut.target_bytes(tokens[:-1], tokens[1:]))
-nll, nbytes, _ = _reduce(*cache_scores(scores, tokens, cfg.eval, rank, world))
+nll, nbytes, _ = reduce_sum(*cache_scores(scores, tokens, cfg.eval, rank, world))
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"losses": res["losses"], "digest": res["param_digest"], "bpb": res["val"]["bpb"],
                "world": res["world"], "int6_bpb": res["artifact"]["quantized_bpb"],
                "cache_nll": nll, "cache_bytes": nbytes}, f)
-close_process_group()  # this script created the group (train() leaves it to its creator)
+close_process_group()  # this script created the group (run() leaves it to its creator)

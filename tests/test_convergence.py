@@ -21,7 +21,7 @@ def _run(kernels: str) -> list[float]:
                                  "train.batch_tokens": 128, "train.warmdown_steps": 10,
                                  "train.swa_every": 0, "train.ema_decay": 0.0,
                                  "eval.val_tokens": 256}, environ={})
-    return train(cfg, run_dir=None, quiet=True)["losses"]
+    return train(cfg).stats["losses"]
 
 
 def test_triton_kernels_follow_the_reference_loss_curve():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels._testing import assert_within_2x_torch_error
-from kernels.int6_matmul import (
+from proteus.kernels._testing import assert_within_2x_torch_error
+from proteus.kernels.int6_matmul import (
     dequantize_int6,
     int6_matmul,
     int6_matmul_ref,
@@ -96,7 +96,7 @@ def test_torch_compile_fullgraph(device):
 
 
 def test_opcheck(device):
-    from kernels.int6_matmul import _op
+    from proteus.kernels.int6_matmul import _op
 
     packed = pack_int6(torch.randint(-31, 32, (24, 32), dtype=torch.int8)).to(device)
     torch.library.opcheck(_op, (torch.randn(5, 32, device=device), packed,

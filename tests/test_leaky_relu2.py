@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels._testing import assert_within_2x_torch_error
-from kernels.leaky_relu2 import (
+from proteus.kernels._testing import assert_within_2x_torch_error
+from proteus.kernels.leaky_relu2 import (
     FusedLeakyReLU2MLP,
     _bwd_op,
     leaky_relu2,
@@ -84,7 +84,7 @@ def test_fused_mlp_within_2x_torch_error(dtype, m, d, h, device):
 
 def test_fused_up_projection_epilogue_is_exact_activation(device):
     # h must be the elementwise op applied to the kernel's own pre-activation, bit for bit
-    from kernels.leaky_relu2 import _up_op
+    from proteus.kernels.leaky_relu2 import _up_op
 
     x = torch.randn(50, 32, dtype=torch.bfloat16, device=device)
     w = torch.randn(96, 32, dtype=torch.bfloat16, device=device)
@@ -142,7 +142,7 @@ def test_torch_compile_fullgraph(device):
 
 
 def test_opcheck(device):
-    from kernels.leaky_relu2 import _fwd_op, _up_op
+    from proteus.kernels.leaky_relu2 import _fwd_op, _up_op
 
     x = torch.randn(8, 16, device=device, requires_grad=True)
     torch.library.opcheck(_fwd_op, (x, 0.9))

@@ -280,8 +280,7 @@ def test_the_eval_switch_turns_the_document_counts_off():
     import dataclasses
 
     from proteus.config import build_config
-    from proteus.evaluate import TokenScores
-    from proteus.evaluate_cli import cache_scores
+    from proteus.evaluate import TokenScores, cache_scores
 
     tok, _, lp = _real_case(2000)
     scores = TokenScores(1, lp, torch.ones(lp.numel(), dtype=torch.int64))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.ngram_table import NgramTable, NgramTableRef, pack_keys, types_keys
+from proteus.kernels.ngram_table import NgramTable, NgramTableRef, pack_keys, types_keys
 
 pytestmark = pytest.mark.interpret
 

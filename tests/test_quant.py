@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.int6_matmul import pack_int6, unpack_int6
+from proteus import artifact as A
 from proteus import quant as Q
+from proteus.kernels.int6_matmul import pack_int6, unpack_int6
 
 
 def _trained_like_state(seed=0):
@@ -65,8 +66,8 @@ def test_artifact_round_trip_is_exact(tmp_path):
     sd = _trained_like_state()
     qs = Q.quantize_state_dict(sd)
     path = str(tmp_path / "m.int6")
-    Q.write_artifact(path, qs, {"note": "x"})
-    back, meta = Q.read_artifact(path)
+    A.write_artifact(path, qs, {"note": "x"})
+    back, meta = A.read_artifact(path)
     assert meta == {"note": "x"}
     for name, t in qs.tensors.items():
         b = back.tensors[name]
@@ -85,17 +86,17 @@ def test_rans_round_trip_edge_cases():
         ctx = rng.integers(0, 3, n)
         counts = np.zeros((3, 64), np.int64)
         np.add.at(counts, (ctx, sym), 1)
-        freqs = np.stack([Q._freq_table(c) if c.sum() else np.eye(64, dtype=np.int64)[0] *
-                          (1 << Q.PROB_BITS) for c in counts])
-        blob, lanes = Q.rans_encode(sym, ctx, freqs)
-        assert np.array_equal(Q.rans_decode(blob, n, ctx, freqs, lanes), sym)
+        freqs = np.stack([A._freq_table(c) if c.sum() else np.eye(64, dtype=np.int64)[0] *
+                          (1 << A.PROB_BITS) for c in counts])
+        blob, lanes = A.rans_encode(sym, ctx, freqs)
+        assert np.array_equal(A.rans_decode(blob, n, ctx, freqs, lanes), sym)
 
 
 def test_artifact_beats_lzma_on_trained_like_weights(tmp_path):
     qs = Q.quantize_state_dict(_trained_like_state())
-    info = Q.write_artifact(str(tmp_path / "m.int6"), qs, {})
-    assert info.total_bytes < Q.lzma_baseline_bytes(qs)
-    rep = Q.value_coding_report(qs, info)
+    info = A.write_artifact(str(tmp_path / "m.int6"), qs, {})
+    assert info.total_bytes < A.lzma_baseline_bytes(qs)
+    rep = A.value_coding_report(qs, info)
     n6 = sum(int(np.prod(t.shape)) for t in qs.tensors.values() if t.kind == "int6")
     assert rep["int6"]["values"] == n6
     r = rep["int6"]
@@ -107,7 +108,7 @@ def test_artifact_beats_lzma_on_trained_like_weights(tmp_path):
 def artifact(tmp_path):
     qs = Q.quantize_state_dict(_trained_like_state())
     path = str(tmp_path / "m.int6")
-    Q.write_artifact(path, qs, {"a": 1})
+    A.write_artifact(path, qs, {"a": 1})
     return path
 
 
@@ -119,22 +120,22 @@ def _mutate(path, fn):
 def test_truncated_file(artifact):
     _mutate(artifact, lambda r: r[: len(r) - 100])
     with pytest.raises(Q.ArtifactError, match="truncated"):
-        Q.read_artifact(artifact)
+        A.read_artifact(artifact)
     _mutate(artifact, lambda r: r[:10])
     with pytest.raises(Q.ArtifactError, match="truncated"):
-        Q.read_artifact(artifact)
+        A.read_artifact(artifact)
 
 
 def test_wrong_magic(artifact):
     _mutate(artifact, lambda r: b"NOTMAGIC" + r[8:])
     with pytest.raises(Q.ArtifactError, match="wrong magic"):
-        Q.read_artifact(artifact)
+        A.read_artifact(artifact)
 
 
 def test_future_version(artifact):
     _mutate(artifact, lambda r: r[:8] + (99).to_bytes(4, "little") + r[12:])
     with pytest.raises(Q.ArtifactError, match="version 99.*upgrade"):
-        Q.read_artifact(artifact)
+        A.read_artifact(artifact)
 
 
 def test_checksum_mismatch(artifact):
@@ -143,14 +144,14 @@ def test_checksum_mismatch(artifact):
         return r
     _mutate(artifact, flip)
     with pytest.raises(Q.ArtifactError, match="checksum mismatch"):
-        Q.read_artifact(artifact)
+        A.read_artifact(artifact)
 
 
 def test_shape_disagreeing_with_config(artifact):
     with pytest.raises(Q.ArtifactError, match="expects"):
-        Q.read_artifact(artifact, expected_shapes={"tok_emb.weight": (1024, 128)})
+        A.read_artifact(artifact, expected_shapes={"tok_emb.weight": (1024, 128)})
     with pytest.raises(Q.ArtifactError, match="missing"):
-        Q.read_artifact(artifact, expected_shapes={"nope.weight": (1,)})
+        A.read_artifact(artifact, expected_shapes={"nope.weight": (1,)})
 
 
 def test_pickle_and_torch_files_are_refused_without_unpickling(tmp_path, monkeypatch):
@@ -159,28 +160,28 @@ def test_pickle_and_torch_files_are_refused_without_unpickling(tmp_path, monkeyp
     p1 = tmp_path / "evil.pkl"
     p1.write_bytes(pickle.dumps({"x": 1}))
     with pytest.raises(Q.ArtifactError, match="pickle"):
-        Q.read_artifact(str(p1))
+        A.read_artifact(str(p1))
     p2 = tmp_path / "model.pt"
     torch.save({"x": torch.ones(2)}, p2)
     with pytest.raises(Q.ArtifactError, match="zip/torch.save"):
-        Q.read_artifact(str(p2))
+        A.read_artifact(str(p2))
     assert not called
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     qs = Q.quantize_state_dict(_trained_like_state())
     path = str(tmp_path / "m.int6")
-    Q.write_artifact(path, qs, {"v": 1})
+    A.write_artifact(path, qs, {"v": 1})
     before = open(path, "rb").read()
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
-        Q.write_artifact(path, qs, {"v": 2})
+        A.write_artifact(path, qs, {"v": 2})
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["m.int6"]
 
 
 def test_inspect_lists_tensors_and_sections(artifact):
-    text = Q.inspect_artifact(artifact)
+    text = A.inspect_artifact(artifact)
     assert "section int6" in text and "bits/value" in text and "tok_emb.weight" in text

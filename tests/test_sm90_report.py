@@ -10,8 +10,8 @@ import importlib.util
 
 import pytest
 
-from kernels._aot import KERNEL_MODULES, format_table, problems
-from kernels._testing import run_sm90_report
+from proteus.kernels._aot import KERNEL_MODULES, format_table, problems
+from proteus.kernels._testing import run_sm90_report
 
 pytestmark = pytest.mark.aot
 
@@ -29,7 +29,7 @@ def test_no_production_config_has_a_problem(rows):
 def test_every_kernel_module_is_in_the_report(rows):
     present = [m for m in KERNEL_MODULES if importlib.util.find_spec(m) is not None]
     for mod in present:
-        prefix = mod.split(".")[1]
+        prefix = mod.split(".")[-1]
         assert any(r["kernel"].startswith(prefix) for r in rows), f"{mod} has no sm90 rows"
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels._testing import assert_within_2x_torch_error
-from kernels.xsa_attention import xsa_attention, xsa_attention_ref
+from proteus.kernels._testing import assert_within_2x_torch_error
+from proteus.kernels.xsa_attention import xsa_attention, xsa_attention_ref
 
 pytestmark = pytest.mark.interpret
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-6, torch.bfloat16: 1e-6}  # see kernel docstring
@@ -104,7 +104,7 @@ def test_torch_compile_fullgraph(device):
 
 
 def test_opcheck(device):
-    from kernels.xsa_attention import _fwd_op
+    from proteus.kernels.xsa_attention import _fwd_op
 
     q, k, v, _ = _inputs(1, 2, 1, 20, 16)
     args = [x.float().to(device).requires_grad_() for x in (q, k, v)]

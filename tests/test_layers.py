@@ -1,0 +1,157 @@
+"""The package's shape: layers that import only downwards, no hidden cycles, names of our own.
+
+Layers (STYLE.md), lowest first; a module may import from its own layer's earlier modules and
+from any lower layer, never from a later one. Function-local imports are allowed only in
+``proteus/cli.py`` (its lazy per-subcommand imports) and ``kernels/_backend.py`` (``triton`` is
+imported only after the variable it reads is set).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Each inner list is one layer, its modules in the order they may import each other.
+LAYERS = [
+    ["proteus.kernels"],  # kernels/: torch and triton only
+    ["proteus.config", "proteus.data", "proteus.dist", "proteus.device"],
+    ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.artifact",
+     "proteus.ngram"],
+    ["proteus.checkpoint"],
+    ["proteus.evaluate"],
+    ["proteus.train", "proteus.run"],
+    ["proteus.bench", "proteus.commands", "proteus.cli", "proteus.__main__"],
+]
+LOCAL_IMPORTS_ALLOWED = {"proteus/cli.py", "kernels/_backend.py"}
+
+
+def _rank(module: str) -> tuple[int, int] | None:
+    """(layer, position within the layer) of a proteus module; kernels is one unit."""
+    if module == "proteus.kernels" or module.startswith("proteus.kernels."):
+        return (0, 0)
+    for i, layer in enumerate(LAYERS):
+        if module in layer:
+            return (i, layer.index(module))
+    return None
+
+
+def _sources() -> dict[str, Path]:
+    out = {"proteus." + p.stem: p for p in (ROOT / "proteus").glob("*.py")
+           if p.stem != "__init__"}
+    out.update({"proteus.kernels." + p.stem: p for p in (ROOT / "kernels").glob("*.py")})
+    return out
+
+
+def _imports(path: Path, module: str) -> list[tuple[str, int, bool]]:
+    """(imported module, line, is at module level) for every import of ``path``."""
+    tree = ast.parse(path.read_text())
+    top = set(map(id, tree.body))
+    package = module.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno, id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the package
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            out.append((base, node.lineno, id(node) in top))
+    return out
+
+
+def test_every_module_has_a_layer():
+    missing = [m for m in _sources() if _rank(m) is None]
+    assert not missing, f"add these modules to LAYERS in {__file__}: {missing}"
+
+
+def test_no_import_goes_up_a_layer():
+    bad = []
+    for module, path in _sources().items():
+        me = _rank(module)
+        for name, line, _ in _imports(path, module):
+            if not (name == "proteus" or name.startswith("proteus.")):
+                continue
+            if module.startswith("proteus.kernels.") and not name.startswith("proteus.kernels"):
+                bad.append(f"{path.relative_to(ROOT)}:{line} kernels imports {name}")
+                continue
+            them = _rank(name) if name != "proteus" else (0, -1)
+            if them is not None and them >= me and not (them[0] == 0 == me[0]):
+                bad.append(f"{path.relative_to(ROOT)}:{line} {module} imports {name}")
+    assert not bad, "imports going up (or across to a later module of) a layer:\n" + "\n".join(bad)
+
+
+def test_no_function_local_imports_outside_the_allowed_places():
+    bad = []
+    for module, path in _sources().items():
+        rel = str(path.relative_to(ROOT))
+        if rel in LOCAL_IMPORTS_ALLOWED:
+            continue
+        bad += [f"{rel}:{line} imports {name} inside a function"
+                for name, line, top in _imports(path, module) if not top]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_layer_check_catches_an_upward_import(tmp_path):
+    # the checker itself: a data module importing the evaluator is reported
+    src = tmp_path / "data.py"
+    src.write_text("from proteus.evaluate import score_tokens\n")
+    names = [n for n, _, _ in _imports(src, "proteus.data")]
+    assert names == ["proteus.evaluate"] and _rank("proteus.evaluate") > _rank("proteus.data")
+
+
+def _installed() -> importlib.metadata.Distribution:
+    """The installed distribution (its dist-info, which has a RECORD; not the egg-info that an
+    editable install leaves in the source tree)."""
+    for dist in importlib.metadata.distributions(name="proteus-kernels"):
+        if dist.read_text("RECORD"):
+            return dist
+    pytest.fail("proteus-kernels is not installed (pip install -e .)")
+
+
+def test_installed_distribution_takes_no_top_level_kernels_module():
+    dist = _installed()
+    top = (dist.read_text("top_level.txt") or "").split()
+    assert "kernels" not in top and "proteus" in top
+    record = [line.split(",")[0] for line in dist.read_text("RECORD").splitlines()]
+    assert not [p for p in record if p.startswith("kernels/")], record
+    # an editable install maps import names to folders: 'kernels' must not be one of them
+    for path in record:
+        if path.endswith("_finder.py"):
+            text = Path(dist.locate_file(path)).read_text()
+            assert "'proteus.kernels':" in text and "'kernels':" not in text
+
+
+
+def test_import_kernels_outside_the_source_tree_is_not_ours(tmp_path):
+    # from any other folder, the name `kernels` is free for Hugging Face's package (or absent)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("import importlib.util, proteus.kernels as pk; s = importlib.util.find_spec('kernels');"
+            "print(s.origin if s else None); print(pk.__name__)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    origin, name = r.stdout.split()
+    assert name == "proteus.kernels"
+    assert origin == "None" or not origin.startswith(str(ROOT)), origin
+
+
+def test_kernels_import_as_proteus_kernels():
+    import proteus.kernels as pk
+
+    assert Path(pk.__file__).resolve().parent.name == "kernels"
+    assert callable(pk.xsa_attention) and callable(pk.leaky_relu2_mlp)
+
+
+def test_distribution_name_is_our_own():
+    # neither PyPI's "proteus" (a Tryton client) nor Hugging Face's "kernels"
+    assert _installed().metadata["Name"] == "proteus-kernels"
