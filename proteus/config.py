@@ -149,7 +149,8 @@ class TrainConfig:
     )
     muon_ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz iterations"})
     muon_ns_dtype: str = field(default="auto", metadata={
-        "help": "Newton-Schulz precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32"})
+        "help": "Newton-Schulz precision: auto (bf16 where bf16 is native, else fp32), bf16 "
+                "or fp32"})
     muon_wd: float = field(default=0.04, metadata={"help": "Muon decoupled weight decay"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
@@ -165,7 +166,8 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     autocast_bf16: str = field(
-        default="auto", metadata={"help": "bf16 autocast: auto (on CUDA), on, off"}
+        default="auto", metadata={"help": "bf16 autocast: auto (on CUDA and on CPUs with native "
+                                  "bf16: AMX/AVX512-BF16), on, off"}
     )
     attn_fp32: str = field(
         default="auto", metadata={"help": "attention in fp32 under bf16 autocast: auto (on CPU, "
@@ -316,8 +318,10 @@ PRESETS: dict[str, dict[str, dict]] = {
             ema_decay=0.0,
             swa_every=0,
             compile=True,
-            autocast_bf16="on",
-            muon_ns_dtype="bf16",  # CPUs with AMX/AVX512-BF16 run the iteration ~2x faster
+            # bf16 where the CPU has native bf16 (AMX/AVX512-BF16), fp32 where it would be
+            # emulated (AVX2-only hosts: ~17x slower per step); see proteus/device.py
+            autocast_bf16="auto",
+            muon_ns_dtype="auto",
             device="cpu",
             log_every=100,
         ),

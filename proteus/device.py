@@ -42,4 +42,4 @@ def use_autocast(tc, device: torch.device) -> bool:
         return True
     if tc.autocast_bf16 == "off":
         return False
-    return device.type == "cuda"
+    return native_bf16(device)
