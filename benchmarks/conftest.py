@@ -11,15 +11,11 @@ bytes and FLOPs from which ``proteus bench`` derives GB/s, TFLOPS and % of the H
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("PROTEUS_TEST", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import proteus.kernels  # noqa: E402,F401  (selects compiled vs interpreter before kernel modules load)
-from proteus.kernels._backend import kernel_device  # noqa: E402
+import proteus.kernels  # noqa: F401  (selects compiled vs interpreter before kernel modules load)
+from proteus.kernels._backend import kernel_device
 
 ON_GPU = torch.cuda.is_available()
 PROVIDERS = ["triton", "ref", "ref-compile"]

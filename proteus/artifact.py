@@ -2,14 +2,18 @@
 
 Artifact file (little-endian)::
 
-    magic  b"PROTEUS\\x00" (8 B) | version u32 | header length u32 | header | header crc32 u32
-    payload: the tensors' blobs at the offsets the header's table gives (relative to payload)
+    magic  b"PROTEUS\\x00" (8 B) | version u32 | header length u32 | header | crc32 u32
+    payload: the sections at the offsets the header's table gives (relative to payload)
 
-The header is LZMA-compressed JSON; it holds ``meta`` (the run config and notes) and
-``tensors``: name, kind, shape, encoding, offset, nbytes and crc32 of every blob. Reading
-parses JSON and numpy buffers only: nothing is unpickled or executed. Every blob is checked
-against its crc32 before anything is returned, so a damaged file raises instead of
-half-loading.
+The crc32 covers everything before it (magic, version, length and header; version 1 files,
+still read, covered the header only), so a damaged version field is told apart from a file
+of a newer format. The header is LZMA-compressed JSON; it holds ``meta`` (the run config and
+notes), ``tensors`` (name, kind, shape, where its values and side data are) and ``sections``
+(offset, nbytes and crc32 of every section). Reading parses JSON and numpy buffers only:
+nothing is unpickled or executed. Every section is checked against its crc32, and the header's
+table is checked for consistency (kinds, shapes, offsets, sizes, that each kind's symbols are
+tiled exactly, the memory it needs) before anything is decoded, so a damaged or crafted file
+raises one ArtifactError instead of half-loading, asking for terabytes or crashing.
 
 Payload sections: ``side`` (LZMA of: per-tensor scales, row/column classes, the frequency
 tables, and the small fp16/fp32 tensors), then one rANS stream per integer kind (``int6``,
@@ -31,15 +35,21 @@ import lzma
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from proteus.config import ProteusError
+from proteus.device import require_memory
+from proteus.files import atomic_write
 from proteus.quant import ArtifactError, QTensor, QuantizedState
 
 ARTIFACT_MAGIC = b"PROTEUS\x00"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
+READS_VERSIONS = (1, 2)
+MAX_HEADER_BYTES = 64 << 20  # decompressed JSON header; a real one is tens of KB
 ARTIFACT_LIMIT = 16_000_000  # the challenge's budget: code bytes + artifact bytes (decimal)
 PROB_BITS = 14
 RANS_L = 1 << 16
@@ -245,25 +255,15 @@ def write_artifact(path: str, qstate: QuantizedState, meta: dict) -> ArtifactInf
             offset += len(blob)
     header = lzma.compress(json.dumps(dict(meta=meta, tensors=table, sections=layout),
                                       separators=(",", ":")).encode(), preset=9)
-    head = ARTIFACT_MAGIC + struct.pack("<II", ARTIFACT_VERSION, len(header)) + header + \
-        struct.pack("<I", zlib.crc32(header))
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(head)
-            for b in body:
-                f.write(b)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    prefix = ARTIFACT_MAGIC + struct.pack("<II", ARTIFACT_VERSION, len(header)) + header
+    head = prefix + struct.pack("<I", zlib.crc32(prefix))
+    atomic_write(path, [head, *body])
     return ArtifactInfo(path, len(head) + offset,
                         {"header": len(head), **{s["name"]: s["nbytes"] for s in layout}})
 
 
-def _read_header(path: str, raw: bytes) -> tuple[dict, int]:
+def _read_header(path: str, raw: bytes) -> tuple[dict, int, int]:
+    """(header, payload start, format version) of an artifact's bytes, every check done."""
     if raw[:2] == b"PK":
         raise ArtifactError(f"{path} is a zip/torch.save file, not a PROTEUS artifact; it is "
                             "not loaded (such files can execute code when unpickled)")
@@ -274,65 +274,168 @@ def _read_header(path: str, raw: bytes) -> tuple[dict, int]:
     if raw[:8] != ARTIFACT_MAGIC:
         raise ArtifactError(f"{path} has the wrong magic {raw[:8]!r}: not a PROTEUS artifact")
     version, hlen = struct.unpack_from("<II", raw, 8)
-    if version > ARTIFACT_VERSION:
-        raise ArtifactError(f"{path} is format version {version}; this PROTEUS reads up to "
-                            f"{ARTIFACT_VERSION}: upgrade proteus")
     end = 16 + hlen + 4
-    if len(raw) < end:
+    stored = struct.unpack_from("<I", raw, 16 + hlen)[0] if len(raw) >= end else None
+    if version not in READS_VERSIONS:
+        # A newer writer keeps this layout, whose checksum covers the version field: only a
+        # version that its checksum vouches for is a newer file; any other is damage.
+        if stored is not None and zlib.crc32(raw[: 16 + hlen]) == stored:
+            raise ArtifactError(f"{path} is format version {version}, newer than this PROTEUS "
+                                f"reads ({', '.join(map(str, READS_VERSIONS))}): upgrade proteus")
+        raise ArtifactError(f"{path}: the format version field is damaged (reads {version}; "
+                            f"this PROTEUS reads {', '.join(map(str, READS_VERSIONS))})")
+    if stored is None:
         raise ArtifactError(f"{path} is truncated inside its header")
     header = raw[16 : 16 + hlen]
-    (crc,) = struct.unpack_from("<I", raw, 16 + hlen)
-    if zlib.crc32(header) != crc:
+    if zlib.crc32(header if version == 1 else raw[: 16 + hlen]) != stored:
         raise ArtifactError(f"{path}: header checksum mismatch (file damaged)")
     try:
-        return json.loads(lzma.decompress(header)), end
+        d = lzma.LZMADecompressor()
+        text = d.decompress(header, max_length=MAX_HEADER_BYTES)
+        if not d.eof:
+            raise ValueError("header too large or cut short")
+        return json.loads(text), end, version
     except (ValueError, lzma.LZMAError):
         raise ArtifactError(f"{path}: header is not valid (LZMA-compressed JSON)") from None
 
 
 _NP_DTYPES = {"float16": np.float16, "float32": np.float32, "int64": np.int64}
+DENSE_KINDS = ("fp16", "fp32", "raw")
 
 
-def read_artifact(path: str, expected_shapes: dict | None = None
+def _need(cond: bool, path: str, what: str) -> None:
+    if not cond:
+        raise ArtifactError(f"{path}: malformed artifact header: {what}")
+
+
+def _is_int(v, lo: int = 0, hi: int = 1 << 62) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _check_table(path: str, hdr, payload_len: int) -> tuple[list[dict], dict, int]:
+    """The header's tensor entries and streams, checked against each other and the file:
+    (entries, streams, decompressed side length). Nothing is decoded yet."""
+    _need(isinstance(hdr, dict) and isinstance(hdr.get("meta"), dict)
+          and isinstance(hdr.get("tensors"), list) and isinstance(hdr.get("sections"), list),
+          path, "expected meta, tensors and sections")
+    pos, names = 0, []
+    for sec in hdr["sections"]:
+        _need(isinstance(sec, dict) and sec.get("name") in SECTION_ORDER
+              and sec["name"] not in names and _is_int(sec.get("offset"))
+              and _is_int(sec.get("nbytes")) and _is_int(sec.get("crc32"), 0, 2**32 - 1),
+              path, f"bad section entry {str(sec)[:80]}")
+        _need(sec["offset"] == pos, path, f"section {sec['name']} is not where the one before "
+              "it ends")
+        pos += sec["nbytes"]
+        names.append(sec["name"])
+    _need("side" in names, path, "no side section")
+    if pos > payload_len:
+        raise ArtifactError(f"{path} is truncated: its sections need {pos} payload bytes, the "
+                            f"file has {payload_len}")
+    if pos < payload_len:
+        raise ArtifactError(f"{path} has trailing bytes after its last section")
+    tensors = hdr["tensors"]
+    _need(all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in tensors), path,
+          "tensor entries must be objects with a name")
+    streams = [e for e in tensors if e["name"] == "__streams__"]
+    _need(len(streams) == 1 and isinstance(streams[0].get("streams"), dict), path,
+          "expected one stream table")
+    streams = streams[0]["streams"]
+    entries = [e for e in tensors if e["name"] != "__streams__"]
+    _need(len({e["name"] for e in entries}) == len(entries), path, "a tensor name repeats")
+    side_end = 0
+    for kind, sm in streams.items():
+        _need(kind in KIND_ALPHABET and kind in names and isinstance(sm, dict)
+              and _is_int(sm.get("side")) and _is_int(sm.get("n"))
+              and _is_int(sm.get("lanes"), 1, 1 << 20), path, f"bad stream entry {kind}")
+        side_end = max(side_end, sm["side"] + 2 * N_CTX * KIND_ALPHABET[kind][0])
+    tiles: dict[str, list[tuple[int, int]]] = {k: [] for k in streams}
+    total = 0
+    for e in entries:
+        name, kind, shape = e["name"], e.get("kind"), e.get("shape")
+        _need(kind in KIND_ALPHABET or kind in DENSE_KINDS, path, f"{name}: unknown kind {kind}")
+        _need(isinstance(shape, list) and len(shape) <= 8
+              and all(_is_int(d, 0, 1 << 40) for d in shape), path, f"{name}: bad shape")
+        count = int(np.prod(shape, dtype=object)) if shape else 1
+        total += count
+        _need(_is_int(e.get("side")), path, f"{name}: bad side offset")
+        if kind in KIND_ALPHABET:
+            r, c = e.get("rows"), e.get("cols")
+            _need(kind in streams and _is_int(r, 1) and _is_int(c, 1) and len(shape) >= 1
+                  and r == shape[0] and r * c == count and _is_int(e.get("sym"))
+                  and _is_int(e.get("ml"), -128, 127), path, f"{name}: bad {kind} entry")
+            tiles[kind].append((e["sym"], r * c))
+            side_end = max(side_end, e["side"] + 3 * r + c)  # fp16 scales, row and col classes
+        else:
+            _need(e.get("dtype") in _NP_DTYPES, path, f"{name}: unsupported dtype "
+                  f"{e.get('dtype')}")
+            side_end = max(side_end, e["side"] + count * np.dtype(_NP_DTYPES[e["dtype"]]).itemsize)
+    for kind, spans in tiles.items():
+        at = 0
+        for start, n in sorted(spans):
+            _need(start == at, path, f"the {kind} tensors do not tile their symbol stream")
+            at += n
+        _need(at == streams[kind]["n"], path, f"the {kind} stream holds {streams[kind]['n']} "
+              f"symbols, its tensors {at}")
+    # decoding holds ~5 int64 arrays per symbol; the weights then take 4 bytes per value
+    require_memory(40 * total, torch.device("cpu"), f"artifact {path}")
+    return entries, streams, side_end
+
+
+def read_artifact(path: str, expected_shapes: dict | Callable[[dict], dict] | None = None
                   ) -> tuple[QuantizedState, dict]:
-    """Load and verify an artifact; returns (quantised state, meta). Executes nothing."""
+    """Load and verify an artifact; returns (quantised state, meta). Executes nothing.
+
+    ``expected_shapes``: name -> shape that those tensors must have (and every such name must
+    be there), or a function of the meta that returns them (checked before decoding)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
         raise ArtifactError(f"cannot read artifact {path}: {e.strerror}") from None
-    hdr, start = _read_header(path, raw)
+    try:
+        return _read(path, raw, expected_shapes)
+    except ProteusError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, struct.error,
+            lzma.LZMAError) as e:  # a header that passed its checks yet does not decode
+        raise ArtifactError(f"{path}: malformed artifact ({type(e).__name__}: {e})") from None
+
+
+def _read(path: str, raw: bytes, expected_shapes) -> tuple[QuantizedState, dict]:
+    hdr, start, _ = _read_header(path, raw)
     payload = memoryview(raw)[start:]
+    entries, streams, side_len = _check_table(path, hdr, len(payload))
+    if callable(expected_shapes):
+        expected_shapes = expected_shapes(hdr["meta"])
+    if expected_shapes is not None:
+        got = {e["name"]: tuple(e["shape"]) for e in entries}
+        for name, shape in got.items():
+            want = expected_shapes.get(name)
+            if want is not None and tuple(want) != shape:
+                raise ArtifactError(f"{path}: tensor {name} has shape {shape} "
+                                    f"but the config expects {tuple(want)}")
+        missing = sorted(set(expected_shapes) - set(got))
+        if missing:
+            raise ArtifactError(f"{path}: tensors missing for this config: {missing[:5]}")
     sections = {}
     for s in hdr["sections"]:
-        lo, hi = s["offset"], s["offset"] + s["nbytes"]
-        if hi > len(payload):
-            raise ArtifactError(f"{path} is truncated: section {s['name']} needs payload bytes "
-                                f"up to {hi}, the file has {len(payload)}")
-        blob = bytes(payload[lo:hi])
+        blob = bytes(payload[s["offset"] : s["offset"] + s["nbytes"]])
         if zlib.crc32(blob) != s["crc32"]:
             raise ArtifactError(f"{path}: checksum mismatch in section {s['name']} (damaged)")
         sections[s["name"]] = blob
-    if len(payload) != sum(s["nbytes"] for s in hdr["sections"]):
-        raise ArtifactError(f"{path} has trailing bytes after its last section")
-    entries = [e for e in hdr["tensors"] if e["name"] != "__streams__"]
-    streams = next(e for e in hdr["tensors"] if e["name"] == "__streams__")["streams"]
-    if expected_shapes is not None:
-        for e in entries:
-            want = expected_shapes.get(e["name"])
-            if want is not None and tuple(want) != tuple(e["shape"]):
-                raise ArtifactError(f"{path}: tensor {e['name']} has shape {tuple(e['shape'])} "
-                                    f"but the config expects {tuple(want)}")
-        missing = sorted(set(expected_shapes) - {e["name"] for e in entries})
-        if missing:
-            raise ArtifactError(f"{path}: tensors missing for this config: {missing[:5]}")
-    side = lzma.decompress(sections["side"])
+    d = lzma.LZMADecompressor()
+    side = d.decompress(sections["side"], max_length=side_len + 1)
+    _need(d.eof and len(side) == side_len, path, f"the side section holds {len(side)} bytes, "
+          f"its table says {side_len}")
     decoded = {}
     for kind, sm in streams.items():
         alphabet, _ = KIND_ALPHABET[kind]
         n_ctx = N_CTX
         freqs = np.frombuffer(side, "<u2", n_ctx * alphabet, sm["side"]).astype(np.int64)
         freqs = freqs.reshape(n_ctx, alphabet)
+        _need(bool(np.all(freqs.sum(1) == 1 << PROB_BITS)), path,
+              f"the {kind} frequency tables do not sum to 2^{PROB_BITS}")
         ctx = np.empty(sm["n"], np.int64)
         for e in entries:
             if e["kind"] == kind:
@@ -351,9 +454,7 @@ def read_artifact(path: str, expected_shapes: dict | None = None
             q = torch.from_numpy((sym - KIND_ALPHABET[kind][1]).astype(np.int8).reshape(r, c))
             qs.tensors[name] = QTensor(kind, shape, q=q, scale=scale)
         else:
-            dt = _NP_DTYPES.get(e["dtype"])
-            if dt is None:
-                raise ArtifactError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
+            dt = _NP_DTYPES[e["dtype"]]
             count = int(np.prod(shape)) if shape else 1
             arr = np.frombuffer(side, dt, count, e["side"]).copy().reshape(shape)
             qs.tensors[name] = QTensor(kind, shape, data=torch.from_numpy(arr))
@@ -396,8 +497,8 @@ def inspect_artifact(path: str) -> str:
     qs, meta = read_artifact(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        hdr, start = _read_header(path, f.read())
-    lines = [f"{path}: PROTEUS artifact v{ARTIFACT_VERSION}, {size:,} bytes "
+        hdr, start, version = _read_header(path, f.read())
+    lines = [f"{path}: PROTEUS artifact v{version}, {size:,} bytes "
              f"(header {start:,})"]
     for s in hdr["sections"]:
         lines.append(f"  section {s['name']:5s} {s['nbytes']:>12,} bytes  crc32 {s['crc32']:08x}")

@@ -1,83 +1,232 @@
-"""Checkpoints and files: atomic writes, save and load a checkpoint, and a model from either a
-checkpoint (``model.ckpt``) or an int6 artifact.
+"""Checkpoints: sealed files that load without running code, a run's resumable training
+states, and a model from either a checkpoint (``model.ckpt``) or an int6 artifact.
 
 A checkpoint is ``torch.save`` of tensors and plain data only, so it loads with
-``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and containers. Every
-file is written to a temporary name in the same folder and renamed, so a reader never sees a
-half-written file.
+``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and containers. It is
+*sealed*: the zip archive's comment holds ``proteus-sha256:`` and the SHA-256 of every byte
+before the digest, so a flipped bit, a truncation or an edit anywhere is refused on load with
+one line naming the file (the file stays a valid zip: ``torch.load`` still reads it). Weights
+are checked finite before a file is written and again when it is loaded. Files are written
+atomically (``proteus.files``).
+
+A run directory holds ``model.ckpt`` (the final weights) and, under ``checkpoints/``, the
+newest ``keep_checkpoints`` training states ``step-NNNNNNNNN.ckpt`` that ``proteus train
+--resume`` continues from (what is in them: ``proteus.train``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
+import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from proteus.artifact import read_artifact
-from proteus.config import ConfigError, RunConfig
+from proteus.config import ConfigError, ProteusError, RunConfig, RunFailed
+from proteus.device import require_memory
+from proteus.files import OutputError, atomic_write, remove_stale_temps
 from proteus.model import GPT, build_model
 from proteus.quant import QuantizedState, apply_int6
 
-CHECKPOINT_FORMAT = "proteus-checkpoint-1"
+CHECKPOINT_FORMAT = "proteus-checkpoint-2"
+TRAIN_STATE_FORMAT = "proteus-train-state-1"
+STATE_DIR = "checkpoints"
+_SEAL = b"proteus-sha256:"
+_EOCD = b"PK\x05\x06"  # zip end-of-central-directory record: 22 bytes + its comment
+_DIGEST_HEX = 64
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+class CheckpointError(ProteusError):
+    """A missing, damaged, foreign or mismatched checkpoint; the message names the file."""
 
 
 class JsonLog:
     """A run's ``log.jsonl``: one JSON record per line, line-buffered (``None``: discard)."""
 
     def __init__(self, path: Path | None):
-        self.f = open(path, "a", buffering=1) if path else None
+        self.path = path
+        try:
+            self.f = open(path, "a", buffering=1) if path else None
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
 
     def write(self, **record) -> None:
         if self.f:
-            self.f.write(json.dumps(record) + "\n")
+            try:
+                self.f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from None
 
     def close(self) -> None:
         if self.f:
-            self.f.close()
+            try:
+                self.f.close()
+            except OSError:
+                pass  # a full disk was reported by the write that hit it
+
+
+# ---------------------------------------------------------------------------------------------
+# Sealed files
+
+
+def seal(zip_bytes: bytes) -> bytes:
+    """``torch.save`` output with the SHA-256 of every byte before the digest as its zip
+    comment (the archive stays readable by any zip reader and by ``torch.load``)."""
+    eocd = len(zip_bytes) - 22
+    if zip_bytes[eocd : eocd + 4] != _EOCD or zip_bytes[-2:] != b"\0\0":
+        raise ValueError("seal: expected a zip archive without a comment (torch.save output)")
+    body = zip_bytes[:-2] + struct.pack("<H", len(_SEAL) + _DIGEST_HEX) + _SEAL
+    return body + hashlib.sha256(body).hexdigest().encode()
+
+
+def verify_seal(raw: bytes, path: str) -> None:
+    """Refuse (one line naming ``path``) a file whose every byte is not as it was written."""
+    n = len(_SEAL) + _DIGEST_HEX
+    tail = raw[-n:]
+    if len(raw) < 22 + n or not tail.startswith(_SEAL) or raw[-n - 22 : -n - 18] != _EOCD:
+        if raw[:4] == b"PK\x03\x04" and len(raw) >= 22 and raw[-22:-18] == _EOCD:
+            raise CheckpointError(
+                f"checkpoint {path} has no integrity seal (written by an older proteus, or "
+                "not by proteus); it is not loaded")
+        raise CheckpointError(
+            f"checkpoint {path} is damaged or truncated: its integrity seal is missing")
+    if hashlib.sha256(raw[:-_DIGEST_HEX]).hexdigest().encode() != tail[len(_SEAL):]:
+        raise CheckpointError(
+            f"checkpoint {path} failed its integrity check (SHA-256 mismatch): the file is "
+            "damaged; it is not loaded")
+
+
+def write_sealed(path: Path, obj: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, seal(buf.getvalue()))
+
+
+def read_sealed(path: str | os.PathLike, fmt: str, what: str) -> dict:
+    """The dict a sealed file holds, after checking every byte and its format tag."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{what} {path} not found")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} {path} is not a file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    verify_seal(raw, path)
+    try:
+        blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # the seal matched: a proteus-written file torch cannot read
+        raise CheckpointError(f"{what} {path} is unreadable ({type(e).__name__}); pass a "
+                              "file written by `proteus train`") from None
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        tag = blob.get("format") if isinstance(blob, dict) else None
+        raise CheckpointError(f"{what} {path} is not a {fmt} file (format {tag!r})")
+    return blob
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The first floating tensor holding a NaN or an infinity, as "name (nan)", or None."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            if not bool(torch.isfinite(t).all()):
+                kind = "nan" if bool(torch.isnan(t).any()) else "inf"
+                return f"{name} ({kind})"
+    return None
+
+
+def _tensor_dict(obj, path: str, what: str) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise CheckpointError(f"{what} {path}: its weights are not a name -> tensor mapping")
+    return obj
 
 
 def save_checkpoint(path: Path, model: GPT, cfg: RunConfig, extra: dict | None = None) -> None:
-    """Tensors and plain data only, so it loads with ``torch.load(weights_only=True)``."""
-    buf = io.BytesIO()
+    """The final weights, sealed; refused (nothing written) if any weight is non-finite."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model": state,
-                "extra": extra or {}}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    bad = first_nonfinite(state)
+    if bad:
+        raise RunFailed(f"not writing {path}: weight {bad} is not finite")
+    write_sealed(Path(path), {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(),
+                              "model": state, "extra": extra or {}})
 
 
 def load_checkpoint(path: str) -> tuple[RunConfig, dict[str, torch.Tensor], dict]:
-    if not os.path.exists(path):
-        raise ConfigError(f"checkpoint {path} not found; pass the model.ckpt of a run directory")
+    """(config, weights, extra) of a sealed ``model.ckpt``; damaged, foreign, malformed or
+    non-finite ones are refused with one line."""
+    blob = read_sealed(path, CHECKPOINT_FORMAT, "checkpoint")
+    cfg = RunConfig.from_dict(blob.get("config"), where=f"checkpoint {path}")
+    state = _tensor_dict(blob.get("model"), path, "checkpoint")
+    bad = first_nonfinite(state)
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: weight {bad} is not finite (the run "
+                              "diverged); it is not evaluated")
+    extra = blob.get("extra", {})
+    return cfg, state, extra if isinstance(extra, dict) else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable training states
+
+
+def state_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / STATE_DIR
+
+
+def state_paths(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's training states, oldest first (temporary files of killed writes skipped)."""
+    folder = state_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if re.fullmatch(r"step-\d{9}\.ckpt", p.name))
+
+
+def save_train_state(run_dir: str | os.PathLike, step: int, state: dict, keep: int) -> Path:
+    """Write ``checkpoints/step-N.ckpt`` (sealed; refused if a weight is non-finite), then
+    delete all but the newest ``keep``. Returns its path."""
+    folder = state_dir(run_dir)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(
-            f"checkpoint {path} is unreadable ({type(e).__name__}); pass a model.ckpt written "
-            "by `proteus train`"
-        ) from None
-    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"checkpoint {path} is not a proteus checkpoint (format tag missing)")
-    return RunConfig.from_dict(blob["config"]), blob["model"], blob.get("extra", {})
+        folder.mkdir(exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {folder}: {e.strerror or e}") from None
+    path = folder / f"step-{step:09d}.ckpt"
+    bad = first_nonfinite(state["model"])
+    if bad:
+        raise RunFailed(f"not writing {path}: weight {bad} is not finite")
+    write_sealed(path, {"format": TRAIN_STATE_FORMAT, **state})
+    for old in state_paths(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_train_state(path: str | os.PathLike) -> dict:
+    """A training state :func:`save_train_state` wrote (every byte checked)."""
+    blob = read_sealed(path, TRAIN_STATE_FORMAT, "training state")
+    blob["config"] = RunConfig.from_dict(blob.get("config"), where=f"training state {path}")
+    _tensor_dict(blob.get("model"), str(path), "training state")
+    blob["path"] = str(path)
+    return blob
+
+
+def clean_run_dir(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed writes left in a run directory."""
+    return remove_stale_temps(run_dir) + remove_stale_temps(state_dir(run_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# A model from a checkpoint or an artifact
 
 
 def int6_model(cfg: RunConfig, qstate: QuantizedState, kernels: str | None = None) -> GPT:
@@ -93,19 +242,67 @@ def _is_artifact(path: str) -> bool:
         return f.read(4) != b"PK\x03\x04"
 
 
+def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight's shape for ``cfg``, from a model on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def load_model(path: str, kernels: str | None) -> tuple[GPT, RunConfig, dict]:
-    """A model from ``model.ckpt`` or from an int6 artifact (through Int6Linear layers)."""
+    """A model from ``model.ckpt`` or from an int6 artifact (through Int6Linear layers).
+
+    Refused with one line: a missing path or a folder, a damaged or foreign file, a config
+    that does not validate, weights that do not match it, a model too big for this machine's
+    memory, and non-finite weights."""
     if not os.path.exists(path):
-        raise ConfigError(f"{path} not found; pass a run's model.ckpt or its artifact")
-    if os.path.getsize(path) >= 8 and _is_artifact(path):
-        qstate, meta = read_artifact(path)
-        cfg = RunConfig.from_dict(meta["run_config"])
-        model = int6_model(cfg, qstate, kernels)
-        return model, cfg, dict(source="artifact", float_bpb=meta.get("float_bpb"))
-    cfg, state, extra = load_checkpoint(path)
-    model = build_model(cfg, kernels)
+        raise CheckpointError(f"{path} not found; pass a run's model.ckpt or its artifact")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is not a file; pass a run's model.ckpt or its artifact")
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ConfigError(f"checkpoint {path} does not match its config: {e}") from None
-    return model, cfg, dict(source="checkpoint", **extra)
+        artifact = os.path.getsize(path) < 8 or _is_artifact(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if artifact:
+        qstate, meta = read_artifact(path, lambda m: _artifact_shapes(m, path))
+        cfg = RunConfig.from_dict(meta.get("run_config"), where=f"artifact {path}")
+        model = int6_model(cfg, qstate, kernels)
+        bpb = meta.get("float_bpb")
+        info = dict(source="artifact", float_bpb=bpb if isinstance(bpb, float) else None)
+    else:
+        cfg, state, extra = load_checkpoint(path)
+        shapes = expected_shapes(cfg)
+        require_memory(4 * sum(_numel(s) for s in shapes.values()), torch.device("cpu"),
+                       f"the model of {path}")
+        model = build_model(cfg, kernels)
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != shapes:
+            diff = sorted(set(got.items()) ^ set(shapes.items()))[:3]
+            raise CheckpointError(f"checkpoint {path} does not match its config: weights "
+                                  f"{[k for k, _ in diff]} differ in name or shape")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ConfigError(f"checkpoint {path} does not match its config: {e}") from None
+        info = dict(source="checkpoint", **extra)
+    bad = first_nonfinite(model.state_dict())
+    if bad:
+        raise CheckpointError(f"{path}: weight {bad} is not finite; it is not evaluated")
+    return model, cfg, info
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _artifact_shapes(meta: dict, path: str) -> dict[str, tuple[int, ...]]:
+    """The weight shapes an artifact's config implies, checked against this machine's memory
+    before anything is decoded (the artifact reader refuses a table that disagrees)."""
+    cfg = RunConfig.from_dict(meta.get("run_config"), where=f"artifact {path}")
+    shapes = expected_shapes(cfg)
+    require_memory(4 * sum(_numel(s) for s in shapes.values()), torch.device("cpu"),
+                   f"the model of {path}")
+    return shapes

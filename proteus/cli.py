@@ -1,10 +1,13 @@
 """``proteus`` command line: train, eval, audit, artifact inspect, kernels report, bench.
 
 The top of the layers: argument parsing, printing and exit codes. Every model/train/eval option
-is generated from the config dataclasses (see ``proteus/config.py``). Bad input — unknown preset
-or option, missing data or tokenizer, mismatched vocabulary, unreadable checkpoint or artifact —
-prints one line naming the thing and the fix, and exits with code 2 (no traceback). Progress
-lines of the library (the ``proteus`` logger) are printed on rank 0.
+is generated from the config dataclasses (see ``proteus/config.py``). Bad input — unknown preset,
+option or ``PROTEUS_*`` variable, a value outside its range, missing data or tokenizer,
+mismatched vocabulary, a damaged checkpoint or artifact, an unwritable folder — prints one line
+naming the thing and the fix, and exits with code 2 (no traceback). A run that cannot go on
+(diverged, lost a peer, out of memory) prints one line and exits 1; SIGTERM/SIGINT print where
+the run was saved and exit 128 + the signal. A closed stdout (``proteus ... | head``) is
+ignored. Progress lines of the library (the ``proteus`` logger) are printed on rank 0.
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ import logging
 import os
 import sys
 
-from proteus.config import PRESETS, ProteusError, add_config_arguments, build_config
+from proteus.config import (
+    PRESETS,
+    ProteusError,
+    RunInterrupted,
+    add_config_arguments,
+    build_config,
+    command_env,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a preset, evaluate it, write checkpoint + artifact",
                        description="Train, evaluate val bpb, write the run directory "
                        "(config.json, log.jsonl, model.ckpt, artifact, summary.json).")
-    t.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(PRESETS)}")
+    t.add_argument("--preset", default=None,
+                   help=f"one of {', '.join(PRESETS)} (default cpu-tiny)")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a stopped run from its newest checkpoint (or from a "
+                   "RUN_DIR/checkpoints/step-N.ckpt), with its own config")
     add_config_arguments(t)
 
     e = sub.add_parser("eval", help="re-evaluate a checkpoint or an int6 artifact",
@@ -67,15 +81,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Progress lines to stdout; a closed stdout (``| head``) silences them instead of
+    printing a logging traceback on every line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            _drop_stdout()
+            return
+        super().handleError(record)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: later writes (and the flush at exit) go nowhere quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def setup_logging() -> None:
     """Print the library's progress lines (the ``proteus`` logger) on rank 0, as they come."""
     logger = logging.getLogger("proteus")
     if not any(getattr(h, "_proteus", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._proteus = True
         logger.addHandler(handler)
-    logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    rank = os.environ.get("RANK", "0")
+    logger.setLevel(logging.INFO if rank in ("", "0") else logging.WARNING)
     logger.propagate = False
 
 
@@ -85,12 +120,27 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return _dispatch(parser, args)
-    except ProteusError as e:  # bad input (config, data, checkpoint, artifact): one line
-        print(f"proteus: error: {e}", file=sys.stderr)
-        return 2
+    except ProteusError as e:  # bad input, a failed or interrupted run: one line
+        kind = "" if isinstance(e, RunInterrupted) else "error: "
+        print(f"proteus: {kind}{e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("proteus: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed by the reader: nothing left to say to it
+        _drop_stdout()
+        return 0
+    except MemoryError:
+        print("proteus: error: out of memory; use a smaller batch, model or --val-tokens",
+              file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # torch's out-of-memory errors, one line; others are bugs
+        text = str(e)
+        if "out of memory" not in text and "can't allocate memory" not in text:
+            raise
+        print(f"proteus: error: out of memory ({text.strip().splitlines()[0][:160]}); use a "
+              "smaller batch, model or --val-tokens", file=sys.stderr)
+        return 1
 
 
 def _dispatch(parser, args) -> int:
@@ -98,14 +148,23 @@ def _dispatch(parser, args) -> int:
     # commands stay fast, and no command pays for another's imports (torch.compile, triton's
     # compiler). These are the only function-local imports of the package.
     if args.command == "train":
+        if args.resume:
+            from proteus.commands import main_resume
+
+            return main_resume(args.resume, {**_cli_values(args), "train.preset": args.preset})
         from proteus.commands import main_train
 
-        return main_train(build_config(args.preset, _cli_values(args)))
+        return main_train(build_config(args.preset or "cpu-tiny", _cli_values(args)))
+    if args.command is None:
+        parser.print_help()
+        return 2
+    values = {**command_env(args.command), **{k: v for k, v in _cli_values(args).items()
+                                               if v is not None}}
     if args.command in ("eval", "audit"):
         from proteus.commands import main_audit, main_eval
 
         fn = main_eval if args.command == "eval" else main_audit
-        return fn(args.path, _cli_values(args))
+        return fn(args.path, values)
     if args.command == "artifact" and args.artifact_command == "inspect":
         from proteus.commands import main_inspect
 

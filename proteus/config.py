@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from collections.abc import Mapping
@@ -24,11 +25,30 @@ NGRAM_BACKENDS = ("numpy", "triton", "ref")  # how the n-gram cache counts (prot
 
 class ProteusError(ValueError):
     """Bad input a user can fix (an option, a file, a checkpoint): the command line prints the
-    message on one line and exits with code 2."""
+    message on one line and exits with ``exit_code`` (2)."""
+
+    exit_code = 2
 
 
 class ConfigError(ProteusError):
     """A bad preset, option or value."""
+
+
+class RunFailed(ProteusError):
+    """A run that cannot go on (diverged, lost a peer, cannot write its files): one line, exit
+    code 1, and nothing final written."""
+
+    exit_code = 1
+
+
+class RunInterrupted(ProteusError):
+    """SIGTERM or SIGINT: the message says what was saved and how to resume; the exit code is
+    the shell's for that signal (128 + signal number)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 @dataclass(frozen=True)
@@ -36,30 +56,42 @@ class ModelConfig:
     """The GPT of SPEC.md's model table. Each row of the table is a field; defaults = the record."""
 
     vocab_size: int = field(
-        default=1024, metadata={"help": "vocabulary size (must match the tokenizer)"}
+        default=1024, metadata={"help": "vocabulary size (must match the tokenizer)",
+                                "range": "[2, 65536]"}  # shards hold uint16 token ids
     )
-    num_layers: int = field(default=11, metadata={"help": "transformer blocks"})
-    model_dim: int = field(default=512, metadata={"help": "residual width"})
-    num_heads: int = field(default=8, metadata={"help": "query heads"})
+    num_layers: int = field(default=11, metadata={"help": "transformer blocks",
+                                                  "range": "[1, 1024]"})
+    model_dim: int = field(default=512, metadata={"help": "residual width", "range": "[1, 65536]"})
+    num_heads: int = field(default=8, metadata={"help": "query heads", "range": "[1, 4096]"})
     num_kv_heads: int = field(
-        default=4, metadata={"help": "key/value heads (GQA); divides num_heads"}
+        default=4, metadata={"help": "key/value heads (GQA); divides num_heads",
+                             "range": "[1, 4096]"}
     )
-    mlp_mult: float = field(default=3.0, metadata={"help": "MLP hidden = mlp_mult * model_dim"})
+    mlp_mult: float = field(default=3.0, metadata={"help": "MLP hidden = mlp_mult * model_dim",
+                                                   "range": "(0, 1024]"})
     mlp_slope: float = field(
-        default=0.9, metadata={"help": "LeakyReLU slope of the squared activation"}
+        default=0.9, metadata={"help": "LeakyReLU slope of the squared activation",
+                               "range": "[-1000, 1000]"}
     )
     qk_norm: bool = field(default=True, metadata={"help": "RMS-normalise q and k per head"})
-    q_gain_init: float = field(default=1.5, metadata={"help": "initial learnable per-head q gain"})
-    rope_dims: int = field(default=16, metadata={"help": "head dims that get RoPE (partial RoPE)"})
-    rope_base: float = field(default=10000.0, metadata={"help": "RoPE base"})
-    xsa_last_n: int = field(default=4, metadata={"help": "XSA on the last N blocks (0 = off)"})
-    bigram_buckets: int = field(default=2048, metadata={"help": "BigramHash buckets (0 = off)"})
-    bigram_dim: int = field(default=128, metadata={"help": "BigramHash embedding width"})
+    q_gain_init: float = field(default=1.5, metadata={"help": "initial learnable per-head q gain",
+                                                      "range": "[-1000, 1000]"})
+    rope_dims: int = field(default=16, metadata={"help": "head dims that get RoPE (partial RoPE)",
+                                                 "range": "[0, 65536]"})
+    rope_base: float = field(default=10000.0, metadata={"help": "RoPE base", "range": "[1, 1e12]"})
+    xsa_last_n: int = field(default=4, metadata={"help": "XSA on the last N blocks (0 = off)",
+                                                 "range": "[0, 1024]"})
+    bigram_buckets: int = field(default=2048, metadata={"help": "BigramHash buckets (0 = off)",
+                                                        "range": "[0, 2**24]"})
+    bigram_dim: int = field(default=128, metadata={"help": "BigramHash embedding width",
+                                                   "range": "[1, 65536]"})
     value_embed_layers: str = field(
         default="9,10",
-        metadata={"help": "comma-separated blocks that get value embeddings ('' = off)"},
+        metadata={"help": "comma-separated blocks that get value embeddings ('' = off)",
+                  "range": "block indices in [0, num_layers), each once"},
     )
-    value_embed_dim: int = field(default=128, metadata={"help": "value-embedding width"})
+    value_embed_dim: int = field(default=128, metadata={"help": "value-embedding width",
+                                                        "range": "[1, 65536]"})
     smear_gate: bool = field(
         default=True, metadata={"help": "SmearGate: mix in previous token's embedding"}
     )
@@ -69,7 +101,7 @@ class ModelConfig:
     )
     ln_scale: bool = field(default=True, metadata={"help": "scale block inputs by 1/sqrt(layer+1)"})
     logit_softcap: float = field(
-        default=30.0, metadata={"help": "softcap*tanh(z/softcap) (0 = off)"}
+        default=30.0, metadata={"help": "softcap*tanh(z/softcap) (0 = off)", "range": "[0, 1e6]"}
     )
     tie_embeddings: bool = field(default=True, metadata={"help": "tie input and output embeddings"})
 
@@ -83,9 +115,17 @@ class ModelConfig:
 
     @property
     def value_embed_set(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.value_embed_layers.split(",") if s.strip())
+        parts = [s.strip() for s in self.value_embed_layers.split(",") if s.strip()]
+        try:
+            return tuple(int(s) for s in parts)
+        except ValueError:
+            raise ConfigError(
+                f"value_embed_layers {self.value_embed_layers!r} (--value-embed-layers) must be "
+                "comma-separated block indices, e.g. '9,10', or '' for none"
+            ) from None
 
     def validate(self) -> None:
+        check_fields(self)
         if self.model_dim % self.num_heads:
             raise ConfigError(
                 f"model_dim {self.model_dim} is not divisible by num_heads {self.num_heads}; "
@@ -102,101 +142,162 @@ class ModelConfig:
             )
         if not 0 <= self.xsa_last_n <= self.num_layers:
             raise ConfigError(f"xsa_last_n {self.xsa_last_n} must be in [0, {self.num_layers}]")
-        bad = [i for i in self.value_embed_set if not 0 <= i < self.num_layers]
+        if self.mlp_hidden < 1:
+            raise ConfigError(
+                f"mlp_mult {self.mlp_mult} gives an MLP of {self.mlp_hidden} hidden units at "
+                f"model_dim {self.model_dim}; it needs at least 1"
+            )
+        layers = self.value_embed_set
+        bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:
-            raise ConfigError(f"value_embed_layers {bad} out of range for {self.num_layers} layers")
+            raise ConfigError(
+                f"value_embed_layers {bad} out of range for {self.num_layers} layers: block "
+                f"indices are 0..{self.num_layers - 1}"
+            )
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"value_embed_layers {self.value_embed_layers!r} names a block twice")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimiser, schedule, data and run settings (SPEC.md's optimiser and schedule rows)."""
 
-    preset: str = field(default="cpu-tiny", metadata={"help": "preset the run starts from"})
-    seed: int = field(default=1337, metadata={"help": "random seed"})
+    preset: str = field(default="cpu-tiny", metadata={"help": "preset the run starts from",
+                                                      "range": "a preset name"})
+    seed: int = field(default=1337, metadata={"help": "random seed", "range": "[0, 2**63-1]"})
     train_files: str = field(
-        default="", metadata={"help": "glob of training shards ('' = the bundled sample)"}
+        default="", metadata={"help": "glob of training shards ('' = the bundled sample)",
+                              "range": "a path glob"}
     )
     val_files: str = field(
-        default="", metadata={"help": "glob of validation shards ('' = the bundled sample)"}
+        default="", metadata={"help": "glob of validation shards ('' = the bundled sample)",
+                              "range": "a path glob"}
     )
-    tokenizer: str = field(default="", metadata={"help": "SentencePiece model ('' = bundled)"})
-    seq_len: int = field(default=2048, metadata={"help": "training sequence length"})
-    batch_tokens: int = field(default=786432, metadata={"help": "global tokens per optimiser step"})
+    tokenizer: str = field(default="", metadata={"help": "SentencePiece model ('' = bundled)",
+                                                 "range": "a file path"})
+    seq_len: int = field(default=2048, metadata={"help": "training sequence length",
+                                                 "range": "[1, 2**20]"})
+    batch_tokens: int = field(default=786432, metadata={"help": "global tokens per optimiser step",
+                                                        "range": "[1, 2**36]"})
     micro_batch_seqs: int = field(
-        default=0, metadata={"help": "sequences per forward on each rank (0 = whole step at once)"}
+        default=0, metadata={"help": "sequences per forward on each rank (0 = whole step at once)",
+                             "range": "[0, 2**30]"}
     )
-    iterations: int = field(default=20000, metadata={"help": "maximum optimiser steps"})
+    iterations: int = field(default=20000, metadata={"help": "maximum optimiser steps",
+                                                     "range": "[1, 2**40]"})
     max_wallclock_s: float = field(
-        default=600.0, metadata={"help": "hard training time cap in seconds (0 = none)"}
+        default=600.0, metadata={"help": "hard training time cap in seconds (0 = none)",
+                                 "range": "[0, 1e8]"}
     )
     warmup_steps: int = field(
-        default=20, metadata={"help": "warm-up steps whose model/optimiser state is discarded"}
+        default=20, metadata={"help": "warm-up steps whose model/optimiser state is discarded",
+                              "range": "[0, 1000000]"}
     )
-    lr_warmup_steps: int = field(default=0, metadata={"help": "linear LR ramp-up steps"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "linear LR ramp-up steps",
+                                                      "range": "[0, 2**40]"})
     warmdown_steps: int = field(
         default=3500,
-        metadata={"help": "linear LR warm-down over the last N steps (wall-clock aware)"},
+        metadata={"help": "linear LR warm-down over the last N steps (wall-clock aware)",
+                  "range": "[0, 2**40]"},
     )
     matrix_lr: float = field(
-        default=0.025, metadata={"help": "Muon learning rate (block matrices)"}
+        default=0.025, metadata={"help": "Muon learning rate (block matrices)", "range": "[0, 1e6]"}
     )
-    embed_lr: float = field(default=0.035, metadata={"help": "AdamW LR for (tied) embeddings"})
-    scalar_lr: float = field(default=0.025, metadata={"help": "AdamW LR for scalars/vectors"})
-    muon_momentum: float = field(default=0.99, metadata={"help": "Muon momentum after warm-up"})
-    muon_momentum_start: float = field(default=0.92, metadata={"help": "Muon momentum at step 0"})
+    embed_lr: float = field(default=0.035, metadata={"help": "AdamW LR for (tied) embeddings",
+                                                     "range": "[0, 1e6]"})
+    scalar_lr: float = field(default=0.025, metadata={"help": "AdamW LR for scalars/vectors",
+                                                      "range": "[0, 1e6]"})
+    muon_momentum: float = field(default=0.99, metadata={"help": "Muon momentum after warm-up",
+                                                         "range": "[0, 1)"})
+    muon_momentum_start: float = field(default=0.92, metadata={"help": "Muon momentum at step 0",
+                                                               "range": "[0, 1)"})
     muon_momentum_warmup: int = field(
-        default=1500, metadata={"help": "Muon momentum warm-up steps"}
+        default=1500, metadata={"help": "Muon momentum warm-up steps", "range": "[0, 2**40]"}
     )
-    muon_ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz iterations"})
+    muon_ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz iterations",
+                                                    "range": "[1, 100]"})
     muon_ns_dtype: str = field(default="auto", metadata={
         "help": "Newton-Schulz precision: auto (bf16 where bf16 is native, else fp32), bf16 "
-                "or fp32"})
-    muon_wd: float = field(default=0.04, metadata={"help": "Muon decoupled weight decay"})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    adam_wd: float = field(default=0.04, metadata={"help": "AdamW weight decay (embeddings)"})
-    grad_clip: float = field(default=0.3, metadata={"help": "global grad-norm clip (0 = off)"})
-    ema_decay: float = field(default=0.997, metadata={"help": "EMA of weights (0 = off)"})
-    swa_every: int = field(default=50, metadata={"help": "SWA snapshot period in steps (0 = off)"})
+                "or fp32", "choices": ("auto", "bf16", "fp32")})
+    muon_wd: float = field(default=0.04, metadata={"help": "Muon decoupled weight decay",
+                                                   "range": "[0, 1e6]"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "range": "[0, 1)"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2", "range": "[0, 1)"})
+    adam_wd: float = field(default=0.04, metadata={"help": "AdamW weight decay (embeddings)",
+                                                   "range": "[0, 1e6]"})
+    grad_clip: float = field(default=0.3, metadata={"help": "global grad-norm clip (0 = off)",
+                                                    "range": "[0, 1e12]"})
+    ema_decay: float = field(default=0.997, metadata={"help": "EMA of weights (0 = off)",
+                                                      "range": "[0, 1)"})
+    swa_every: int = field(default=50, metadata={"help": "SWA snapshot period in steps (0 = off)",
+                                                 "range": "[0, 2**40]"})
     swa_lr_below: float = field(
-        default=0.2, metadata={"help": "SWA starts once the LR scale falls below this"}
+        default=0.2, metadata={"help": "SWA starts once the LR scale falls below this",
+                               "range": "[0, 1e6]"}
     )
-    val_every: int = field(default=0, metadata={"help": "validate every N steps (0 = only at end)"})
-    kernels: str = field(default="ref", metadata={"help": "hot ops: ref (PyTorch) or triton"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    val_every: int = field(default=0, metadata={"help": "validate every N steps (0 = only at end)",
+                                                "range": "[0, 2**40]", "resume": True})
+    kernels: str = field(default="ref", metadata={"help": "hot ops: ref (PyTorch) or triton",
+                                                  "choices": ("ref", "triton"), "resume": True})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model",
+                                                   "resume": True})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda",
+                                                  "choices": ("auto", "cpu", "cuda"),
+                                                  "resume": True})
     autocast_bf16: str = field(
         default="auto", metadata={"help": "bf16 autocast: auto (on CUDA and on CPUs with native "
-                                  "bf16: AMX/AVX512-BF16), on, off"}
+                                  "bf16: AMX/AVX512-BF16), on, off",
+                                  "choices": ("auto", "on", "off")}
     )
     attn_fp32: str = field(
         default="auto", metadata={"help": "attention in fp32 under bf16 autocast: auto (on CPU, "
-                                  "where torch's bf16 attention backward is ~2x slower), on, off"}
+                                  "where torch's bf16 attention backward is ~2x slower), on, off",
+                                  "choices": ("auto", "on", "off")}
     )
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = all cores)"})
-    out_dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
-    run_name: str = field(default="", metadata={"help": "run directory name ('' = preset+time)"})
-    log_every: int = field(default=10, metadata={"help": "progress line every N steps"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = all cores)",
+                                              "range": "[0, 65536]", "resume": True})
+    out_dir: str = field(default="runs", metadata={"help": "parent folder of run directories",
+                                                   "range": "a folder path", "resume": True})
+    run_name: str = field(default="", metadata={
+        "help": "run directory name ('' = preset+time; an existing one is refused)",
+        "range": "a folder name", "resume": True})
+    log_every: int = field(default=10, metadata={"help": "progress line every N steps",
+                                                 "range": "[1, 2**40]", "resume": True})
+    checkpoint_every: int = field(default=0, metadata={
+        "help": "resumable checkpoint every N steps (0 = off)", "range": "[0, 2**40]",
+        "resume": True})
+    checkpoint_every_s: float = field(default=600.0, metadata={
+        "help": "resumable checkpoint every N seconds of training (0 = off)",
+        "range": "[0, 1e8]", "resume": True})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "resumable checkpoints kept in the run directory (the newest)",
+        "range": "[1, 100000]", "resume": True})
+    dist_timeout_s: float = field(default=0.0, metadata={
+        "help": "seconds a collective may wait for a peer before every rank stops (0 = the "
+                "time cap max_wallclock_s, at least 120, at most 1800; 1800 without a cap)",
+        "range": "[0, 1e6]", "resume": True})
 
     def validate(self) -> None:
-        if self.kernels not in ("ref", "triton"):
-            raise ConfigError(f"kernels must be 'ref' or 'triton', got {self.kernels!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.autocast_bf16 not in ("auto", "on", "off"):
-            raise ConfigError(f"autocast_bf16 must be auto, on or off, got {self.autocast_bf16!r}")
-        if self.attn_fp32 not in ("auto", "on", "off"):
-            raise ConfigError(f"attn_fp32 must be auto, on or off, got {self.attn_fp32!r}")
-        if self.muon_ns_dtype not in ("auto", "bf16", "fp32"):
-            raise ConfigError(
-                f"muon_ns_dtype must be auto, bf16 or fp32, got {self.muon_ns_dtype!r}")
-        if self.seq_len <= 0 or self.batch_tokens <= 0:
-            raise ConfigError("seq_len and batch_tokens must be positive")
+        check_fields(self)
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of "
+                              f"{', '.join(PRESETS)}")
         if self.batch_tokens % self.seq_len:
             raise ConfigError(
                 f"seq_len {self.seq_len} does not divide batch_tokens {self.batch_tokens}; "
                 "make batch_tokens a multiple of seq_len"
             )
+        if self.micro_batch_seqs > self.batch_tokens // self.seq_len:
+            raise ConfigError(
+                f"micro_batch_seqs {self.micro_batch_seqs} is more than the "
+                f"{self.batch_tokens // self.seq_len} sequences of a step"
+            )
+        if not self.out_dir.strip():
+            raise ConfigError("out_dir (--out-dir) is empty; pass a folder for run directories")
+        if self.run_name and (self.run_name in (".", "..") or "/" in self.run_name
+                              or os.sep in self.run_name or "\0" in self.run_name):
+            raise ConfigError(f"run_name {self.run_name!r} (--run-name) must be a plain folder "
+                              "name (no path separators); put the parent folder in --out-dir")
 
 
 @dataclass(frozen=True)
@@ -204,39 +305,35 @@ class EvalConfig:
     """Scoring: plain and sliding-window bpb, and the honest n-gram cache."""
 
     val_tokens: int = field(
-        default=0, metadata={"help": "score the first N validation tokens (0 = all)"}
+        default=0, metadata={"help": "score the first N validation tokens (0 = all)",
+                             "range": "[0, 2**48]"}
     )
-    eval_seq_len: int = field(default=0, metadata={"help": "eval window (0 = training seq_len)"})
+    eval_seq_len: int = field(default=0, metadata={"help": "eval window (0 = training seq_len)",
+                                                   "range": "[0, 2**20]"})
     stride: int = field(
-        default=0, metadata={"help": "sliding-window stride (0 = plain non-overlapping eval only)"}
+        default=0, metadata={"help": "sliding-window stride (0 = plain non-overlapping eval only)",
+                             "range": "[0, 2**20]"}
     )
-    eval_batch_seqs: int = field(default=16, metadata={"help": "windows per eval forward"})
-    cache: str = field(default="none", metadata={"help": "eval cache: none or ngram"})
-    ngram_order: int = field(default=5, metadata={"help": "highest n-gram order of the cache"})
+    eval_batch_seqs: int = field(default=16, metadata={"help": "windows per eval forward",
+                                                       "range": "[1, 2**20]"})
+    cache: str = field(default="none", metadata={"help": "eval cache: none or ngram",
+                                                 "choices": ("none", "ngram")})
+    ngram_order: int = field(default=5, metadata={"help": "highest n-gram order of the cache",
+                                                  "range": f"[2, {MAX_ORDER}]"})
     ngram_doc: bool = field(default=True, metadata={
         "help": "also mix in n-gram counts of the current document alone (after the last BOS)"})
     ngram_backend: str = field(
-        default="auto", metadata={"help": "cache counts: auto, numpy, triton or ref"}
+        default="auto", metadata={"help": "cache counts: auto, numpy, triton or ref",
+                                  "choices": ("auto", *NGRAM_BACKENDS)}
     )
-    audit_positions: int = field(default=32, metadata={"help": "positions the audit samples"})
+    audit_positions: int = field(default=32, metadata={"help": "positions the audit samples",
+                                                       "range": "[1, 10000000]"})
 
     def validate(self) -> None:
-        if self.cache not in ("none", "ngram"):
-            raise ConfigError(f"cache must be 'none' or 'ngram', got {self.cache!r}")
-        if self.stride < 0 or self.val_tokens < 0:
-            raise ConfigError("stride and val_tokens must be >= 0")
-        if not 2 <= self.ngram_order <= MAX_ORDER:
-            raise ConfigError(
-                f"ngram_order must be in [2, {MAX_ORDER}] (10-bit tokens in 64-bit keys), "
-                f"got {self.ngram_order}"
-            )
-        if self.ngram_backend not in ("auto", *NGRAM_BACKENDS):
-            raise ConfigError(
-                f"ngram_backend must be one of auto, {', '.join(NGRAM_BACKENDS)}; "
-                f"got {self.ngram_backend!r}"
-            )
-        if self.audit_positions < 1:
-            raise ConfigError("audit_positions must be >= 1")
+        check_fields(self)
+        if self.val_tokens == 1:
+            raise ConfigError("val_tokens 1 (--val-tokens) scores nothing: pass 0 (all) or at "
+                              "least 2 (a context token and a target)")
 
 
 @dataclass(frozen=True)
@@ -254,15 +351,26 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @staticmethod
-    def from_dict(d: Mapping) -> RunConfig:
+    def from_dict(d: Mapping, where: str = "config") -> RunConfig:
+        """A validated config from its ``to_dict`` form (``where`` names the source in errors:
+        a checkpoint, an artifact, a run's config.json)."""
+        if not isinstance(d, Mapping) or not all(isinstance(d.get(s, {}), Mapping)
+                                                  for s in SECTIONS):
+            raise ConfigError(f"{where}: the config is not a mapping of sections "
+                              f"({', '.join(SECTIONS)}); the file is damaged or not proteus's")
+        extra = sorted(set(d) - set(SECTIONS))
+        if extra:
+            raise ConfigError(f"{where}: unknown config sections {extra}")
         try:
-            return RunConfig(
-                model=ModelConfig(**d.get("model", {})),
-                train=TrainConfig(**d.get("train", {})),
-                eval=EvalConfig(**d.get("eval", {})),
-            )
+            cfg = RunConfig(**{s: cls(**d.get(s, {})) for s, cls in SECTIONS.items()})
         except TypeError as e:
-            raise ConfigError(f"config does not match this version of proteus: {e}") from None
+            raise ConfigError(
+                f"{where}: config does not match this version of proteus: {e}") from None
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            raise ConfigError(f"{where}: invalid config: {e}") from None
+        return cfg
 
 
 # Presets: overrides on top of the defaults, per section.
@@ -365,18 +473,102 @@ def _field_type(cls, f) -> type:
     return typing.get_type_hints(cls)[f.name]
 
 
-def _parse_value(kind: type, raw: str, where: str):
+def _number(text: str) -> int | float:
+    text = text.strip()
+    if text.startswith("2**"):  # "2**40", "2**63-1"
+        exp, _, minus = text[3:].partition("-")
+        return 2 ** int(exp) - int(minus or 0)
+    return float(text) if any(c in text for c in ".e") else int(text)
+
+
+def _interval(spec: str) -> tuple[int | float, int | float, bool, bool] | None:
+    """``"[lo, hi)"`` -> (lo, hi, lo open, hi open); a descriptive range (``"a path glob"``)
+    -> None."""
+    if not spec or spec[0] not in "[(":
+        return None
+    lo, hi = spec[1:-1].split(",")
+    return _number(lo), _number(hi), spec[0] == "(", spec[-1] == ")"
+
+
+_KIND_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a finite number",
+               str: "a string"}
+
+
+def _field_problem(kind: type, f, value) -> str | None:
+    """Why ``value`` is not allowed in field ``f`` (of type ``kind``): "expected ..., got ...",
+    or None when it is allowed."""
+    meta = f.metadata
+    choices, interval = meta.get("choices"), _interval(meta.get("range", ""))
+    expected = _KIND_NAMES[kind]
+    if choices:
+        expected = "one of " + ", ".join(choices)
+    elif interval:
+        expected += " in " + meta["range"]
+    ok_type = {bool: lambda v: isinstance(v, bool),
+               int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+               float: lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                 and math.isfinite(v)),
+               str: lambda v: isinstance(v, str)}[kind]
+    if not ok_type(value):
+        return f"expected {expected}, got {value!r}"
+    if choices and value not in choices:
+        return f"expected {expected}, got {value!r}"
+    if interval:
+        lo, hi, lo_open, hi_open = interval
+        if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+            return f"expected {expected}, got {value!r}"
+    return None
+
+
+def _names(f) -> str:
+    return f"--{f.name.replace('_', '-')} / PROTEUS_{f.name.upper()}"
+
+
+def check_fields(obj) -> None:
+    """Each field of a config dataclass against its type, choices and range (field metadata),
+    with an error that names the option, what it expects and what it got."""
+    cls = type(obj)
+    for f in fields(cls):
+        problem = _field_problem(_field_type(cls, f), f, getattr(obj, f.name))
+        if problem:
+            raise ConfigError(f"{f.name} ({_names(f)}): {problem}")
+
+
+def _convert(kind: type, f, raw: str):
+    """Text from the command line or the environment -> a value of field ``f``; ValueError with
+    "expected ..., got ..." otherwise."""
+    value: object = raw
     if kind is bool:
         low = raw.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{where}: expected a boolean (true/false), got {raw!r}")
+        value = {"1": True, "true": True, "yes": True, "on": True,
+                 "0": False, "false": False, "no": False, "off": False}.get(low, raw)
+    elif kind in (int, float):
+        try:
+            value = kind(raw)
+        except ValueError:
+            pass
+    problem = _field_problem(kind, f, value)
+    if problem:
+        raise ValueError(problem.rsplit(", got", 1)[0] + f", got {raw!r}")
+    return value
+
+
+def _parse_value(kind: type, f, raw: str, where: str):
     try:
-        return kind(raw)
-    except ValueError:
-        raise ConfigError(f"{where}: expected {kind.__name__}, got {raw!r}") from None
+        return _convert(kind, f, raw)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _arg_type(kind: type, f):
+    def parse(raw: str):
+        try:
+            return _convert(kind, f, raw)
+        except ValueError as e:  # argparse prints "argument --flag: <this message>"
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = _KIND_NAMES[kind]
+    return parse
 
 
 def _all_fields():
@@ -396,26 +588,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections=("model", "tr
             kind = _field_type(cls, f)
             flag = "--" + f.name.replace("_", "-")
             env = "PROTEUS_" + f.name.upper()
-            default = f.default
-            helptext = f"{f.metadata.get('help', '')} [default {default!r}; env {env}]"
-            if kind is bool:
-                group.add_argument(
-                    flag,
-                    dest=f"{section}.{f.name}",
-                    default=None,
-                    type=lambda s, n=flag: _parse_value(bool, s, n),
-                    metavar="BOOL",
-                    help=helptext,
-                )
-            else:
-                group.add_argument(
-                    flag,
-                    dest=f"{section}.{f.name}",
-                    default=None,
-                    type=lambda s, k=kind, n=flag: _parse_value(k, s, n),
-                    metavar=kind.__name__.upper(),
-                    help=helptext,
-                )
+            rng = f.metadata.get("choices") and "|".join(f.metadata["choices"]) or \
+                f.metadata.get("range")
+            helptext = (f"{f.metadata.get('help', '')} [default {f.default!r}"
+                        + (f"; {rng}" if rng else "") + f"; env {env}]")
+            group.add_argument(flag, dest=f"{section}.{f.name}", default=None,
+                               type=_arg_type(kind, f), metavar=kind.__name__.upper(),
+                               help=helptext.replace("%", "%%"))
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, dict]:
@@ -432,18 +611,71 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, dict]:
                 "(see `proteus train --help`); unset it"
             )
         section, cls, f = known[name]
-        out[section][f.name] = _parse_value(_field_type(cls, f), raw, name)
+        out[section][f.name] = _parse_value(_field_type(cls, f), f, raw, name)
+    return out
+
+
+# What the commands other than `train` read from PROTEUS_* variables: `eval` and `audit` start
+# from the config their checkpoint or artifact was trained with and take only these options;
+# the other commands take none. A variable a command does not read is refused, not ignored.
+COMMAND_ENV = {
+    "eval": ("eval.*", "train.kernels", "train.val_files"),
+    "audit": ("eval.*",),
+}
+
+
+def command_env(command: str, environ: Mapping[str, str] | None = None) -> dict[str, object]:
+    """``PROTEUS_*`` values a command other than ``train`` reads, as ``{"section.field": v}``;
+    unknown names, bad values, and names the command does not read are errors."""
+    allowed = COMMAND_ENV.get(command, ())
+    out = {}
+    for section, values in env_overrides(environ).items():
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if key not in allowed and f"{section}.*" not in allowed:
+                raise ConfigError(
+                    f"environment variable PROTEUS_{name.upper()} does not apply to `proteus "
+                    f"{command}`" + (" (the model and training options come from the "
+                                     "checkpoint)" if command in COMMAND_ENV else "")
+                    + "; unset it")
+            out[key] = value
     return out
 
 
 def eval_overrides(ec: EvalConfig, cli: Mapping[str, object]) -> EvalConfig:
-    """``ec`` with the ``eval.*`` values given on the command line, validated (the evaluation
-    commands start from the config a checkpoint or artifact was trained with)."""
+    """``ec`` with the ``eval.*`` values given (``PROTEUS_*`` variables and flags, as
+    :func:`command_env` and the parser give them), validated (the evaluation commands start
+    from the config a checkpoint or artifact was trained with)."""
     over = {k.split(".", 1)[1]: v for k, v in cli.items()
             if k.startswith("eval.") and v is not None}
     out = dataclasses.replace(ec, **over)
     out.validate()
     return out
+
+
+def resume_config(saved: RunConfig, cli: Mapping[str, object] | None = None,
+                  environ: Mapping[str, str] | None = None, where: str = "the run") -> RunConfig:
+    """The config a resumed run continues with: its own (``saved``), plus the ``PROTEUS_*`` and
+    flag values that do not change what is trained (fields marked ``resume``: threads, logs,
+    checkpoints, timeouts, compile, kernels, device; and every evaluation option). Any other
+    value that differs from the run's is refused: a resumed run is the same run."""
+    layers = saved.to_dict()
+    given = {f"{s}.{k}": v for s, vals in env_overrides(environ).items() for k, v in vals.items()}
+    given.update({k: v for k, v in (cli or {}).items() if v is not None})
+    changed = []
+    for key, value in given.items():
+        section, name = key.split(".", 1)
+        f = SECTIONS[section].__dataclass_fields__[name]
+        if value != layers[section][name] and section != "eval" and not f.metadata.get("resume"):
+            changed.append(f"{name} ({layers[section][name]!r} -> {value!r})")
+        layers[section][name] = value
+    if changed:
+        raise ConfigError(
+            f"{where} is resumed with its own config; these options differ from it: "
+            f"{', '.join(changed)}; drop them, or start a new run")
+    cfg = RunConfig(**{s: cls(**layers[s]) for s, cls in SECTIONS.items()})
+    cfg.validate()
+    return cfg
 
 
 def build_config(

@@ -23,6 +23,7 @@ import sentencepiece as spm
 import torch
 
 from proteus.config import ProteusError
+from proteus.files import atomic_write
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -84,12 +85,22 @@ def read_shard_header(path: str | os.PathLike) -> int:
     return count
 
 
-def load_shard(path: str | os.PathLike) -> np.ndarray:
-    """All tokens of one shard as a uint16 array (header checked first)."""
+def load_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
+    """All tokens of one shard as a uint16 array (header checked first). A shard without
+    tokens is refused (a loop over it could not make progress), and so are token ids outside
+    ``vocab_size`` when it is given (they would index past the embedding)."""
     count = read_shard_header(path)
+    if count == 0:
+        raise DataError(f"shard {path} holds no tokens; remove it or fix the glob")
     tokens = np.fromfile(str(path), dtype="<u2", count=count, offset=HEADER_BYTES)
     if tokens.size != count:
         raise DataError(f"shard {path}: read {tokens.size} of {count} tokens")
+    if vocab_size is not None:
+        top = int(tokens.max())
+        if top >= vocab_size:
+            raise DataError(f"shard {path} holds token id {top}, outside the vocabulary of "
+                            f"{vocab_size}; tokenize it with the model's tokenizer or set "
+                            "--vocab-size")
     return tokens
 
 
@@ -100,11 +111,7 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
         raise DataError("write_shard: token ids must fit in uint16")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
+    atomic_write(path, [header.tobytes(), tokens.astype("<u2").tobytes()])
 
 
 def resolve_files(pattern: str, what: str) -> list[str]:
@@ -117,11 +124,13 @@ def resolve_files(pattern: str, what: str) -> list[str]:
     return files
 
 
-def load_tokens(pattern: str, what: str, limit: int = 0) -> torch.Tensor:
-    """Concatenate the shards matching ``pattern`` (int64), optionally only the first ``limit``."""
+def load_tokens(pattern: str, what: str, limit: int = 0, vocab_size: int | None = None
+                ) -> torch.Tensor:
+    """Concatenate the shards matching ``pattern`` (int64), optionally only the first ``limit``
+    (token ids checked against ``vocab_size`` when given)."""
     parts, total = [], 0
     for path in resolve_files(pattern, what):
-        parts.append(load_shard(path))
+        parts.append(load_shard(path, vocab_size))
         total += parts[-1].size
         if limit and total >= limit:
             break
@@ -138,11 +147,13 @@ class TokenStream:
     overlap, and the union over ranks equals what one process would read for the same step.
     """
 
-    def __init__(self, pattern: str, rank: int = 0, world: int = 1):
+    def __init__(self, pattern: str, rank: int = 0, world: int = 1,
+                 vocab_size: int | None = None):
         self.files = resolve_files(pattern, "train")
         for f in self.files:
-            read_shard_header(f)
-        self.rank, self.world = rank, world
+            if read_shard_header(f) == 0:  # _take could never finish a batch over it
+                raise DataError(f"shard {f} holds no tokens; remove it or fix the glob")
+        self.rank, self.world, self.vocab_size = rank, world, vocab_size
         self._file_idx, self._pos = -1, 0
         self._tokens = np.zeros(0, dtype=np.uint16)
 
@@ -153,17 +164,26 @@ class TokenStream:
     def restore(self, state: tuple[int, int]) -> None:
         """Continue from a position :meth:`state` returned (the shard is re-read if needed)."""
         file_idx, pos = state
+        if not -1 <= file_idx < len(self.files) or pos < 0:
+            raise DataError(f"stream position {state} is outside the {len(self.files)} "
+                            "training shards")
         if file_idx != self._file_idx:
-            self._tokens = (load_shard(self.files[file_idx]) if file_idx >= 0
+            self._tokens = (load_shard(self.files[file_idx], self.vocab_size) if file_idx >= 0
                             else np.zeros(0, dtype=np.uint16))
         self._file_idx, self._pos = file_idx, pos
+
+    def shards(self) -> list[tuple[str, int]]:
+        """(file name, token count) of every shard, in stream order: a saved position means
+        the same thing only over the same shards."""
+        return [(os.path.basename(f), read_shard_header(f)) for f in self.files]
 
     def _take(self, n: int) -> np.ndarray:
         out, need = [], n
         while need:
             if self._pos >= self._tokens.size:
                 self._file_idx = (self._file_idx + 1) % len(self.files)
-                self._tokens, self._pos = load_shard(self.files[self._file_idx]), 0
+                self._tokens = load_shard(self.files[self._file_idx], self.vocab_size)
+                self._pos = 0
             chunk = self._tokens[self._pos : self._pos + need]
             out.append(chunk)
             self._pos += chunk.size

@@ -8,6 +8,8 @@ measured on such a host), so ``auto`` picks fp32 there.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from proteus.config import ConfigError
@@ -43,3 +45,30 @@ def use_autocast(tc, device: torch.device) -> bool:
     if tc.autocast_bf16 == "off":
         return False
     return native_bf16(device)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process could still allocate on ``device`` (free GPU memory; the kernel's
+    MemAvailable on Linux), or None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def require_memory(nbytes: int, device: torch.device, what: str) -> None:
+    """Refuse, with one line, work that needs more memory than ``device`` has available (a
+    config or a crafted file asking for terabytes), before anything is allocated."""
+    avail = available_memory(device)
+    if avail is not None and nbytes > avail:
+        raise ConfigError(f"{what} needs {nbytes / 2**30:,.1f} GiB of memory; the "
+                          f"{device.type} has {avail / 2**30:,.1f} GiB available")

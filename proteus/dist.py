@@ -3,15 +3,49 @@ and the few collectives the run uses (gradient average, float sums, ordered gath
 
 Every function works without a process group (one process): collectives become identities.
 gloo on CPU, nccl on CUDA.
+
+No hang: the group is created with a timeout (the run's own time cap, see
+:func:`collective_timeout`), and a collective that fails — a peer that stalled past the timeout,
+or one that died and closed its connection — raises :class:`PeerError` on every surviving rank:
+one line naming this rank, what it was doing, and which peers were elsewhere (each rank leaves
+a heartbeat, "step 12", "evaluation", in the group's key-value store).
 """
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from proteus.config import ConfigError, RunFailed
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo; used when a run has no time cap
+_HEARTBEAT = "proteus/at/"
+_state = {"where": "setting up", "broken": False}
+
+
+class PeerError(RunFailed):
+    """A collective failed: a peer stalled past the timeout or died. Every rank stops."""
+
+
+def _env_int(name: str, default: int, lowest: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < lowest:
+        raise ConfigError(f"environment variable {name}={raw!r} must be an integer >= {lowest} "
+                          "(torchrun sets it; unset it for one process)")
+    return value
 
 
 def rank_world() -> tuple[int, int]:
@@ -23,35 +57,121 @@ def rank_world() -> tuple[int, int]:
 
 def env_rank() -> int:
     """This process's rank as torchrun set it (0 when not launched by torchrun)."""
-    return int(os.environ.get("RANK", "0"))
+    return _env_int("RANK", 0, 0)
+
+
+def env_world() -> int:
+    """The number of processes torchrun started (1 when not launched by torchrun)."""
+    world = _env_int("WORLD_SIZE", 1, 1)
+    rank = env_rank()
+    if rank >= world:
+        raise ConfigError(f"environment variable RANK={rank} is not below WORLD_SIZE={world}")
+    return world
 
 
 def local_rank() -> int:
     """This process's rank on its machine as torchrun set it (picks the CUDA device)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return _env_int("LOCAL_RANK", 0, 0)
 
 
-def setup_dist() -> tuple[int, int]:
+def collective_timeout(tc) -> float:
+    """Seconds a collective waits for its peers: ``dist_timeout_s`` if set, else the run's time
+    cap (``max_wallclock_s``) clamped to [120, 1800] — no wait can outlast the run it belongs
+    to by much, and compile warm-ups and rank 0's file writes fit — or 1800 with no cap."""
+    if tc.dist_timeout_s > 0:
+        return float(tc.dist_timeout_s)
+    if tc.max_wallclock_s > 0:
+        return float(min(DEFAULT_TIMEOUT_S, max(120.0, tc.max_wallclock_s)))
+    return DEFAULT_TIMEOUT_S
+
+
+def _init_group(backend: str, timeout_s: float) -> None:
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    _state.update(where="setting up", broken=False, timeout=timeout_s)
+    heartbeat("setting up")
+
+
+def setup_dist(timeout_s: float = DEFAULT_TIMEOUT_S, device_kind: str | None = None
+               ) -> tuple[int, int]:
     """Join the process group torchrun describes (if ``WORLD_SIZE`` > 1 and none exists yet);
-    return (rank, world)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (rank, world). nccl for ``device_kind`` "cuda" (default: when a GPU is visible),
+    gloo otherwise."""
+    world = env_world()
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = torch.cuda.is_available() if device_kind is None else device_kind == "cuda"
+        _init_group("nccl" if cuda else "gloo", timeout_s)
     return env_rank(), world
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def heartbeat(where: str) -> None:
+    """Record what this rank is doing ("step 12", "evaluation"): a failed collective names the
+    peers that were elsewhere."""
+    _state["where"] = where
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    store = _store()
+    if store is not None:
+        try:
+            store.set(f"{_HEARTBEAT}{dist.get_rank()}", where)
+        except Exception:  # noqa: BLE001 - a heartbeat must never be the thing that fails
+            pass
+
+
+def _peers_elsewhere(rank: int, world: int) -> str:
+    store = _store()
+    if store is None:
+        return ""
+    out = []
+    try:
+        store.set_timeout(datetime.timedelta(seconds=2))
+        for r in range(world):
+            key = f"{_HEARTBEAT}{r}"
+            if r != rank and store.check([key]):
+                at = store.get(key).decode()
+                if at != _state["where"]:
+                    out.append(f"rank {r} was at {at}")
+    except Exception:  # noqa: BLE001 - the store lives with a peer that may be gone
+        return ""
+    return "; " + ", ".join(out) if out else ""
+
+
+def _guarded(op: str, fn: Callable[[], T]) -> T:
+    """Run a collective; its failure becomes one PeerError line."""
+    try:
+        return fn()
+    except RuntimeError as e:
+        rank, world = rank_world()
+        _state["broken"] = True
+        text = str(e)
+        if "Timed out" in text or "timed out" in text:
+            why = f"no answer from a peer within the {_state.get('timeout', 0):.0f} s timeout"
+        elif "closed by peer" in text or "reset by peer" in text or "Broken pipe" in text:
+            why = "a peer closed its connection (it exited, crashed or was killed)"
+        else:
+            why = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+        raise PeerError(f"rank {rank} of {world}: {op} failed at {_state['where']}: {why}"
+                        f"{_peers_elsewhere(rank, world)}; every rank stops") from None
 
 
 class Dist:
     """Rank/world from torchrun's environment; gloo on CPU, nccl on CUDA. A group this object
     creates is this object's to close; one the caller created is the caller's."""
 
-    def __init__(self, device_kind: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+    def __init__(self, device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.world = env_world()
         self.rank = env_rank()
         self.local_rank = local_rank()
         self.enabled = self.world > 1
         self.owns_group = self.enabled and not dist.is_initialized()
         if self.owns_group:
-            dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+            _init_group("nccl" if device_kind == "cuda" else "gloo", timeout_s)
 
     @property
     def main(self) -> bool:
@@ -63,7 +183,7 @@ class Dist:
             return
         grads = [p.grad for p in params if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
+        _guarded("gradient all-reduce", lambda: dist.all_reduce(flat))
         flat /= self.world
         offset = 0
         for g in grads:
@@ -72,26 +192,42 @@ class Dist:
 
     def mean(self, value: float) -> float:
         """The mean of a float over ranks (float64)."""
+        return self.mean_and_any(value, False)[0]
+
+    def mean_and_any(self, value: float, flag: bool) -> tuple[float, bool]:
+        """(mean of ``value`` over ranks, whether any rank's ``flag`` is set), in one
+        all-reduce: ranks decide together, so none waits for a peer that already stopped."""
         if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.item() / self.world
+            return value, flag
+        t = torch.tensor([value, float(flag)], dtype=torch.float64)
+        _guarded("all-reduce", lambda: dist.all_reduce(t))
+        return t[0].item() / self.world, t[1].item() > 0
 
-    def close(self) -> None:
+    def barrier(self) -> None:
+        if self.enabled:
+            _guarded("barrier", dist.barrier)
+
+    def close(self, failed: bool = False) -> None:
         if self.owns_group:
-            close_process_group()
+            close_process_group(failed)
 
 
-def close_process_group() -> None:
+def close_process_group(failed: bool = False) -> None:
     """Tear down the default process group (if any) once every rank is done with it, then
     collect garbage while the interpreter is still whole: left to interpreter shutdown, the
     cyclic garbage of a gloo run aborted 5 of ~31 two-process runs on exit here ("terminate
     called without an active exception", after all output was written); with the collection,
-    0 of 56."""
+    0 of 56. After a failure (``failed``, or a collective that already failed) no rank waits
+    for the others: a peer may be gone or still inside another collective."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # no rank tears the group down while a peer still uses it
-        dist.destroy_process_group()
+        if not (failed or _state["broken"]):
+            heartbeat("closing")
+            _guarded("final barrier", dist.barrier)  # no rank tears down while a peer uses it
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - after a failure the group may already be unusable
+            if not (failed or _state["broken"]):
+                raise
     gc.collect()
 
 
@@ -100,7 +236,7 @@ def reduce_sum(*values: float) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()):
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
+    _guarded("all-reduce", lambda: dist.all_reduce(t))
     return t.tolist()
 
 
@@ -108,10 +244,26 @@ def gather_ordered(t: torch.Tensor) -> torch.Tensor:
     """Concatenate each rank's 1-D CPU tensor in rank order (ranks own consecutive ranges)."""
     world = dist.get_world_size()
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([t.numel()], dtype=torch.int64))
+    _guarded("all-gather", lambda: dist.all_gather(sizes, torch.tensor([t.numel()],
+                                                                         dtype=torch.int64)))
     n = int(max(s.item() for s in sizes))
     padded = torch.zeros(n, dtype=t.dtype)
     padded[: t.numel()] = t
     parts = [torch.zeros(n, dtype=t.dtype) for _ in range(world)]
-    dist.all_gather(parts, padded)
+    _guarded("all-gather", lambda: dist.all_gather(parts, padded))
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+def broadcast_text(text: str, src: int = 0) -> str:
+    """Rank ``src``'s ``text`` on every rank (``text`` itself without a group); UTF-8 bytes in
+    a tensor, nothing pickled."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return text
+    raw = text.encode() if dist.get_rank() == src else b""
+    n = torch.tensor([len(raw)], dtype=torch.int64)
+    _guarded("broadcast", lambda: dist.broadcast(n, src=src))
+    buf = torch.zeros(int(n.item()), dtype=torch.uint8)
+    if raw:
+        buf.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    _guarded("broadcast", lambda: dist.broadcast(buf, src=src))
+    return bytes(buf.tolist()).decode()

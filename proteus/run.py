@@ -1,10 +1,18 @@
 """The run, top to bottom: train, then evaluate, then write the checkpoint and the artifact.
 
     set up      device, process group, tokenizer and byte table, validation tokens
-    train       proteus.train.train: the loop; returns the model with its final weights
+    train       proteus.train.train: the loop (resumable checkpoints in run_dir/checkpoints/);
+                returns the model with its final weights, checked finite
+    save        model.ckpt, before any evaluation: an error or a signal during evaluation
+                does not lose the trained model
     evaluate    plain bpb, sliding-window bpb, the n-gram cache and its audit
-    save        model.ckpt; the int6 artifact (quantise, write, evaluate the quantised model)
-                and the 16,000,000-byte budget check; summary.json
+    save        the int6 artifact (quantise, write, evaluate the quantised model) and the
+                16,000,000-byte budget check; summary.json last (a run directory with
+                summary.json is a finished run)
+
+Run directories never collide: :func:`open_run_dir` creates a fresh one (an existing
+``--run-name`` is refused; a default name taken by another run in the same second gets a
+suffix), and only a resumed run writes into an existing one.
 
 The budget counts code bytes + artifact bytes (decimal). Code bytes are the Python sources that
 a submission would ship: every ``.py`` file of the ``proteus`` package (``proteus.kernels``
@@ -31,56 +39,137 @@ from proteus.artifact import (
 )
 from proteus.checkpoint import (
     JsonLog,
-    atomic_write_json,
+    clean_run_dir,
     int6_model,
     load_model,
     save_checkpoint,
+    state_dir,
+    state_paths,
 )
-from proteus.config import ConfigError, RunConfig
+from proteus.config import ConfigError, RunConfig, RunInterrupted
 from proteus.device import pick_device
-from proteus.dist import Dist, env_rank
+from proteus.dist import Dist, broadcast_text, collective_timeout, heartbeat, rank_world
 from proteus.evaluate import evaluate_bpb, format_bpb, sliding_and_cache
+from proteus.files import OutputError, atomic_write_json
 from proteus.model import GPT
 from proteus.quant import QuantizedState, quantize_state_dict
-from proteus.train import train
+from proteus.train import StopSignal, train
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_NAME = "model.int6"
 
 
-def make_run_dir(cfg: RunConfig) -> Path:
-    """``out_dir/run_name`` (default ``preset-time``), created on rank 0 with ``config.json``."""
-    tc = cfg.train
-    name = tc.run_name or f"{tc.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = Path(tc.out_dir) / name
-    if env_rank() == 0:
+SUMMARY_NAME = "summary.json"
+
+
+def open_run_dir(cfg: RunConfig, resume: str | Path | None = None) -> Path:
+    """The run directory, the same on every rank (rank 0 decides, then tells the others).
+
+    New run: ``out_dir/run_name`` must not exist (refused); the default name ``preset-time``
+    gets a ``-2``, ``-3``... suffix if another run took it. It is created with
+    ``config.json``. Resumed run (``resume``: its directory): it must hold ``config.json`` and
+    no ``summary.json``; temporary files of killed writes are deleted."""
+    rank, _ = rank_world()
+    text = ""
+    if rank == 0:
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            text = str(_resume_dir(Path(resume)) if resume else _new_run_dir(cfg))
+        except (ConfigError, OutputError) as e:
+            text = "\0" + str(e)  # every rank raises the same line, none waits for rank 0
+    text = broadcast_text(text)
+    if text.startswith("\0"):
+        raise ConfigError(text[1:])
+    return Path(text)
+
+
+def _new_run_dir(cfg: RunConfig) -> Path:
+    tc = cfg.train
+    parent = Path(tc.out_dir)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {parent}: {e.strerror or e}") from None
+    base = tc.run_name or f"{tc.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for i in range(1, 1000):
+        path = parent / (base if i == 1 else f"{base}-{i}")
+        try:
+            path.mkdir()  # atomic: of two runs racing for a name, one gets it
+        except FileExistsError:
+            if tc.run_name:
+                raise ConfigError(f"run directory {path} already exists; pick another "
+                                  f"--run-name, or continue that run with --resume {path}"
+                                  ) from None
+            continue
         except OSError as e:
-            raise ConfigError(f"cannot create run directory {path}: {e.strerror}") from None
-        atomic_write_json(path / "config.json", cfg.to_dict())
+            raise OutputError(f"cannot create run directory {path}: {e.strerror or e}") from None
+        try:
+            atomic_write_json(path / "config.json", cfg.to_dict())
+        except OutputError:
+            path.rmdir()  # no half-made run directory is left behind
+            raise
+        return path
+    raise ConfigError(f"no free run directory name {base}-N in {parent}; pass --run-name")
+
+
+def _resume_dir(path: Path) -> Path:
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ConfigError(f"--resume {path}: not a run directory (no config.json in it)")
+    if (path / SUMMARY_NAME).exists():
+        raise ConfigError(f"--resume {path}: that run finished ({SUMMARY_NAME} is there); "
+                          "start a new run")
+    removed = clean_run_dir(path)
+    if removed:
+        log.info(f"removed {len(removed)} temporary file(s) of killed writes from {path}")
     return path
 
 
-def run(cfg: RunConfig, run_dir: Path | None = None) -> dict:
-    """Train, evaluate, save; return the results (``summary.json``'s content)."""
+def find_resume(path: str | Path) -> tuple[Path, Path | None]:
+    """``--resume`` target -> (run directory, training state to load or None to start at step
+    0). A run directory resumes from its newest state; a state file (``checkpoints/step-N.ckpt``
+    of a run directory) from that one."""
+    p = Path(path)
+    if p.is_file() and p.parent.name == state_dir(".").name:
+        return p.parent.parent, p
+    if not p.is_dir():
+        raise ConfigError(f"--resume {p}: not a run directory or a checkpoints/step-N.ckpt file")
+    states = state_paths(p)
+    return p, (states[-1] if states else None)
+
+
+def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dict | None = None,
+        stop: StopSignal | None = None) -> dict:
+    """Train, save, evaluate; return the results (``summary.json``'s content). ``resume``: a
+    training state (or its path) to continue from; ``stop``: the caller's SIGTERM/SIGINT
+    handling (see :class:`~proteus.train.StopSignal`)."""
     tc, mc, ec = cfg.train, cfg.model, cfg.eval
     device = pick_device(tc)
-    dd = Dist(device.type)
+    dd = Dist(device.type, collective_timeout(tc))
     jlog = JsonLog(run_dir / "log.jsonl" if (run_dir and dd.main) else None)
+    failed, ckpt = True, None
     try:
         # Data and tokenizer first: bad paths fail before any work.
         lut = D.build_byte_lut(D.load_tokenizer(tc.tokenizer), mc.vocab_size)
         val = D.load_tokens(tc.val_files or D.bundled_val_glob(), "val",
-                            limit=ec.val_tokens + 1 if ec.val_tokens else 0)
+                            limit=ec.val_tokens + 1 if ec.val_tokens else 0,
+                            vocab_size=mc.vocab_size)
+        if val.numel() < 2:
+            raise D.DataError("the validation shards hold fewer than 2 tokens; nothing to score")
 
-        trained = train(cfg, dd=dd, device=device, val=val, lut=lut, jlog=jlog)
+        trained = train(cfg, dd=dd, device=device, val=val, lut=lut, jlog=jlog,
+                        run_dir=run_dir, resume=resume, stop=stop)
         model, results = trained.model, dict(trained.stats)
+        if run_dir and dd.main:  # before evaluation: nothing after this loses the model
+            ckpt = run_dir / "model.ckpt"
+            save_checkpoint(ckpt, model, cfg, dict(training={
+                k: v for k, v in results.items() if k != "losses"}))
+            results["checkpoint"] = str(ckpt)
+        heartbeat("evaluation")
 
         seq = ec.eval_seq_len or tc.seq_len
         if dd.main:
-            train_tokens = D.load_tokens(tc.train_files or D.bundled_train_glob(), "train")
+            train_tokens = D.load_tokens(tc.train_files or D.bundled_train_glob(), "train",
+                                         vocab_size=mc.vocab_size)
             results["unigram_bpb"] = D.unigram_bpb(train_tokens, val, lut)
         log.info(f"evaluating on {val.numel() - 1:,} validation tokens ...")
         r = evaluate_bpb(model, val, lut, seq, 0, ec.eval_batch_seqs, device, trained.autocast,
@@ -94,18 +183,22 @@ def run(cfg: RunConfig, run_dir: Path | None = None) -> dict:
         jlog.write(event="final", **results)
 
         if run_dir:
-            if dd.main:
-                save_checkpoint(run_dir / "model.ckpt", model, cfg, dict(results=results))
-                results["checkpoint"] = str(run_dir / "model.ckpt")
+            heartbeat("the artifact")
             # every rank takes part: the quantised model's evaluation is shared across ranks
             results["artifact"] = write_run_artifact(model, cfg, run_dir, val, lut,
                                                      results["val"]["bpb"], rank=dd.rank)
             if dd.main:
-                atomic_write_json(run_dir / "summary.json", results)
+                atomic_write_json(run_dir / SUMMARY_NAME, results)
+        failed = False
         return results
+    except RunInterrupted as e:
+        if ckpt is None:
+            raise
+        raise RunInterrupted(f"{e} after training: the trained model is saved in {ckpt} "
+                             f"(evaluate it with `proteus eval {ckpt}`)", e.signum) from None
     finally:
         jlog.close()
-        dd.close()
+        dd.close(failed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,25 @@
         progress line, JSON log record, periodic validation
     final weights = SWA mean if any snapshot, else EMA if on, else the raw weights
 
+Runs that survive (what a trainer left running overnight must do):
+
+* Resumable checkpoints: every ``checkpoint_every`` steps and/or ``checkpoint_every_s``
+  seconds, and when SIGTERM or SIGINT arrives (:class:`StopSignal`: the loop finishes its step,
+  saves, and raises :class:`~proteus.config.RunInterrupted`), rank 0 writes a sealed training
+  state to ``run_dir/checkpoints/``: weights, both optimisers' state (Muon momentum buffers,
+  AdamW moments and step counts), EMA/SWA, the step, the elapsed budget, the smoothed step
+  time the LR schedule reads, the losses, the data stream's position (and the shards it is
+  a position in) and the RNG states. ``resume`` continues from one: the warm-up runs and is
+  discarded as always (it compiles), then everything above is restored, so the resumed run
+  takes the same steps on the same batches and, in eager mode, ends bit-identical to one that
+  never stopped. The "elapsed budget" of the wall-clock cap is the time spent in training
+  steps (warm-up, validation and checkpoint writes are not charged); steps lost to a kill are
+  charged again when they are redone.
+* Divergence: a non-finite loss or gradient norm stops the run before the optimiser applies
+  it (every rank sees the same reduced values, so all stop together), with one line naming
+  the step and the first non-finite weight or gradient; the final weights are checked too.
+  Nothing is written for a diverged model.
+
 It returns what it trained (the model holding its final weights, and the run's statistics);
 evaluation, the checkpoint and the artifact are the run's business (``proteus.run``).
 
@@ -25,16 +44,25 @@ import copy
 import hashlib
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from proteus import data as D
-from proteus.checkpoint import JsonLog
-from proteus.config import ConfigError, RunConfig
-from proteus.device import pick_device, use_autocast
-from proteus.dist import Dist
+from proteus.checkpoint import (
+    JsonLog,
+    expected_shapes,
+    first_nonfinite,
+    load_train_state,
+    save_train_state,
+)
+from proteus.config import ConfigError, RunConfig, RunFailed, RunInterrupted
+from proteus.device import pick_device, require_memory, use_autocast
+from proteus.dist import Dist, collective_timeout, heartbeat
 from proteus.evaluate import evaluate_bpb, format_bpb
 from proteus.model import GPT, build_model
 from proteus.optim import build_optimizers
@@ -97,6 +125,16 @@ class WeightAverages:
                 self.swa[k].add_(v)
         self.swa_count += 1
 
+    def state_dict(self) -> dict:
+        return dict(ema=self.ema, swa=self.swa, swa_count=self.swa_count)
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        if (state["ema"] is None) != (self.ema is None):
+            raise ConfigError("the training state's EMA does not match ema_decay")
+        move = lambda d: None if d is None else {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        self.ema, self.swa = move(state["ema"]), move(state["swa"])
+        self.swa_count = int(state["swa_count"])
+
     def final_state(self, model: GPT) -> tuple[dict[str, torch.Tensor], str]:
         ref = model.state_dict()
         if self.swa is not None:
@@ -106,6 +144,70 @@ class WeightAverages:
         if self.ema is not None:
             return {k: v.to(ref[k].dtype) for k, v in self.ema.items()}, "ema"
         return ref, "raw"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping: signals and divergence
+
+
+class DivergedError(RunFailed):
+    """A non-finite loss, gradient or weight: the run stops, nothing final is written."""
+
+
+class StopSignal:
+    """SIGTERM and SIGINT for the life of a run (a context manager; main thread only).
+
+    Inside the training loop (``deferring``) the first signal asks the loop to stop after its
+    current step, save a resumable checkpoint and raise :class:`RunInterrupted`; anywhere else,
+    or a second signal, raises RunInterrupted at once. Previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.deferring = False
+        self._old: dict = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.deferring and self.signum is None:
+            self.signum = signum  # the loop saves after this step
+            return
+        raise RunInterrupted(f"interrupted by {signal.Signals(signum).name}", signum)
+
+
+def _first_nonfinite_tensor(model: GPT) -> str:
+    named = dict(model.named_parameters())
+    bad = first_nonfinite(named) or first_nonfinite(
+        {f"gradient of {k}": p.grad for k, p in named.items() if p.grad is not None})
+    if bad:
+        return f"first non-finite tensor: {bad if bad.startswith('gradient') else 'weight ' + bad}"
+    return "weights and gradients are finite (the forward pass overflowed)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable training state
+
+
+def rng_state() -> dict:
+    return dict(cpu=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,28 +240,39 @@ class Trained:
 
 def train(cfg: RunConfig, *, dd: Dist | None = None, device: torch.device | None = None,
           val: torch.Tensor | None = None, lut: D.ByteLUT | None = None,
-          jlog: JsonLog | None = None) -> Trained:
+          jlog: JsonLog | None = None, run_dir: str | Path | None = None,
+          resume: str | Path | dict | None = None, stop: StopSignal | None = None) -> Trained:
     """Train ``cfg`` and return the model with its final weights (SWA, EMA or raw).
 
     ``dd``/``device``: the process group and device of the caller (created here when not
     given; a group created here is closed here). ``val``/``lut`` are needed only for periodic
-    validation (``val_every``); ``jlog`` receives the config and step records."""
+    validation (``val_every``); ``jlog`` receives the config and step records. ``run_dir``:
+    where resumable training states go (``checkpoints/``; None: none are written).
+    ``resume``: a training state (as :func:`~proteus.checkpoint.load_train_state` returns it,
+    or its path) to continue from. ``stop``: the :class:`StopSignal` the caller
+    installed (SIGTERM/SIGINT then save a state and raise RunInterrupted)."""
     device = device or pick_device(cfg.train)
     own_dd = dd is None
-    dd = dd or Dist(device.type)
+    dd = dd or Dist(device.type, collective_timeout(cfg.train))
+    failed = True
     try:
-        return _train(cfg, dd, device, val, lut, jlog or JsonLog(None))
+        out = _train(cfg, dd, device, val, lut, jlog or JsonLog(None),
+                     Path(run_dir) if run_dir else None, resume, stop)
+        failed = False
+        return out
     finally:
         if own_dd:
-            dd.close()
+            dd.close(failed)
 
 
-def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonLog) -> Trained:
+def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonLog,
+           run_dir: Path | None, resume, stop: StopSignal | None) -> Trained:
     tc, ec = cfg.train, cfg.eval
     torch.manual_seed(tc.seed)
     autocast = use_autocast(tc, device)
 
-    stream = D.TokenStream(tc.train_files or D.bundled_train_glob(), dd.rank, dd.world)
+    stream = D.TokenStream(tc.train_files or D.bundled_train_glob(), dd.rank, dd.world,
+                           cfg.model.vocab_size)
     per_rank = tc.batch_tokens // dd.world
     if tc.batch_tokens % (dd.world * tc.seq_len):
         raise ConfigError(
@@ -174,7 +287,12 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
         )
     if tc.val_every and (val is None or lut is None):
         raise ValueError("train: val_every needs the validation tokens and byte table (val, lut)")
+    # a damaged file fails before any work
+    state = resume if isinstance(resume, dict) or resume is None else load_train_state(resume)
 
+    # weights, gradients, optimiser moments, EMA, SWA and the warm-up's copy: ~6 fp32 copies
+    n_params = sum(math.prod(s) for s in expected_shapes(cfg).values())
+    require_memory(24 * n_params, device, f"training the {n_params:,}-parameter model")
     model = build_model(cfg).to(device)
     run_model = torch.compile(model, dynamic=False) if tc.compile else model
     optimizers = build_optimizers(model, tc)
@@ -186,9 +304,11 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
     log.info(f"  batch {tc.batch_tokens:,} tokens = {dd.world} x {seqs_per_rank} x "
              f"{tc.seq_len} (micro-batch {micro}); cap {tc.max_wallclock_s:.0f}s / "
              f"{tc.iterations} steps")
-    jlog.write(event="config", config=cfg.to_dict(), world=dd.world, params=model.num_params())
+    if state is None:
+        jlog.write(event="config", config=cfg.to_dict(), world=dd.world,
+                   params=model.num_params())
 
-    def train_step(step: int, scale: float) -> float:
+    def train_step(step: int, scale: float) -> tuple[float, bool]:
         mom = muon_momentum(step, tc)
         for opt in optimizers:
             for g in opt.param_groups:
@@ -206,16 +326,27 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
             (loss / n_micro).backward()
             total += loss.detach().float().item() / n_micro
         dd.all_reduce_grads(params)
-        total = dd.mean(total)  # the global-batch loss, as one process would see it
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        # the global-batch loss, as one process would see it, and whether any rank was asked
+        # to stop: one decision for all ranks
+        total, stopping = dd.mean_and_any(total, stop is not None and stop.signum is not None)
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0
+                else torch.nn.utils.get_total_norm(grads))
+        if not (math.isfinite(total) and bool(torch.isfinite(norm))):
+            # before the optimiser applies it: the weights stay those of the last good step
+            what = f"loss {total}" if not math.isfinite(total) else f"gradient norm {norm}"
+            raise DivergedError(f"training diverged at step {step + 1}: {what}; "
+                                f"{_first_nonfinite_tensor(model)}; nothing final written"
+                                + (f" (last checkpoint: {last_saved})" if last_saved else ""))
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        return total
+        return total, stopping
 
     # Warm-up (compile/allocator warm-up): run real steps, then throw their effects away.
+    last_saved: Path | None = None
     if tc.warmup_steps > 0:
+        heartbeat("warm-up")
         init_model = copy.deepcopy(model.state_dict())
         init_opt = [copy.deepcopy(o.state_dict()) for o in optimizers]
         stream_state = stream.state()
@@ -233,42 +364,96 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
     step, train_s, step_ms, last_loss = 0, 0.0, 0.0, float("nan")
     stop_reason = "iterations"
     losses: list[float] = []
-    while step < tc.iterations:
-        scale = lr_scale(step, tc, step_ms, train_s * 1000.0)
-        t0 = time.perf_counter()
-        last_loss = train_step(step, scale)
-        losses.append(last_loss)
-        averages.update_ema(model)
-        if tc.swa_every and scale < tc.swa_lr_below and (step + 1) % tc.swa_every == 0:
-            averages.snapshot(model)
-        dt = time.perf_counter() - t0
-        train_s += dt
-        step += 1
-        # Smooth the step time used by the wall-clock-aware warm-down.
-        step_ms = dt * 1000.0 if step_ms == 0 else 0.9 * step_ms + 0.1 * dt * 1000.0
-        if not math.isfinite(last_loss):
-            raise RuntimeError(f"training diverged: loss {last_loss} at step {step}")
-        if step % tc.log_every == 0 or step == 1:
-            tok_s = tc.batch_tokens / (step_ms / 1000.0)
-            if tc.max_wallclock_s > 0:
-                eta = max(0.0, tc.max_wallclock_s - train_s)
-            else:
-                eta = (tc.iterations - step) * step_ms / 1000
-            log.info(f"step {step:6d}  loss {last_loss:.4f}  lr x{scale:.3f}  "
-                     f"{tok_s:,.0f} tok/s  {step_ms:.0f} ms/step  elapsed {_fmt_time(train_s)}  "
-                     f"eta {_fmt_time(eta)}")
-            jlog.write(event="step", step=step, loss=last_loss, lr_scale=scale, tok_s=tok_s,
-                       step_ms=step_ms, train_s=train_s)
-        if tc.val_every and step % tc.val_every == 0:
-            r = evaluate_bpb(model, val, lut, tc.seq_len, 0, ec.eval_batch_seqs, device, autocast)
-            log.info(f"  val @ step {step}: bpb {format_bpb(r['bpb'])} loss {r['loss']:.4f}")
-            jlog.write(event="val", step=step, **r)
-        if tc.max_wallclock_s > 0 and train_s >= tc.max_wallclock_s:
-            stop_reason = "wallclock"
-            break
+    if state is not None:
+        where = state.get("path", "a training state")
+        step, train_s, step_ms, losses = _restore(state, model, optimizers, averages, stream,
+                                                  dd, device, where)
+        last_loss = losses[-1] if losses else last_loss
+        log.info(f"  resumed from {where}: step {step}, {_fmt_time(train_s)} of the budget "
+                 "used")
+        jlog.write(event="resume", step=step, path=where, world=dd.world)
+
+    def save_state() -> Path | None:
+        if run_dir is None:
+            return None
+        path = None
+        if dd.main:
+            heartbeat(f"saving a checkpoint after step {step}")
+            path = save_train_state(run_dir, step, dict(
+                config=cfg.to_dict(), step=step, train_s=train_s, step_ms=step_ms,
+                losses=losses, model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                optimizers=[o.state_dict() for o in optimizers],
+                averages=averages.state_dict(), stream=list(stream.state()),
+                shards=stream.shards(), rng=rng_state(), world=dd.world), tc.keep_checkpoints)
+            jlog.write(event="checkpoint", step=step, path=str(path))
+        return path or Path(run_dir)
+
+    last_save_t = time.monotonic()
+    if stop is not None:
+        stop.deferring = True
+    try:
+        while step < tc.iterations:
+            if tc.max_wallclock_s > 0 and train_s >= tc.max_wallclock_s:
+                stop_reason = "wallclock"
+                break
+            heartbeat(f"step {step + 1}")
+            scale = lr_scale(step, tc, step_ms, train_s * 1000.0)
+            t0 = time.perf_counter()
+            last_loss, stopping = train_step(step, scale)
+            losses.append(last_loss)
+            averages.update_ema(model)
+            if tc.swa_every and scale < tc.swa_lr_below and (step + 1) % tc.swa_every == 0:
+                averages.snapshot(model)
+            dt = time.perf_counter() - t0
+            train_s += dt
+            step += 1
+            # Smooth the step time used by the wall-clock-aware warm-down.
+            step_ms = dt * 1000.0 if step_ms == 0 else 0.9 * step_ms + 0.1 * dt * 1000.0
+            if step % tc.log_every == 0 or step == 1:
+                tok_s = tc.batch_tokens / (step_ms / 1000.0)
+                if tc.max_wallclock_s > 0:
+                    eta = max(0.0, tc.max_wallclock_s - train_s)
+                else:
+                    eta = (tc.iterations - step) * step_ms / 1000
+                log.info(f"step {step:6d}  loss {last_loss:.4f}  lr x{scale:.3f}  "
+                         f"{tok_s:,.0f} tok/s  {step_ms:.0f} ms/step  elapsed "
+                         f"{_fmt_time(train_s)}  eta {_fmt_time(eta)}")
+                jlog.write(event="step", step=step, loss=last_loss, lr_scale=scale, tok_s=tok_s,
+                           step_ms=step_ms, train_s=train_s)
+            if stopping:
+                signum = (stop.signum if stop is not None and stop.signum else signal.SIGTERM)
+                name = signal.Signals(signum).name
+                path = save_state()
+                dd.barrier()  # no rank exits (and has torchrun stop the others) mid-save
+                raise RunInterrupted(
+                    f"stopped by {name} after step {step}: "
+                    + (f"training state saved to {path}" if run_dir else "no run directory, "
+                       "nothing saved"), signum)
+            if tc.val_every and step % tc.val_every == 0:
+                heartbeat(f"validation at step {step}")
+                r = evaluate_bpb(model, val, lut, tc.seq_len, 0, ec.eval_batch_seqs, device,
+                                 autocast)
+                log.info(f"  val @ step {step}: bpb {format_bpb(r['bpb'])} loss {r['loss']:.4f}")
+                jlog.write(event="val", step=step, **r)
+            if run_dir is not None and step < tc.iterations and (
+                    (tc.checkpoint_every and step % tc.checkpoint_every == 0)
+                    or (tc.checkpoint_every_s
+                        and time.monotonic() - last_save_t >= tc.checkpoint_every_s)):
+                last_saved = save_state()
+                last_save_t = time.monotonic()
+        # the end of training is a state too: a run killed during its evaluation resumes here
+        if state is None or step > int(state["step"]):
+            save_state()
+    finally:
+        if stop is not None:
+            stop.deferring = False
 
     final_state, which = averages.final_state(model)
     model.load_state_dict(final_state)
+    bad = first_nonfinite(model.state_dict())
+    if bad:
+        raise DivergedError(f"training diverged: final weight {bad} ({which}) after step "
+                            f"{step}; nothing final written")
     tokens_seen = step * tc.batch_tokens
     log.info(f"training done: {step} steps, {tokens_seen:,} tokens in {_fmt_time(train_s)} "
              f"({tokens_seen / max(train_s, 1e-9):,.0f} tok/s), stopped by {stop_reason}; "
@@ -278,3 +463,28 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
                  final_weights=which, stop_reason=stop_reason, world=dd.world,
                  losses=losses, param_digest=param_digest(model))
     return Trained(model, device, autocast, stats)
+
+
+def _restore(state: dict, model: GPT, optimizers, averages: WeightAverages,
+             stream: D.TokenStream, dd: Dist, device: torch.device, path
+             ) -> tuple[int, float, float, list[float]]:
+    """Put a saved training state back: (step, train seconds, smoothed step ms, losses)."""
+    if [tuple(s) for s in state["shards"]] != stream.shards():
+        raise D.DataError(f"training state {path} was saved over other training shards "
+                          f"({len(state['shards'])} shards) than --train-files gives now; resume "
+                          "with the same data")
+    try:
+        model.load_state_dict(state["model"])
+        for o, s in zip(optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+        averages.load_state_dict(state["averages"], device)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"training state {path} does not match this run's model and "
+                          f"optimisers: {str(e).splitlines()[0][:200]}") from None
+    stream.restore(tuple(state["stream"]))
+    set_rng_state(state["rng"])
+    if state["world"] != dd.world:
+        log.info(f"  (saved by {state['world']} process(es), resumed on {dd.world}: the same "
+                 "batches, summed in another order, so not bit-identical)")
+    return int(state["step"]), float(state["train_s"]), float(state["step_ms"]), \
+        [float(x) for x in state["losses"]]

@@ -7,15 +7,11 @@ before any test module imports a kernel. Tests take the ``device`` fixture; test
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("PROTEUS_TEST", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import proteus.kernels  # noqa: E402,F401  (selects compiled vs interpreter before kernel modules load)
-from proteus.kernels._backend import kernel_device  # noqa: E402
+import proteus.kernels  # noqa: F401  (selects compiled vs interpreter before kernel modules load)
+from proteus.kernels._backend import kernel_device
 
 
 def pytest_collection_modifyitems(config, items):

@@ -48,7 +48,7 @@ def test_unknown_env_var_is_an_error():
 
 
 def test_bad_env_value_is_an_error():
-    with pytest.raises(ConfigError, match="PROTEUS_SEQ_LEN: expected int"):
+    with pytest.raises(ConfigError, match="PROTEUS_SEQ_LEN: expected an integer"):
         env_overrides({"PROTEUS_SEQ_LEN": "long"})
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import zlib
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from proteus import artifact as A
 from proteus import quant as Q
+from proteus.files import OutputError
 from proteus.kernels.int6_matmul import pack_int6, unpack_int6
 
 
@@ -132,9 +135,42 @@ def test_wrong_magic(artifact):
         A.read_artifact(artifact)
 
 
-def test_future_version(artifact):
-    _mutate(artifact, lambda r: r[:8] + (99).to_bytes(4, "little") + r[12:])
-    with pytest.raises(Q.ArtifactError, match="version 99.*upgrade"):
+def _with_version(r: bytearray, version: int, reseal: bool) -> bytes:
+    """``r`` with another version field; ``reseal``: its header checksum redone, as a writer
+    of that version would have written it."""
+    r = bytes(r[:8] + version.to_bytes(4, "little") + r[12:])
+    if not reseal:
+        return r
+    end = 16 + int.from_bytes(r[12:16], "little")
+    return r[:end] + zlib.crc32(r[:end]).to_bytes(4, "little") + r[end + 4 :]
+
+
+def test_future_version_asks_for_an_upgrade(artifact):
+    _mutate(artifact, lambda r: _with_version(r, 99, reseal=True))
+    with pytest.raises(Q.ArtifactError, match="version 99, newer.*upgrade"):
+        A.read_artifact(artifact)
+
+
+@pytest.mark.parametrize("version", [0, 3, 99, 2**31 + 2])
+def test_damaged_version_field_is_not_called_newer(artifact, version):
+    _mutate(artifact, lambda r: _with_version(r, version, reseal=False))
+    with pytest.raises(Q.ArtifactError, match="version field is damaged") as e:
+        A.read_artifact(artifact)
+    assert "upgrade" not in str(e.value)
+
+
+def test_version_1_is_still_read_and_checked(artifact):
+    """Version 1 files (checksum over the header only) load; a 1 written into a version 2
+    file is damage, caught by the checksum."""
+    raw = open(artifact, "rb").read()
+    end = 16 + int.from_bytes(raw[12:16], "little")
+    v1 = _with_version(bytearray(raw), 1, reseal=False)
+    v1 = v1[:end] + zlib.crc32(v1[16:end]).to_bytes(4, "little") + v1[end + 4 :]
+    open(artifact, "wb").write(v1)
+    qs, meta = A.read_artifact(artifact)
+    assert meta == {"a": 1} and "tok_emb.weight" in qs.tensors
+    open(artifact, "wb").write(_with_version(bytearray(raw), 1, reseal=False))
+    with pytest.raises(Q.ArtifactError, match="header checksum mismatch"):
         A.read_artifact(artifact)
 
 
@@ -174,8 +210,9 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     A.write_artifact(path, qs, {"v": 1})
     before = open(path, "rb").read()
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(OutputError, match=r"cannot write .*m\.int6: No space left on device"):
         A.write_artifact(path, qs, {"v": 2})
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert open(path, "rb").read() == before
