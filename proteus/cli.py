@@ -104,7 +104,10 @@ def _drop_stdout() -> None:
 def setup_logging() -> None:
     """Print the library's progress lines (the ``proteus`` logger) on rank 0, as they come."""
     logger = logging.getLogger("proteus")
-    if not any(getattr(h, "_proteus", False) for h in logger.handlers):
+    ours = [h for h in logger.handlers if getattr(h, "_proteus", False)]
+    if ours:
+        ours[0].stream = sys.stdout  # the current one (callers and tests may swap stdout)
+    else:
         handler = _StdoutHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._proteus = True

@@ -18,7 +18,7 @@ from proteus.config import ConfigError, RunConfig, RunInterrupted, eval_override
 from proteus.device import pick_device
 from proteus.dist import close_process_group, collective_timeout, env_rank, setup_dist
 from proteus.evaluate import evaluate_bpb, format_bpb, run_audit, sliding_and_cache
-from proteus.run import find_resume, open_run_dir, run
+from proteus.run import check_inputs, find_resume, open_run_dir, run
 from proteus.train import StopSignal
 
 
@@ -26,6 +26,7 @@ def main_train(cfg: RunConfig, resume: tuple[Path, dict | None] | None = None) -
     """``proteus train``: the run, then the run directory and the budget verdict. ``resume``:
     (run directory, training state or None) of the run to continue. SIGTERM and SIGINT save a
     resumable state and end with one line saying how to continue."""
+    check_inputs(cfg)
     device = pick_device(cfg.train)
     setup_dist(collective_timeout(cfg.train), device.type)  # the group outlives run()
     failed, run_dir = True, None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import typing
@@ -469,8 +470,13 @@ PRESETS: dict[str, dict[str, dict]] = {
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
+@functools.cache
+def _type_hints(cls) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
 def _field_type(cls, f) -> type:
-    return typing.get_type_hints(cls)[f.name]
+    return _type_hints(cls)[f.name]
 
 
 def _number(text: str) -> int | float:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from proteus.config import ProteusError
+from proteus.config import ProteusError, RunFailed
 from proteus.kernels.int6_matmul import int6_matmul, int6_matmul_ref, pack_int6
 
 INT8_MIN_NUMEL = 65536
@@ -71,7 +71,11 @@ def quantize_rows(w: torch.Tensor, qmax: int, percentiles=CLIP_PERCENTILES):
 def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     noise = (w.float() - w_hat.float()).pow(2).sum().item()
     signal = w.float().pow(2).sum().item()
-    return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+    if noise == 0:
+        return float("inf")
+    if not (math.isfinite(noise) and math.isfinite(signal)):
+        return float("nan")
+    return 10 * math.log10(max(signal, 1e-30) / noise)
 
 
 @dataclass
@@ -117,6 +121,14 @@ def quantize_state_dict(sd: dict[str, torch.Tensor]) -> QuantizedState:
             qt = QTensor(kind, tuple(t.shape), data=t.float())
         else:
             qt = QTensor(kind, tuple(t.shape), data=t)
+        bad = [x for x in (qt.scale, qt.data) if x is not None and x.is_floating_point()
+               and not bool(torch.isfinite(x).all())]
+        if bad:  # a finite fp32 weight beyond fp16's range (65504) would be stored as inf/nan
+            amax = t.float().abs().max().item()
+            what = "scales" if qt.scale is not None else "values"
+            raise RunFailed(f"weight {name} cannot be stored in the artifact: |w| up to "
+                            f"{amax:.3g} overflows its fp16 {what} (the run diverged); "
+                            "nothing was written")
         out.tensors[name] = qt
     return out
 

@@ -48,12 +48,19 @@ from proteus.checkpoint import (
 )
 from proteus.config import ConfigError, RunConfig, RunInterrupted
 from proteus.device import pick_device
-from proteus.dist import Dist, broadcast_text, collective_timeout, heartbeat, rank_world
+from proteus.dist import (
+    Dist,
+    broadcast_text,
+    collective_timeout,
+    env_world,
+    heartbeat,
+    rank_world,
+)
 from proteus.evaluate import evaluate_bpb, format_bpb, sliding_and_cache
 from proteus.files import OutputError, atomic_write_json
 from proteus.model import GPT
 from proteus.quant import QuantizedState, quantize_state_dict
-from proteus.train import StopSignal, train
+from proteus.train import StopSignal, batch_layout, train
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,17 @@ ARTIFACT_NAME = "model.int6"
 
 
 SUMMARY_NAME = "summary.json"
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """The tokenizer (and its vocabulary size) and the shards' headers, before a run directory
+    is made: a typo in a path costs no directory and no work."""
+    tc = cfg.train
+    batch_layout(tc, env_world())
+    D.build_byte_lut(D.load_tokenizer(tc.tokenizer), cfg.model.vocab_size)
+    D.TokenStream(tc.train_files or D.bundled_train_glob())
+    for path in D.resolve_files(tc.val_files or D.bundled_val_glob(), "val"):
+        D.read_shard_header(path)
 
 
 def open_run_dir(cfg: RunConfig, resume: str | Path | None = None) -> Path:

@@ -238,6 +238,22 @@ class Trained:
     stats: dict = field(default_factory=dict)
 
 
+def batch_layout(tc, world: int) -> tuple[int, int]:
+    """(sequences per rank per step, sequences per micro-batch) on ``world`` ranks."""
+    if tc.batch_tokens % (world * tc.seq_len):
+        raise ConfigError(
+            f"batch_tokens {tc.batch_tokens} must split into {world} ranks x whole sequences "
+            f"of seq_len {tc.seq_len}"
+        )
+    seqs_per_rank = tc.batch_tokens // world // tc.seq_len
+    micro = tc.micro_batch_seqs or seqs_per_rank
+    if seqs_per_rank % micro:
+        raise ConfigError(
+            f"micro_batch_seqs {micro} does not divide the {seqs_per_rank} sequences per rank"
+        )
+    return seqs_per_rank, micro
+
+
 def train(cfg: RunConfig, *, dd: Dist | None = None, device: torch.device | None = None,
           val: torch.Tensor | None = None, lut: D.ByteLUT | None = None,
           jlog: JsonLog | None = None, run_dir: str | Path | None = None,
@@ -273,18 +289,7 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
 
     stream = D.TokenStream(tc.train_files or D.bundled_train_glob(), dd.rank, dd.world,
                            cfg.model.vocab_size)
-    per_rank = tc.batch_tokens // dd.world
-    if tc.batch_tokens % (dd.world * tc.seq_len):
-        raise ConfigError(
-            f"batch_tokens {tc.batch_tokens} must split into {dd.world} ranks x whole sequences "
-            f"of seq_len {tc.seq_len}"
-        )
-    seqs_per_rank = per_rank // tc.seq_len
-    micro = tc.micro_batch_seqs or seqs_per_rank
-    if seqs_per_rank % micro:
-        raise ConfigError(
-            f"micro_batch_seqs {micro} does not divide the {seqs_per_rank} sequences per rank"
-        )
+    seqs_per_rank, micro = batch_layout(tc, dd.world)
     if tc.val_every and (val is None or lut is None):
         raise ValueError("train: val_every needs the validation tokens and byte table (val, lut)")
     # a damaged file fails before any work
