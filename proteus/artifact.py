@@ -343,12 +343,12 @@ def _check_table(path: str, hdr, payload_len: int) -> tuple[list[dict], dict, in
     streams = streams[0]["streams"]
     entries = [e for e in tensors if e["name"] != "__streams__"]
     _need(len({e["name"] for e in entries}) == len(entries), path, "a tensor name repeats")
-    side_end = 0
+    regions: list[tuple[int, int]] = []  # (start, bytes) of everything in the side section
     for kind, sm in streams.items():
         _need(kind in KIND_ALPHABET and kind in names and isinstance(sm, dict)
               and _is_int(sm.get("side")) and _is_int(sm.get("n"))
               and _is_int(sm.get("lanes"), 1, 1 << 20), path, f"bad stream entry {kind}")
-        side_end = max(side_end, sm["side"] + 2 * N_CTX * KIND_ALPHABET[kind][0])
+        regions.append((sm["side"], 2 * N_CTX * KIND_ALPHABET[kind][0]))  # frequency tables
     tiles: dict[str, list[tuple[int, int]]] = {k: [] for k in streams}
     total = 0
     for e in entries:
@@ -365,21 +365,28 @@ def _check_table(path: str, hdr, payload_len: int) -> tuple[list[dict], dict, in
                   and r == shape[0] and r * c == count and _is_int(e.get("sym"))
                   and _is_int(e.get("ml"), -128, 127), path, f"{name}: bad {kind} entry")
             tiles[kind].append((e["sym"], r * c))
-            side_end = max(side_end, e["side"] + 3 * r + c)  # fp16 scales, row and col classes
+            regions.append((e["side"], 3 * r + c))  # fp16 scales, row and column classes
         else:
             _need(e.get("dtype") in _NP_DTYPES, path, f"{name}: unsupported dtype "
                   f"{e.get('dtype')}")
-            side_end = max(side_end, e["side"] + count * np.dtype(_NP_DTYPES[e["dtype"]]).itemsize)
+            regions.append((e["side"], count * np.dtype(_NP_DTYPES[e["dtype"]]).itemsize))
     for kind, spans in tiles.items():
-        at = 0
-        for start, n in sorted(spans):
-            _need(start == at, path, f"the {kind} tensors do not tile their symbol stream")
-            at += n
-        _need(at == streams[kind]["n"], path, f"the {kind} stream holds {streams[kind]['n']} "
-              f"symbols, its tensors {at}")
+        _tile(path, spans, streams[kind]["n"], f"the {kind} symbol stream")
+    side_end = _tile(path, regions, None, "the side section")
     # decoding holds ~5 int64 arrays per symbol; the weights then take 4 bytes per value
     require_memory(40 * total, torch.device("cpu"), f"artifact {path}")
     return entries, streams, side_end
+
+
+def _tile(path: str, spans: list[tuple[int, int]], total: int | None, what: str) -> int:
+    """Spans (start, length) that cover [0, end) exactly once, in some order (as the writer
+    lays them out); returns end, which must be ``total`` when given."""
+    at = 0
+    for start, n in sorted(spans):
+        _need(start == at, path, f"{what} is not covered exactly once by its table")
+        at += n
+    _need(total is None or at == total, path, f"{what} holds {total}, its table {at}")
+    return at
 
 
 def read_artifact(path: str, expected_shapes: dict | Callable[[dict], dict] | None = None
@@ -406,6 +413,12 @@ def _read(path: str, raw: bytes, expected_shapes) -> tuple[QuantizedState, dict]
     hdr, start, _ = _read_header(path, raw)
     payload = memoryview(raw)[start:]
     entries, streams, side_len = _check_table(path, hdr, len(payload))
+    sections = {}
+    for s in hdr["sections"]:
+        blob = bytes(payload[s["offset"] : s["offset"] + s["nbytes"]])
+        if zlib.crc32(blob) != s["crc32"]:
+            raise ArtifactError(f"{path}: checksum mismatch in section {s['name']} (damaged)")
+        sections[s["name"]] = blob
     if callable(expected_shapes):
         expected_shapes = expected_shapes(hdr["meta"])
     if expected_shapes is not None:
@@ -418,12 +431,6 @@ def _read(path: str, raw: bytes, expected_shapes) -> tuple[QuantizedState, dict]
         missing = sorted(set(expected_shapes) - set(got))
         if missing:
             raise ArtifactError(f"{path}: tensors missing for this config: {missing[:5]}")
-    sections = {}
-    for s in hdr["sections"]:
-        blob = bytes(payload[s["offset"] : s["offset"] + s["nbytes"]])
-        if zlib.crc32(blob) != s["crc32"]:
-            raise ArtifactError(f"{path}: checksum mismatch in section {s['name']} (damaged)")
-        sections[s["name"]] = blob
     d = lzma.LZMADecompressor()
     side = d.decompress(sections["side"], max_length=side_len + 1)
     _need(d.eof and len(side) == side_len, path, f"the side section holds {len(side)} bytes, "

@@ -16,6 +16,7 @@ newest ``keep_checkpoints`` training states ``step-NNNNNNNNN.ckpt`` that ``prote
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -244,9 +245,14 @@ def _is_artifact(path: str) -> bool:
 
 def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
     """Every weight's shape for ``cfg``, from a model on the meta device (nothing allocated)."""
+    return dict(_shapes(cfg.model))
+
+
+@functools.lru_cache(maxsize=16)
+def _shapes(mc) -> tuple[tuple[str, tuple[int, ...]], ...]:
     with torch.device("meta"):
-        model = GPT(cfg.model)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        model = GPT(mc)
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
 def load_model(path: str, kernels: str | None) -> tuple[GPT, RunConfig, dict]:
