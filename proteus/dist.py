@@ -27,7 +27,7 @@ from proteus.config import ConfigError, RunFailed
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo; used when a run has no time cap
 _HEARTBEAT = "proteus/at/"
-_state = {"where": "setting up", "broken": False}
+_state = {"where": "setting up", "broken": False, "done": 0}
 
 
 class PeerError(RunFailed):
@@ -87,7 +87,7 @@ def collective_timeout(tc) -> float:
 
 def _init_group(backend: str, timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    _state.update(where="setting up", broken=False, timeout=timeout_s)
+    _state.update(where="setting up", broken=False, done=0, timeout=timeout_s)
     heartbeat("setting up")
 
 
@@ -112,19 +112,27 @@ def _store():
 
 def heartbeat(where: str) -> None:
     """Record what this rank is doing ("step 12", "evaluation"): a failed collective names the
-    peers that were elsewhere."""
+    peers that did not reach it, and where they were."""
     _state["where"] = where
+    _publish()
+
+
+def _publish() -> None:
+    """This rank's place and count of completed collectives, in the group's store."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     store = _store()
     if store is not None:
         try:
-            store.set(f"{_HEARTBEAT}{dist.get_rank()}", where)
+            store.set(f"{_HEARTBEAT}{dist.get_rank()}", f"{_state['done']}|{_state['where']}")
         except Exception:  # noqa: BLE001 - a heartbeat must never be the thing that fails
             pass
 
 
-def _peers_elsewhere(rank: int, world: int) -> str:
+def _peers(rank: int, world: int) -> str:
+    """Where each peer last was, marking those that had completed fewer collectives than this
+    rank (they never joined the one that failed). The store lives with a peer that may be
+    gone, so this gives up quietly."""
     store = _store()
     if store is None:
         return ""
@@ -134,10 +142,10 @@ def _peers_elsewhere(rank: int, world: int) -> str:
         for r in range(world):
             key = f"{_HEARTBEAT}{r}"
             if r != rank and store.check([key]):
-                at = store.get(key).decode()
-                if at != _state["where"]:
-                    out.append(f"rank {r} was at {at}")
-    except Exception:  # noqa: BLE001 - the store lives with a peer that may be gone
+                done, _, at = store.get(key).decode().partition("|")
+                behind = " and never joined it" if int(done) < _state["done"] else ""
+                out.append(f"rank {r} was last at {at}{behind}")
+    except Exception:  # noqa: BLE001
         return ""
     return "; " + ", ".join(out) if out else ""
 
@@ -145,7 +153,7 @@ def _peers_elsewhere(rank: int, world: int) -> str:
 def _guarded(op: str, fn: Callable[[], T]) -> T:
     """Run a collective; its failure becomes one PeerError line."""
     try:
-        return fn()
+        out = fn()
     except RuntimeError as e:
         rank, world = rank_world()
         _state["broken"] = True
@@ -157,7 +165,10 @@ def _guarded(op: str, fn: Callable[[], T]) -> T:
         else:
             why = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
         raise PeerError(f"rank {rank} of {world}: {op} failed at {_state['where']}: {why}"
-                        f"{_peers_elsewhere(rank, world)}; every rank stops") from None
+                        f"{_peers(rank, world)}; every rank stops") from None
+    _state["done"] += 1
+    _publish()
+    return out
 
 
 class Dist:

@@ -192,7 +192,7 @@ def _first_nonfinite_tensor(model: GPT) -> str:
         {f"gradient of {k}": p.grad for k, p in named.items() if p.grad is not None})
     if bad:
         return f"first non-finite tensor: {bad if bad.startswith('gradient') else 'weight ' + bad}"
-    return "weights and gradients are finite (the forward pass overflowed)"
+    return "weights and gradients are finite (the loss or the gradient norm overflowed)"
 
 
 # ---------------------------------------------------------------------------------------------
