@@ -209,3 +209,30 @@ def test_out_dir_that_cannot_be_created(clean_env, capsys):
     blocker.write_text("x")
     _one_line_exit_2(capsys, ["train", "--preset", "smoke", "--out-dir", str(blocker / "sub")],
                      "cannot create")
+
+
+def _typed(kind: type, raw: str):
+    """``raw`` as the field's type where it parses (so the range check is what must catch it),
+    else the raw text (so the type check must)."""
+    if kind is bool:
+        return raw
+    try:
+        return kind(raw)
+    except ValueError:
+        return raw
+
+
+@pytest.mark.parametrize("section, name, value", [  # a missing path is found when opened
+    c for c in CASES if c[1] not in ("train_files", "val_files", "tokenizer")])
+def test_every_bad_value_in_a_saved_config_is_refused(section, name, value):
+    """A checkpoint's or run's saved config goes through the same checks as the CLI."""
+    kind = typing.get_type_hints(C.SECTIONS[section])[name]
+    d = build_config_dict()
+    d[section][name] = _typed(kind, value)
+    with pytest.raises(C.ConfigError, match="saved: invalid config|saved: config") as e:
+        C.RunConfig.from_dict(d, where="saved")
+    assert "\n" not in str(e.value)
+
+
+def build_config_dict() -> dict:
+    return C.build_config("smoke", environ={}).to_dict()
