@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from proteus.checkpoint import atomic_write_json
 from proteus.config import ConfigError
+from proteus.files import atomic_write_json
 from proteus.kernels._aot import format_table, problems
 
 # H100 SXM dense peaks: HBM3 bandwidth and bf16/fp16 tensor-core throughput

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 import typing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,10 @@ import pytest
 from proteus import config as C
 from proteus import data as D
 from proteus.cli import main
+from proteus.model import build_model
+from proteus.run import write_run_artifact
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Bad values for the fields whose range is a description, not an interval.
 DESCRIBED = {
@@ -236,3 +243,18 @@ def test_every_bad_value_in_a_saved_config_is_refused(section, name, value):
 
 def build_config_dict() -> dict:
     return C.build_config("smoke", environ={}).to_dict()
+
+
+def test_a_closed_stdout_is_ignored(tmp_path):
+    """``proteus artifact inspect X | head -0``: the reader is gone before the first line; no
+    BrokenPipeError, no traceback, exit 0."""
+    cfg = C.build_config("smoke", environ={})
+    write_run_artifact(build_model(cfg), cfg, tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROTEUS_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.Popen([sys.executable, "-m", "proteus", "artifact", "inspect",
+                          str(tmp_path / "model.int6")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and err == "", err

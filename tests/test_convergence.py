@@ -20,6 +20,7 @@ def _run(kernels: str) -> list[float]:
                                  "train.warmup_steps": 0, "train.seq_len": 32,
                                  "train.batch_tokens": 128, "train.warmdown_steps": 10,
                                  "train.swa_every": 0, "train.ema_decay": 0.0,
+                                 "train.max_wallclock_s": 0.0,
                                  "eval.val_tokens": 256}, environ={})
     return train(cfg).stats["losses"]
 

@@ -163,7 +163,7 @@ def _main(capsys, argv) -> tuple[int, str]:
 
 def test_nan_stops_the_run_with_one_line_and_nothing_final(clean_env, capsys, tmp_path):
     code, err = _main(capsys, ["train", "--preset", "smoke", "--matrix-lr", "1e6",
-                               "--warmup-steps", "0", "--iterations", "5",
+                               "--warmup-steps", "0", "--iterations", "6",
                                "--checkpoint-every", "2", "--out-dir", str(tmp_path),
                                "--run-name", "nan"])
     run_dir = tmp_path / "nan"
@@ -237,3 +237,21 @@ def test_train_state_holds_what_resuming_needs(clean_env, tmp_path):
     assert s["averages"]["ema"] is not None and s["averages"]["swa_count"] >= 1
     assert torch.equal(s["rng"]["cpu"], torch.get_rng_state())
     assert trained.stats["steps"] == 3
+
+
+def test_full_disk_is_one_line_and_nothing_final_is_half_written(clean_env, capsys, tmp_path,
+                                                                 monkeypatch):
+    real = os.replace
+
+    def replace(src, dst):  # the disk fills up when the artifact is renamed into place
+        if str(dst).endswith("model.int6"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    code, err = _main(capsys, ["train", "--preset", "smoke", "--iterations", "1",
+                               "--warmup-steps", "0", "--out-dir", str(tmp_path),
+                               "--run-name", "full"])
+    run_dir = tmp_path / "full"
+    assert code == 2 and f"cannot write {run_dir / 'model.int6'}: No space left" in err, err
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoints", "config.json", "log.jsonl", "model.ckpt"]  # no artifact, no summary
