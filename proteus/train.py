@@ -393,6 +393,14 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
             jlog.write(event="checkpoint", step=step, path=str(path))
         return path or Path(run_dir)
 
+    def stop_now(path: Path | None) -> None:
+        signum = stop.signum if stop is not None and stop.signum else signal.SIGTERM
+        dd.barrier()  # no rank exits (and has torchrun stop the others) mid-save
+        raise RunInterrupted(
+            f"stopped by {signal.Signals(signum).name} after step {step}: "
+            + (f"training state saved to {path}" if run_dir else "no run directory, nothing "
+               "saved"), signum)
+
     last_save_t = time.monotonic()
     if stop is not None:
         stop.deferring = True
@@ -426,14 +434,7 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
                 jlog.write(event="step", step=step, loss=last_loss, lr_scale=scale, tok_s=tok_s,
                            step_ms=step_ms, train_s=train_s)
             if stopping:
-                signum = (stop.signum if stop is not None and stop.signum else signal.SIGTERM)
-                name = signal.Signals(signum).name
-                path = save_state()
-                dd.barrier()  # no rank exits (and has torchrun stop the others) mid-save
-                raise RunInterrupted(
-                    f"stopped by {name} after step {step}: "
-                    + (f"training state saved to {path}" if run_dir else "no run directory, "
-                       "nothing saved"), signum)
+                stop_now(save_state())
             if tc.val_every and step % tc.val_every == 0:
                 heartbeat(f"validation at step {step}")
                 r = evaluate_bpb(model, val, lut, tc.seq_len, 0, ec.eval_batch_seqs, device,
@@ -447,8 +448,10 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
                 last_saved = save_state()
                 last_save_t = time.monotonic()
         # the end of training is a state too: a run killed during its evaluation resumes here
-        if state is None or step > int(state["step"]):
-            save_state()
+        last_saved = save_state() if state is None or step > int(state["step"]) else last_saved
+        # a signal during the last step: every rank learns of it, and the run stops here
+        if dd.mean_and_any(0.0, stop is not None and stop.signum is not None)[1]:
+            stop_now(last_saved or (save_state() if run_dir else None))
     finally:
         if stop is not None:
             stop.deferring = False
