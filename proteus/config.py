@@ -242,6 +242,10 @@ class TrainConfig:
                                                   "choices": ("ref", "triton"), "resume": True})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model",
                                                    "resume": True})
+    deterministic: bool = field(default=False, metadata={
+        "help": "torch.use_deterministic_algorithms: compiled runs (and their resumes) "
+                "bit-reproducible; inductor's CPU scatter-adds race across threads without it",
+        "resume": True})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda",
                                                   "choices": ("auto", "cpu", "cuda"),
                                                   "resume": True})

@@ -26,9 +26,14 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def pick_device(tc) -> torch.device:
-    """The run's device (``--device``), with the process's thread count and CUDA device set."""
+    """The run's device (``--device``), with the process's thread count, deterministic
+    algorithms (``--deterministic``) and CUDA device set."""
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    if tc.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace (torch refuses matmuls without)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     if tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("device cuda requested but no CUDA GPU is visible; use --device cpu")
