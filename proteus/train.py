@@ -21,8 +21,8 @@ Runs that survive (what a trainer left running overnight must do):
   time the LR schedule reads, the losses, the data stream's position (and the shards it is
   a position in) and the RNG states. ``resume`` continues from one: the warm-up runs and is
   discarded as always (it compiles), then everything above is restored, so the resumed run
-  takes the same steps on the same batches and, in eager mode, ends bit-identical to one that
-  never stopped. The "elapsed budget" of the wall-clock cap is the time spent in training
+  takes the same steps on the same batches and ends bit-identical to one that never stopped
+  (eager; compiled with ``deterministic``, since inductor's CPU scatter-adds race otherwise). The "elapsed budget" of the wall-clock cap is the time spent in training
   steps (warm-up, validation and checkpoint writes are not charged); steps lost to a kill are
   charged again when they are redone.
 * Divergence: a non-finite loss or gradient norm stops the run before the optimiser applies
