@@ -1,0 +1,202 @@
+"""Bits per byte, plain and sliding window, against references written out by hand.
+
+The model here is a stand-in whose logits depend on the position inside its window and on the
+token there, so a target scored by the wrong window, at the wrong place in it, twice, or not at
+all changes the result. The byte table gives every token a different byte count, so a target
+paired with the wrong bytes changes it too. Expected numbers are computed from the lists of
+(target, position in its window) written out below, not from ``proteus.evaluate.windows``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from proteus import data as D
+from proteus.config import build_config
+from proteus.evaluate import (
+    TokenScores,
+    cache_report,
+    cache_scores,
+    evaluate_bpb,
+    score_tokens,
+    sliding_and_cache,
+    windows,
+)
+from proteus.model import GPT
+from proteus.ngram import NgramConfig, ngram_blend_logprobs
+
+V = 8
+
+
+class PositionModel(torch.nn.Module):
+    """logits[b, i, v] = (i + 1) * cos(v + x[b, i]) : a function of the window position i."""
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        i = torch.arange(x.shape[1], dtype=torch.float64)[None, :, None]
+        v = torch.arange(V, dtype=torch.float64)[None, None, :]
+        return ((i + 1) * torch.cos(v + x[..., None].double())).float()
+
+
+def _expected_logp(tokens: torch.Tensor, where: list[int]) -> torch.Tensor:
+    """log p of target j = 1..N when the model sees x_{j-1} at window position where[j-1]."""
+    out = []
+    for j, i in enumerate(where, start=1):
+        z = (i + 1) * torch.cos(torch.arange(V, dtype=torch.float64) + float(tokens[j - 1]))
+        out.append(torch.log_softmax(z.float(), -1)[int(tokens[j])].double())
+    return torch.stack(out)
+
+
+# A byte table where every token has its own count, three have a leading space and one (BOS,
+# id 1) is a boundary token: bytes(prev, tgt) = BASE[tgt] + (SPACE[tgt] and not BOUNDARY[prev]).
+BASE = [0, 1, 2, 3, 4, 5, 6, 7]
+SPACE = [False, False, False, True, False, True, False, False]
+BOUNDARY = [False, True, False, False, False, False, False, False]
+LUT = D.ByteLUT(torch.tensor(BASE), torch.tensor(SPACE), torch.tensor(BOUNDARY))
+TOKENS = torch.tensor([1, 3, 0, 5, 7, 2, 3, 6, 0, 3, 5])  # 10 targets
+
+
+def _bytes(tokens):
+    return [BASE[int(b)] + (SPACE[int(b)] and not BOUNDARY[int(a)])
+            for a, b in zip(tokens[:-1], tokens[1:], strict=True)]
+
+
+# Window position of each target 1..10 (len 4), written out from the rule "a window of L
+# tokens every S tokens scores its last S targets, the first window all of its L":
+WHERE = {
+    # plain: windows [0,4) [4,8) [8,10): targets 1-4, 5-8, 9-10
+    (4, 0): [0, 1, 2, 3, 0, 1, 2, 3, 0, 1],
+    # stride 2: [0,4) scores 1-4; [2,6) scores 5,6; [4,8) 7,8; [6,10) 9,10
+    (4, 2): [0, 1, 2, 3, 2, 3, 2, 3, 2, 3],
+    # stride 3: [0,4) scores 1-4; [3,7) scores 5-7; [6,10) scores 8-10
+    (4, 3): [0, 1, 2, 3, 1, 2, 3, 1, 2, 3],
+    # stride 1: [0,4) scores 1-4, then one target per window at its last position
+    (4, 1): [0, 1, 2, 3, 3, 3, 3, 3, 3, 3],
+    # a stride as long as the window is the plain evaluation
+    (4, 4): [0, 1, 2, 3, 0, 1, 2, 3, 0, 1],
+    # window longer than the stream: one window
+    (16, 5): [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+}
+
+
+@pytest.mark.parametrize("seq_len, stride", list(WHERE))
+@pytest.mark.parametrize("batch_seqs", [1, 3, 16])
+def test_every_target_is_scored_once_at_its_place_with_its_bytes(seq_len, stride, batch_seqs):
+    s = score_tokens(PositionModel(), TOKENS, LUT, seq_len, stride, batch_seqs)
+    assert s.first == 1
+    want = _expected_logp(TOKENS, WHERE[seq_len, stride])
+    assert s.logp.dtype == torch.float64 and s.logp.shape == (10,)
+    torch.testing.assert_close(s.logp, want, rtol=1e-6, atol=1e-7)
+    assert s.nbytes.tolist() == _bytes(TOKENS) == [3, 0, 6, 7, 2, 4, 6, 0, 4, 6]
+    # bpb = total nats / ln 2 / total bytes
+    assert s.bpb() == pytest.approx(-want.sum().item() / math.log(2) / 38, rel=1e-6)
+
+
+def test_windows_cover_every_target_once_in_order():
+    # targets scored by the window list, against the same rule counted out one by one
+    for n, seq_len, stride in [(10, 4, 2), (9, 4, 3), (1, 4, 2), (100, 16, 5), (64, 8, 0),
+                               (65, 8, 8), (33, 8, 7)]:
+        wins = windows(n, seq_len, stride)
+        scored = [t for _s, e, f in wins for t in range(f, e + 1)]
+        assert scored == list(range(1, n + 1))
+        for s, e, f in wins:
+            assert 0 <= s < f <= e and e - s <= seq_len
+        if 0 < stride < seq_len:  # every window but the first is full and scores <= stride
+            assert all(e - s == seq_len or s == 0 for s, e, _ in wins)
+            assert all(e - f + 1 <= stride for _, e, f in wins[1:])
+
+
+def test_uniform_model_bpb_by_hand():
+    # a uniform model over 8 tokens: 3 bits per target; 10 targets, 38 bytes -> 30 / 38 bits
+    class Uniform(torch.nn.Module):
+        def logits(self, x):
+            return torch.zeros(*x.shape, V)
+
+    for stride in (0, 2):
+        r = evaluate_bpb(Uniform(), TOKENS, LUT, 4, stride)
+        # log-softmax is taken in float32: -ln 8 to float32 rounding
+        assert r["bpb"] == pytest.approx(30 / 38, rel=1e-7)
+        assert r["loss"] == pytest.approx(math.log(8), rel=1e-7)
+        assert (r["tokens"], r["bytes"], r["stride"], r["seq_len"]) == (10, 38, stride, 4)
+
+
+def test_evaluate_bpb_reports_loss_tokens_and_bytes():
+    r = evaluate_bpb(PositionModel(), TOKENS, LUT, 4, 3)
+    want = _expected_logp(TOKENS, WHERE[4, 3])
+    assert r["loss"] == pytest.approx(-want.mean().item(), rel=1e-6)
+    assert r["bpb"] == pytest.approx(-want.sum().item() / math.log(2) / 38, rel=1e-6)
+    assert (r["tokens"], r["bytes"]) == (10, 38)
+
+
+def test_model_mode_is_restored_and_bad_input_refused():
+    m = PositionModel().train()
+    score_tokens(m, TOKENS, LUT, 4, 2)
+    assert m.training
+    m.eval()
+    score_tokens(m, TOKENS, LUT, 4, 2)
+    assert not m.training
+    with pytest.raises(ValueError, match="score_tokens"):
+        score_tokens(m, TOKENS[:1], LUT, 4, 2)
+
+
+def test_sliding_bpb_of_the_eval_pass():
+    cfg = build_config("smoke", environ={})
+    ec = dataclasses.replace(cfg.eval, stride=2, cache="none")
+    out = sliding_and_cache(PositionModel(), cfg, ec, TOKENS, LUT, 4)
+    want = _expected_logp(TOKENS, WHERE[4, 2])
+    assert set(out) == {"val_sliding"}
+    assert out["val_sliding"]["bpb"] == pytest.approx(-want.sum().item() / math.log(2) / 38,
+                                                      rel=1e-6)
+    assert (out["val_sliding"]["stride"], out["val_sliding"]["seq_len"]) == (2, 4)
+    assert sliding_and_cache(PositionModel(), cfg, dataclasses.replace(ec, stride=0), TOKENS,
+                             LUT, 4) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache's bits per byte: the same targets, the same bytes, the blend's log-probabilities
+
+
+def _real_scores(n=3000):
+    tok = D.load_tokens(D.bundled_val_glob(), "val", limit=n)
+    lut = D.build_byte_lut(D.load_tokenizer(), 1024)
+    z = torch.sin(torch.arange(1024, dtype=torch.float64)[None] * (tok[:-1, None] + 1) * 0.37)
+    lp = torch.log_softmax(3.0 * z, -1).gather(1, tok[1:, None])[:, 0]
+    nbytes = lut.target_bytes(tok[:-1], tok[1:])
+    return tok, TokenScores(1, lp, nbytes), lut
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_cache_bytes_are_the_scores_bytes_and_nll_is_the_blend(world):
+    tok, scores, _ = _real_scores()
+    ec = build_config("cpu-tiny", environ={}).eval
+    blend = ngram_blend_logprobs(tok, 1, tok.numel(), scores.logp,
+                                 NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc))
+    parts = [cache_scores(scores, tok, ec, r, world) for r in range(world)]
+    # every target's bytes counted once: the sum over ranks is the sum over all targets
+    assert sum(b for _, b, _ in parts) == int(scores.nbytes.sum())
+    assert sum(nll for nll, _, _ in parts) == pytest.approx(-blend.sum().item(), rel=1e-12)
+    n = scores.logp.numel()
+    for r, (nll, b, _) in enumerate(parts):  # each rank: its own contiguous range of targets
+        lo, hi = n * r // world, n * (r + 1) // world
+        assert b == int(scores.nbytes[lo:hi].sum())
+        assert nll == pytest.approx(-blend[lo:hi].sum().item(), rel=1e-12)
+
+
+def test_cache_report_numbers():
+    tok, scores, _ = _real_scores(1200)
+    cfg = build_config("smoke", environ={})
+    ec = dataclasses.replace(cfg.eval, cache="ngram", audit_positions=2)
+    torch.manual_seed(0)
+    model = GPT(cfg.model).eval()
+    rep = cache_report(model, cfg, ec, tok, scores)
+    blend = ngram_blend_logprobs(tok, 1, tok.numel(), scores.logp, NgramConfig())
+    nbytes = int(scores.nbytes.sum())
+    want_cache = -blend.sum().item() / math.log(2) / nbytes
+    want_model = -scores.logp.sum().item() / math.log(2) / nbytes
+    assert rep["bpb_cache"] == pytest.approx(want_cache, rel=1e-12)
+    assert rep["bpb_model"] == pytest.approx(want_model, rel=1e-12)
+    assert rep["gain"] == pytest.approx(want_model - want_cache, rel=1e-12)
+    assert rep["gain"] > 0 and rep["audit_passed"] is True and rep["tokens_per_s"] > 0
