@@ -50,7 +50,7 @@ def _expected_logp(tokens: torch.Tensor, where: list[int]) -> torch.Tensor:
     return torch.stack(out)
 
 
-# A byte table where every token has its own count, three have a leading space and one (BOS,
+# A byte table where every token has its own count, two have a leading space and one (BOS,
 # id 1) is a boundary token: bytes(prev, tgt) = BASE[tgt] + (SPACE[tgt] and not BOUNDARY[prev]).
 BASE = [0, 1, 2, 3, 4, 5, 6, 7]
 SPACE = [False, False, False, True, False, True, False, False]
