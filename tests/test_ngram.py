@@ -188,10 +188,14 @@ def test_distribution_is_normalised_and_non_negative():
 
 def test_cache_helps_on_real_text():
     tok, _, lp = _real_case(2500)
-    nb = torch.ones(lp.numel())
     with_cache = ngram_blend_logprobs(tok, 1, tok.numel(), lp)
-    assert with_cache.sum() > lp.sum() + 0.05 * lp.numel()  # at least 0.05 nats/token better
-    assert nb.numel() == with_cache.numel()
+    assert with_cache.shape == lp.shape and with_cache.dtype == torch.float64
+    assert torch.isfinite(with_cache).all() and (with_cache <= 0).all()
+    # in bits per byte of the real text: the gain is at least 0.02 bits per byte
+    lut = D.build_byte_lut(D.load_tokenizer(), V)
+    nbytes = int(lut.target_bytes(tok[:-1], tok[1:]).sum())
+    gain = (with_cache.sum() - lp.sum()).item() / math.log(2) / nbytes
+    assert gain > 0.02
 
 
 def test_audit_passes_ours_and_flags_the_hashed_scheme():
@@ -222,6 +226,62 @@ def test_audit_catches_a_peeking_cache(monkeypatch):
     monkeypatch.setattr(ng, "cache_distribution", peeking)
     rep = ng.audit(tok, torch.tensor([100, 700]), _model_logp, NgramConfig())
     assert not rep.passed and not rep.causal
+
+
+class _Scheme:
+    """A cache scheme for the audit: p_t from the model's distribution, changed by ``fn``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def distribution(self, tokens, t, model_logp):
+        return self.fn(tokens, t, model_logp.double().exp())
+
+
+def _peeking(tokens, t, p):  # normalised and non-negative, but it looks at the target
+    q = torch.zeros_like(p)
+    q[int(tokens[t])] = 1.0
+    return 0.5 * p + 0.5 * q
+
+
+def _negative(tokens, t, p):  # sums to one, causal, one probability below zero
+    p = p.clone()
+    p[0] += p[1] + 0.01
+    p[1] = -0.01
+    return p
+
+
+@pytest.mark.parametrize("fn, passed, causal, bad_sum, negative", [
+    (lambda tokens, t, p: p, True, True, False, False),  # the model alone: a valid scheme
+    (_peeking, False, False, False, False),
+    (lambda tokens, t, p: p * (1 + 1e-4), False, True, True, False),
+    (lambda tokens, t, p: p * (1 + 5e-7), True, True, False, False),  # within the 1e-6 tolerance
+    (_negative, False, True, False, True),
+])
+def test_audit_fails_for_each_condition_alone(fn, passed, causal, bad_sum, negative):
+    tok, _, _ = _real_case(800)
+    rep = audit(tok, torch.tensor([3, 100, 700, 798]), _model_logp, scheme=_Scheme(fn))
+    assert rep.passed is passed and rep.causal is causal
+    assert (rep.max_sum_error > 1e-6) is bad_sum and (rep.min_prob < 0) is negative
+    assert ("PASS" if passed else "FAIL") in str(rep) and rep.positions == 4
+
+
+def test_audit_fails_when_the_fast_scorer_disagrees_with_the_distribution(monkeypatch):
+    import proteus.ngram as ng
+
+    tok, _, _ = _real_case(800)
+    real = ng.ngram_blend_logprobs
+    monkeypatch.setattr(ng, "ngram_blend_logprobs", lambda *a, **k: real(*a, **k) + 1e-6)
+    rep = ng.audit(tok, torch.tensor([100, 700]), _model_logp, NgramConfig())
+    assert not rep.passed and rep.consistent is False
+    assert rep.causal and rep.max_sum_error < 1e-12 and rep.min_prob >= 0
+
+
+def test_audit_refuses_positions_outside_the_stream():
+    tok = torch.arange(10)
+    for bad in (torch.tensor([0, 3]), torch.tensor([10]), torch.tensor([], dtype=torch.int64)):
+        with pytest.raises(ValueError, match="audit"):
+            audit(tok, bad, _model_logp)
 
 
 def test_hashed_baseline_scores_every_target():
