@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from proteus import data as D
 from proteus.train import WeightAverages, lr_scale, muon_momentum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +41,13 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     assert not [p for p in os.listdir(run_dir) if ".tmp" in p]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 6 and 0 < summary["val"]["bpb"] < 10
+    # the reported bpb is the loss over the 4,096 targets' bytes, counted here independently
+    val, sp = D.load_tokens(D.bundled_val_glob(), "val", limit=4097), D.load_tokenizer()
+    nbytes = int(D.build_byte_lut(sp, 1024).target_bytes(val[:-1], val[1:]).sum())
+    v = summary["val"]
+    assert (v["tokens"], v["bytes"]) == (4096, nbytes)
+    assert v["bpb"] == pytest.approx(v["loss"] * 4096 / math.log(2) / nbytes, rel=1e-12)
+    assert summary["cache"]["bpb_model"] == pytest.approx(v["bpb"], rel=1e-12)
     assert "unigram" in r.stdout and "val bpb" in r.stdout
     assert "with the n-gram cache" in r.stdout and "audit: PASS" in r.stdout
     assert summary["cache"]["audit_passed"] and summary["cache"]["gain"] > 0
