@@ -311,6 +311,37 @@ def test_bad_input_is_a_clear_error():
             NgramConfig(**bad).validate()
 
 
+def test_blend_by_hand():
+    # tokens 5 6 5 7 5 6 (no BOS: the document is the whole stream), a uniform model, order 3,
+    # the shipped parameters (whole history: weight 0.95, k = 100, 28; a = 1.1, 1.35;
+    # document: weight 1, k = 11, 3.3; a = 1.03, 1.75). λ = w · ctx / (ctx + k · types^a).
+    tok = torch.tensor([5, 6, 5, 7, 5, 6])
+    u = 1 / 1024
+    lu = torch.tensor(math.log(u), dtype=torch.float64)
+    got = ngram_blend_logprobs(tok, 1, 6, lu.repeat(5), NgramConfig(order=3))
+
+    def step(p, lam, q):
+        return (1 - lam) * p + lam * q
+
+    want = [u, u]  # t=1, 2: no context seen before
+    # t=3 (7 after 5): "5" was followed once, by 6: ctx 1, count 0, 1 type; "6 5" never seen
+    want.append(step(step(u, 0.95 / 101, 0.0), 1 / 12, 0.0))
+    # t=4 (5 after 7): "7" never seen before
+    want.append(u)
+    # t=5 (6 after 5): "5" followed by 6 and 7 (ctx 2, count 1, 2 types); "7 5" never seen
+    lam, dlam = 0.95 * 2 / (2 + 100 * 2**1.1), 2 / (2 + 11 * 2**1.03)
+    want.append(step(step(u, lam, 0.5), dlam, 0.5))
+    torch.testing.assert_close(got.exp(), torch.tensor(want, dtype=torch.float64), rtol=1e-14,
+                               atol=0)
+    # order 3 at work: 5 6 5 6 5 -> at t=4 (5 after "5 6"), "6" and "5 6" were each followed
+    # once, by 5
+    got = ngram_blend_logprobs(torch.tensor([5, 6, 5, 6, 5]), 4, 5, lu.reshape(1),
+                               NgramConfig(order=3))
+    p = step(step(u, 0.95 / 101, 1.0), 0.95 / 29, 1.0)
+    p = step(step(p, 1 / 12, 1.0), 1 / 4.3, 1.0)
+    assert got.exp().item() == pytest.approx(p, rel=1e-14)
+
+
 def test_each_order_uses_its_own_confidence_parameters():
     # λ_n = weight · ctx / (ctx + k_n · max(types, 1)^a_n), row n-2 with the n-th parameters
     cfg = NgramConfig(weight=0.5, k=(1.0, 2.0, 3.0, 4.0, 5.0), a=(0.0, 1.0, 2.0, 0.5, 1.0))
