@@ -174,6 +174,10 @@ def test_lr_schedule_at_its_boundaries():
     assert lr_scale(0, tc, 0.0, 9990.0) == 1.0  # no step time measured yet: by count
     tc = _tc(max_wallclock_s=0.0)
     assert lr_scale(0, tc, 100.0, 1e9) == 1.0  # no cap: the clock is ignored
+    # small values are values: a half-second cap, a sub-millisecond step, a 1-step warm-down
+    assert lr_scale(0, _tc(max_wallclock_s=0.5), 10.0, 0.0) == 0.5  # 50 steps of time left
+    assert lr_scale(0, _tc(max_wallclock_s=10.0), 0.5, 9975.0) == 0.5
+    assert lr_scale(0, _tc(warmdown_steps=1, max_wallclock_s=10.0), 100.0, 9950.0) == 0.5
 
 
 def test_muon_momentum_warmup():
@@ -182,6 +186,8 @@ def test_muon_momentum_warmup():
     assert muon_momentum(150, tc) == pytest.approx(0.92)
     assert muon_momentum(299, tc) == pytest.approx(0.85 + 0.14 * 299 / 300)
     assert muon_momentum(300, tc) == pytest.approx(0.99) and muon_momentum(5000, tc) == 0.99
+    tc.muon_momentum_warmup = 1  # one step of warm-up: step 0 still starts at the start
+    assert (muon_momentum(0, tc), muon_momentum(1, tc)) == (0.85, 0.99)
     tc.muon_momentum_warmup = 0
     assert muon_momentum(0, tc) == 0.99
 
