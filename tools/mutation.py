@@ -5,6 +5,7 @@
     python tools/mutation.py evaluate ngram      # some of them
     python tools/mutation.py --count             # how many mutants each target has, no run
     python tools/mutation.py --sample 150 ngram  # a fixed-seed random sample of its mutants
+    python tools/mutation.py --work W --retest train  # survivors of W's session, current tests
 
 Each target is one module of ``proteus/``, optionally narrowed to some of its functions or
 classes, mutated by cosmic-ray (https://github.com/sixty-north/cosmic-ray) and checked with
@@ -34,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -231,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", action="store_true", help="count the mutants, run nothing")
     ap.add_argument("--resume", action="store_true",
                     help="continue the sessions in --work instead of starting them again")
+    ap.add_argument("--retest", action="store_true",
+                    help="run the survivors of the sessions in --work again, against the "
+                    "current tests (the mutated modules must be unchanged)")
     args = ap.parse_args(argv)
     names = args.targets or list(TARGETS)
     unknown = [n for n in names if n not in TARGETS]
@@ -238,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     work = Path(args.work or tempfile.mkdtemp(prefix="proteus-mutation-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.retest:
+        if not args.work:
+            ap.error("--retest needs the --work folder of an earlier run")
+        for name in names:  # mutants are recorded by position: the module must be the same
+            old = work / "src" / TARGETS[name].module
+            if old.read_bytes() != (ROOT / TARGETS[name].module).read_bytes():
+                ap.error(f"{TARGETS[name].module} changed since that run: start a new one")
     src = work / "src" if args.resume else _copy_tree(work)
     print(f"work folder {work}", flush=True)
     rows = []
@@ -245,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         target = TARGETS[name]
         db = work / f"{name}.sqlite"
         cfg = work / f"{name}.toml"
-        if not args.resume or not db.exists():
+        if args.retest:
+            with sqlite3.connect(db) as con:
+                n = con.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
+            print(f"{name}: {n} survivors to test again", flush=True)
+        elif not args.resume or not db.exists():
             cfg = _init(name, target, src, work, args.timeout)
             kept, skipped = _filter(db, target, src, args.sample)
             print(f"{name}: {kept} mutants ({skipped} outside the curated set, scope or sample)",
