@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+import proteus.evaluate as E
 from proteus import data as D
 from proteus.config import build_config
 from proteus.evaluate import (
@@ -22,6 +23,9 @@ from proteus.evaluate import (
     cache_report,
     cache_scores,
     evaluate_bpb,
+    format_bpb,
+    model_logprobs_fn,
+    run_audit,
     score_tokens,
     sliding_and_cache,
     windows,
@@ -142,6 +146,45 @@ def test_model_mode_is_restored_and_bad_input_refused():
         score_tokens(m, TOKENS[:1], LUT, 4, 2)
 
 
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_each_rank_scores_its_own_contiguous_windows(monkeypatch, world):
+    # without gathering, rank r of w returns the targets of windows [r n / w, (r + 1) n / w):
+    # together, every target once, in order (4 windows at stride 2; with 5 ranks one has none)
+    want = _expected_logp(TOKENS, WHERE[4, 2])
+    got = []
+    for r in range(world):
+        monkeypatch.setattr(E, "rank_world", lambda r=r: (r, world))
+        s = score_tokens(PositionModel(), TOKENS, LUT, 4, 2, gather=False)
+        assert s.nbytes.tolist() == _bytes(TOKENS)[s.first - 1 : s.first - 1 + s.logp.numel()]
+        if s.logp.numel() == 0:
+            assert s.first == 11  # past the last target
+        got.append((s.first, s.logp))
+    firsts = [f for f, lp in got if lp.numel()]
+    assert firsts == sorted(firsts) and firsts[0] == 1
+    torch.testing.assert_close(torch.cat([lp for _, lp in got]), want, rtol=1e-6, atol=1e-7)
+
+
+def test_two_tokens_are_one_target():
+    s = score_tokens(PositionModel(), TOKENS[:2], LUT, 4, 2)
+    torch.testing.assert_close(s.logp, _expected_logp(TOKENS[:2], [0]))
+    assert s.nbytes.tolist() == [3]
+
+
+def test_model_logprobs_for_the_audit_see_the_last_window():
+    # position p sees x[max(0, p - L) : p]: the last of those is at window position
+    # min(p, L) - 1; the result is the full float64 log-distribution over the vocabulary
+    fn = model_logprobs_fn(PositionModel(), 4)
+    got = fn(TOKENS, torch.tensor([1, 3, 4, 7, 10]))
+    assert got.shape == (5, V) and got.dtype == torch.float64
+    for row, p, i in zip(got, [1, 3, 4, 7, 10], [0, 2, 3, 3, 3], strict=True):
+        z = (i + 1) * torch.cos(torch.arange(V, dtype=torch.float64) + float(TOKENS[p - 1]))
+        torch.testing.assert_close(row, torch.log_softmax(z.float().double(), -1))
+
+
+def test_format_bpb():
+    assert format_bpb(float("nan")) == "nan" and format_bpb(1.234567) == "1.2346"
+
+
 def test_sliding_bpb_of_the_eval_pass():
     cfg = build_config("smoke", environ={})
     ec = dataclasses.replace(cfg.eval, stride=2, cache="none")
@@ -200,3 +243,21 @@ def test_cache_report_numbers():
     assert rep["bpb_model"] == pytest.approx(want_model, rel=1e-12)
     assert rep["gain"] == pytest.approx(want_model - want_cache, rel=1e-12)
     assert rep["gain"] > 0 and rep["audit_passed"] is True and rep["tokens_per_s"] > 0
+    # the audit run flags the record's hashed scheme on the same model
+    assert run_audit(model, cfg, ec, tok, hashed=True) is True
+
+
+def test_cache_throughput_and_the_cache_in_the_eval_pass(monkeypatch):
+    # a clock that advances 0.25 s per reading: the cache scoring takes exactly 0.25 s
+    tok, _, lut = _real_scores(700)
+    cfg = build_config("smoke", environ={})
+    ec = dataclasses.replace(cfg.eval, cache="ngram", stride=0, audit_positions=2)
+    clock = iter(range(10**6))
+    monkeypatch.setattr(E.time, "perf_counter", lambda: next(clock) * 0.25)
+    model = GPT(cfg.model).eval()
+    out = sliding_and_cache(model, cfg, ec, tok, lut, 64)
+    assert set(out) == {"cache"}
+    assert out["cache"]["tokens_per_s"] == pytest.approx(699 / 0.25)
+    plain = evaluate_bpb(model, tok, lut, 64)
+    assert out["cache"]["bpb_model"] == pytest.approx(plain["bpb"], rel=1e-12)
+    assert plain["seconds"] > 0
