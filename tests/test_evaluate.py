@@ -30,7 +30,6 @@ from proteus.evaluate import (
     sliding_and_cache,
     windows,
 )
-from proteus.model import GPT
 from proteus.ngram import NgramConfig, ngram_blend_logprobs
 
 V = 8
@@ -228,13 +227,19 @@ def test_cache_bytes_are_the_scores_bytes_and_nll_is_the_blend(world):
         assert nll == pytest.approx(-blend[lo:hi].sum().item(), rel=1e-12)
 
 
+def _small_case(n=1200):
+    """Tokens of the 8-token vocabulary (BOS every ~50) scored by the position model."""
+    g = torch.Generator().manual_seed(4)
+    tok = torch.randint(2, V, (n,), generator=g)
+    tok[::50] = 1
+    return tok, score_tokens(PositionModel(), tok, LUT, 16)
+
+
 def test_cache_report_numbers():
-    tok, scores, _ = _real_scores(1200)
+    tok, scores = _small_case()
     cfg = build_config("smoke", environ={})
-    ec = dataclasses.replace(cfg.eval, cache="ngram", audit_positions=2)
-    torch.manual_seed(0)
-    model = GPT(cfg.model).eval()
-    rep = cache_report(model, cfg, ec, tok, scores)
+    ec = dataclasses.replace(cfg.eval, cache="ngram", audit_positions=3)
+    rep = cache_report(PositionModel(), cfg, ec, tok, scores)
     blend = ngram_blend_logprobs(tok, 1, tok.numel(), scores.logp, NgramConfig())
     nbytes = int(scores.nbytes.sum())
     want_cache = -blend.sum().item() / math.log(2) / nbytes
@@ -244,20 +249,19 @@ def test_cache_report_numbers():
     assert rep["gain"] == pytest.approx(want_model - want_cache, rel=1e-12)
     assert rep["gain"] > 0 and rep["audit_passed"] is True and rep["tokens_per_s"] > 0
     # the audit run flags the record's hashed scheme on the same model
-    assert run_audit(model, cfg, ec, tok, hashed=True) is True
+    assert run_audit(PositionModel(), cfg, ec, tok, hashed=True) is True
 
 
 def test_cache_throughput_and_the_cache_in_the_eval_pass(monkeypatch):
     # a clock that advances 0.25 s per reading: the cache scoring takes exactly 0.25 s
-    tok, _, lut = _real_scores(700)
+    tok, _ = _small_case(700)
     cfg = build_config("smoke", environ={})
     ec = dataclasses.replace(cfg.eval, cache="ngram", stride=0, audit_positions=2)
     clock = iter(range(10**6))
     monkeypatch.setattr(E.time, "perf_counter", lambda: next(clock) * 0.25)
-    model = GPT(cfg.model).eval()
-    out = sliding_and_cache(model, cfg, ec, tok, lut, 64)
+    out = sliding_and_cache(PositionModel(), cfg, ec, tok, LUT, 16)
     assert set(out) == {"cache"}
     assert out["cache"]["tokens_per_s"] == pytest.approx(699 / 0.25)
-    plain = evaluate_bpb(model, tok, lut, 64)
+    plain = evaluate_bpb(PositionModel(), tok, LUT, 16)
     assert out["cache"]["bpb_model"] == pytest.approx(plain["bpb"], rel=1e-12)
     assert plain["seconds"] > 0
