@@ -201,7 +201,9 @@ def _summary(name: str, db_path: Path, work: Path) -> dict:
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome
 
-    out = dict(name=name, killed=0, survived=0, timeout=0, incompetent=0, pending=0)
+    out = dict(name=name, killed=0, survived=0, timeout=0, incompetent=0, pending=0,
+               minutes=float((work / f"{name}.minutes").read_text())
+               if (work / f"{name}.minutes").exists() else float("nan"))
     lines = []
     with use_db(str(db_path), WorkDB.Mode.open) as db:
         out["pending"] = sum(1 for _ in db.pending_work_items)
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", action="store_true", help="count the mutants, run nothing")
     ap.add_argument("--resume", action="store_true",
                     help="continue the sessions in --work instead of starting them again")
+    ap.add_argument("--report", action="store_true",
+                    help="only print the table of the sessions already in --work")
     ap.add_argument("--retest", action="store_true",
                     help="run the survivors of the sessions in --work again, against the "
                     "current tests (the mutated modules must be unchanged)")
@@ -243,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     work = Path(args.work or tempfile.mkdtemp(prefix="proteus-mutation-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        rows = [_summary(n, work / f"{n}.sqlite", work) for n in names
+                if (work / f"{n}.sqlite").exists()]
+        print(_table(rows))
+        return 0
     if args.retest:
         if not args.work:
             ap.error("--retest needs the --work folder of an earlier run")
@@ -277,10 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "exec", str(cfg), str(db)],
                        cwd=src, env=_env(src), check=True)
-        row = _summary(name, db, work)
-        row["minutes"] = (time.time() - t0) / 60
-        rows.append(row)
-        print(_table([row]), flush=True)
+        minutes = work / f"{name}.minutes"  # summed over resumed and retested runs
+        spent = (float(minutes.read_text()) if minutes.exists() and (args.resume or args.retest)
+                 else 0.0) + (time.time() - t0) / 60
+        minutes.write_text(f"{spent:.2f}")
+        rows.append(_summary(name, db, work))
+        print(_table(rows[-1:]), flush=True)
     if rows:
         text = _table(rows)
         (work / "summary.md").write_text(text + "\n")
@@ -289,13 +300,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(rows: list[dict]) -> str:
-    out = ["| module | killed | survived | score | timeouts | incompetent | minutes |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| module | killed | survived | score | timeouts | incompetent | not run | minutes |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         total = r["killed"] + r["survived"]
         score = f"{100 * r['killed'] / total:.1f}%" if total else "–"
         out.append(f"| {TARGETS[r['name']].module} | {r['killed']} | {r['survived']} | {score} "
-                   f"| {r['timeout']} | {r['incompetent']} | {r['minutes']:.0f} |")
+                   f"| {r['timeout']} | {r['incompetent']} | {r['pending']} | {r['minutes']:.0f} |")
     return "\n".join(out)
 
 
