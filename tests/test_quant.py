@@ -44,7 +44,9 @@ def test_quantizer_range_scale_and_sqnr():
     assert q.dtype == torch.int8 and s.dtype == torch.float16
     assert q.abs().max() <= 31
     w_hat = q.float() * s.float()[:, None]
-    assert Q.sqnr_db(w, w_hat) > 25  # int6 on Gaussian rows: ~30 dB
+    # int6 on Gaussian rows: 31.1-31.4 dB over seeds 0-2; a truncating quantiser gets 25.0-25.5
+    # (the floor used to be 25 dB, which truncation passed)
+    assert Q.sqnr_db(w, w_hat) > 29
     # the per-row clip search never does worse than clipping at the row max
     q1, s1 = Q.quantize_rows(w, 31, percentiles=(1.0,))
     err = ((w_hat - w) ** 2).sum(1)
