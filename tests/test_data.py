@@ -126,6 +126,27 @@ def _write(path, tokens):
     return str(path)
 
 
+def test_shard_round_trip_at_the_edges_of_its_format(tmp_path):
+    # an empty shard is a header alone; ids use the whole uint16 range; the header is 256 ints
+    p = _write(tmp_path / "e.bin", np.zeros(0))
+    assert D.read_shard_header(p) == 0 and D.load_shard(p).size == 0
+    toks = np.array([0, 1, 65535, 1024, 7], dtype=np.uint16)
+    p = _write(tmp_path / "s.bin", toks)
+    raw = open(p, "rb").read()
+    assert len(raw) == 1024 + 10
+    assert np.frombuffer(raw[:12], "<i4").tolist() == [20240520, 1, 5] and not any(raw[12:1024])
+    assert np.array_equal(D.load_shard(p), toks)
+    with pytest.raises(D.DataError, match="uint16"):
+        D.write_shard(tmp_path / "bad.bin", np.array([65536]))
+    with pytest.raises(D.DataError, match="uint16"):
+        D.write_shard(tmp_path / "bad.bin", np.array([-1, 3]))
+    _write(tmp_path / "t.bin", np.arange(50))
+    both = str(tmp_path / "[st].bin")
+    assert D.load_tokens(both, "val").tolist() == toks.tolist() + list(range(50))
+    assert D.load_tokens(both, "val", limit=7).tolist() == toks.tolist() + [0, 1]
+    assert D.load_tokens(both, "val", limit=3).tolist() == [0, 1, 65535]
+
+
 def test_truncated_shard_is_a_clear_error(tmp_path):
     p = _write(tmp_path / "s.bin", np.arange(100))
     raw = open(p, "rb").read()
