@@ -290,6 +290,29 @@ def test_hashed_baseline_scores_every_target():
     assert out.shape == (tok.numel() - 1,) and np.isfinite(out).all()
 
 
+def test_hashed_baseline_is_the_record_scheme_of_the_audit():
+    # the speed baseline, updating its tables after every token (chunk 1), scores each target
+    # as the audit's reimplementation does: 0.8 p_model + 0.2 min(1, full / ctx) at the highest
+    # order whose hashed context count is >= 2 (and 0.8 p_model where there is none)
+    tok, lp_all, lp = _real_case(1500)
+    buckets = 1 << 10
+    fast = np.exp(hashed_numpy_cache_logprobs(tok.numpy(), lp.numpy(), buckets=buckets, chunk=1))
+    chunked = hashed_numpy_cache_logprobs(tok.numpy(), lp.numpy(), buckets=buckets, chunk=64)
+    scheme = HashedTwoTableCache(order=5, buckets=buckets)
+    hits = 0
+    for t in range(2, 1500, 23):
+        p = scheme.distribution(tok, t, lp_all[t - 1])[int(tok[t])].item()
+        pm = math.exp(lp[t - 1].item())
+        if p == pm:  # no order with a context count >= 2
+            assert fast[t - 1] == pytest.approx(0.8 * pm, rel=1e-9)
+        else:
+            hits += 1
+            assert fast[t - 1] == pytest.approx(p, rel=1e-9)
+    assert hits > 30
+    # chunks of 64: a target inside a chunk does not see the chunk's earlier tokens
+    assert not np.allclose(chunked, np.log(fast)) and chunked[0] == pytest.approx(np.log(fast[0]))
+
+
 def test_bad_input_is_a_clear_error():
     tok = torch.randint(0, V, (100,))
     lp = torch.zeros(99)
