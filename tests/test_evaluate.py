@@ -163,6 +163,23 @@ def test_each_rank_scores_its_own_contiguous_windows(monkeypatch, world):
     torch.testing.assert_close(torch.cat([lp for _, lp in got]), want, rtol=1e-6, atol=1e-7)
 
 
+def test_ranks_gather_every_target_by_default(monkeypatch):
+    # with more than one rank, score_tokens gathers the ranks' ranges (here: a stand-in for the
+    # collective that returns what the two ranks would contribute) and returns all targets
+    want = _expected_logp(TOKENS, WHERE[4, 2])
+    sent = []
+
+    def gather(t):
+        sent.append(t.clone())
+        return want
+
+    monkeypatch.setattr(E, "rank_world", lambda: (1, 2))
+    monkeypatch.setattr(E, "gather_ordered", gather)
+    s = score_tokens(PositionModel(), TOKENS, LUT, 4, 2)
+    assert len(sent) == 1 and torch.allclose(sent[0], want[6:])  # rank 1: windows 2, 3
+    assert s.first == 1 and s.nbytes.tolist() == _bytes(TOKENS) and torch.equal(s.logp, want)
+
+
 def test_two_tokens_are_one_target():
     s = score_tokens(PositionModel(), TOKENS[:2], LUT, 4, 2)
     torch.testing.assert_close(s.logp, _expected_logp(TOKENS[:2], [0]))
@@ -248,8 +265,16 @@ def test_cache_report_numbers():
     assert rep["bpb_model"] == pytest.approx(want_model, rel=1e-12)
     assert rep["gain"] == pytest.approx(want_model - want_cache, rel=1e-12)
     assert rep["gain"] > 0 and rep["audit_passed"] is True and rep["tokens_per_s"] > 0
-    # the audit run flags the record's hashed scheme on the same model
-    assert run_audit(PositionModel(), cfg, ec, tok, hashed=True) is True
+
+def test_run_audit_audits_the_hashed_scheme_only_when_asked(caplog):
+    tok, _ = _small_case(600)
+    cfg = build_config("smoke", environ={})
+    ec = dataclasses.replace(cfg.eval, audit_positions=2)
+    with caplog.at_level("INFO", logger="proteus"):
+        assert run_audit(PositionModel(), cfg, ec, tok) is True
+        assert "negative example" not in caplog.text and "audit: PASS" in caplog.text
+        assert run_audit(PositionModel(), cfg, ec, tok, hashed=True) is True
+        assert "negative example: FAIL" in caplog.text
 
 
 def test_cache_throughput_and_the_cache_in_the_eval_pass(monkeypatch):
