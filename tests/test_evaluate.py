@@ -197,6 +197,25 @@ def test_model_logprobs_for_the_audit_see_the_last_window():
         torch.testing.assert_close(row, torch.log_softmax(z.float().double(), -1))
 
 
+def test_autocast_only_when_asked():
+    seen = []
+
+    class Spy(PositionModel):
+        def logits(self, x):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return super().logits(x)
+
+    cfg = build_config("smoke", environ={})
+    ec = dataclasses.replace(cfg.eval, stride=2, cache="none")
+    evaluate_bpb(Spy(), TOKENS, LUT, 4)
+    sliding_and_cache(Spy(), cfg, ec, TOKENS, LUT, 4)
+    assert seen and not any(seen)
+    seen.clear()
+    evaluate_bpb(Spy(), TOKENS, LUT, 4, autocast=True)
+    sliding_and_cache(Spy(), cfg, ec, TOKENS, LUT, 4, autocast=True)
+    assert seen and all(seen)
+
+
 def test_format_bpb():
     assert format_bpb(float("nan")) == "nan" and format_bpb(1.234567) == "1.2346"
 
