@@ -180,6 +180,11 @@ def test_ranks_gather_every_target_by_default(monkeypatch):
     assert s.first == 1 and s.nbytes.tolist() == _bytes(TOKENS) and torch.equal(s.logp, want)
 
 
+def test_plain_is_the_default():
+    s = score_tokens(PositionModel(), TOKENS, LUT, 4)
+    torch.testing.assert_close(s.logp, _expected_logp(TOKENS, WHERE[4, 0]))
+
+
 def test_two_tokens_are_one_target():
     s = score_tokens(PositionModel(), TOKENS[:2], LUT, 4, 2)
     torch.testing.assert_close(s.logp, _expected_logp(TOKENS[:2], [0]))
@@ -309,3 +314,12 @@ def test_cache_throughput_and_the_cache_in_the_eval_pass(monkeypatch):
     plain = evaluate_bpb(PositionModel(), tok, LUT, 16)
     assert out["cache"]["bpb_model"] == pytest.approx(plain["bpb"], rel=1e-12)
     assert plain["seconds"] > 0
+
+
+def test_cache_throughput_of_an_instant_scoring(monkeypatch):
+    # a clock that does not move: the throughput is large and finite, not a division by zero
+    tok, scores = _small_case(300)
+    cfg = build_config("smoke", environ={})
+    ec = dataclasses.replace(cfg.eval, cache="ngram", audit_positions=1)
+    monkeypatch.setattr(E.time, "perf_counter", lambda: 5.0)
+    assert cache_report(PositionModel(), cfg, ec, tok, scores)["tokens_per_s"] == 299 / 1e-9
