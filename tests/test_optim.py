@@ -60,7 +60,7 @@ def test_newton_schulz_equals_the_plain_iteration(shape):
 
 
 def test_muon_follows_the_published_update_over_several_steps():
-    shapes = [(8, 4), (4, 8), (8, 4), (6, 6), (16, 4)]
+    shapes = [(8, 4), (4, 8), (8, 4), (6, 6), (16, 4), (12, 8)]  # (12, 8): scale sqrt(1.5)
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     ref = [p.detach().double().clone() for p in params]
     start = [r.clone() for r in ref]
@@ -132,3 +132,21 @@ def test_untied_head_is_an_embedding_group_parameter():
     assert model.lm_head is not None
     assert any(p is model.lm_head.weight for p in groups["embed"])
     assert not any(p is model.lm_head.weight for p in groups["matrix"])
+
+
+def test_groups_take_a_shared_parameter_once_and_every_other_one():
+    class Child(torch.nn.Module):
+        def __init__(self, shared):
+            super().__init__()
+            self.shared = shared  # registered here too, before a parameter of its own
+            self.own = torch.nn.Parameter(torch.ones(3))
+
+    class Parent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = torch.nn.Parameter(torch.ones(2))
+            self.child = Child(self.shared)
+
+    m = Parent()
+    groups = split_params(m)
+    assert sorted(map(id, groups["scalar"])) == sorted([id(m.shared), id(m.child.own)])
