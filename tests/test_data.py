@@ -231,6 +231,16 @@ def test_unigram_bpb_by_hand():
     assert got == pytest.approx((1 + math.log2(6)) / 4, rel=1e-12)
     with pytest.raises(ValueError, match="no bytes"):
         D.bits_per_byte(1.0, 0)
+    assert D.bits_per_byte(math.log(2), 1) == pytest.approx(1.0)
+
+
+def test_unreadable_shard_and_tokenizer_are_clear_errors(tmp_path):
+    with pytest.raises(D.DataError, match="cannot read shard"):
+        D.read_shard_header(tmp_path / "missing.bin")
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(D.DataError, match="could not be loaded"):
+        D.load_tokenizer(str(bad))
 
 
 def test_unigram_baseline_is_sane(lut):
