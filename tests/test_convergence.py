@@ -16,8 +16,11 @@ pytestmark = pytest.mark.interpret
 
 
 def _run(kernels: str) -> list[float]:
+    # no wall-clock cap: the smoke preset's 60 s cap stopped the interpreted run early on a
+    # loaded machine, and a time-aware warm-down gave the two runs different learning rates
     cfg = build_config("smoke", {"train.kernels": kernels, "train.iterations": 30,
                                  "train.warmup_steps": 0, "train.seq_len": 32,
+                                 "train.max_wallclock_s": 0.0,
                                  "train.batch_tokens": 128, "train.warmdown_steps": 10,
                                  "train.swa_every": 0, "train.ema_decay": 0.0,
                                  "eval.val_tokens": 256}, environ={})
