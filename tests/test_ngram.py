@@ -365,6 +365,14 @@ def test_blend_by_hand():
     assert got.exp().item() == pytest.approx(p, rel=1e-14)
 
 
+def test_order_six_repeats_the_tuned_order_five_parameters():
+    # the parameters were fitted for n <= 5; NgramConfig's docs say the n = 6 entries repeat n = 5
+    cfg = NgramConfig()
+    for name in ("k", "a", "doc_k", "doc_a"):
+        v = getattr(cfg, name)
+        assert len(v) == 5 and v[4] == v[3], name
+
+
 def test_each_order_uses_its_own_confidence_parameters():
     # λ_n = weight · ctx / (ctx + k_n · max(types, 1)^a_n), row n-2 with the n-th parameters
     cfg = NgramConfig(weight=0.5, k=(1.0, 2.0, 3.0, 4.0, 5.0), a=(0.0, 1.0, 2.0, 0.5, 1.0))
