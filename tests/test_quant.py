@@ -73,6 +73,22 @@ def test_rounding_error_is_at_most_half_a_step(qmax):
     assert (err[inside] / s.expand_as(w)[inside]).mean() < 0.3
 
 
+def test_zero_and_tiny_rows_quantise_to_zeros_with_a_positive_scale():
+    # a row of zeros (a dead unit) or below fp16's range: scale floored at 2^-24, q = 0, exact
+    w = torch.zeros(3, 8)
+    w[1] = 1e-12
+    w[2, 0] = 1.0
+    q, s = Q.quantize_rows(w, 31)
+    assert torch.equal(q[:2], torch.zeros(2, 8, dtype=torch.int8))
+    assert s[0].item() == s[1].item() == 2**-24 and q[2, 0] == 31
+    assert torch.equal(q.float()[:1] * s.float()[:1, None], w[:1])
+
+
+def test_clip_candidates_are_distinct_percentiles_ending_at_the_max():
+    p = Q.CLIP_PERCENTILES
+    assert all(0 < a < b for a, b in zip(p, p[1:], strict=False)) and p[-1] == 1.0
+
+
 def test_scale_is_a_candidate_clip_and_the_best_one():
     w = torch.randn(16, 256) * torch.linspace(0.1, 3, 16)[:, None]
     q, s = Q.quantize_rows(w, 31)
