@@ -105,6 +105,8 @@ def _spans(source: str, target: Target) -> tuple[list, list]:
         name = getattr(node, "name", None)
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             name = node.targets[0].id
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            name = node.target.id
         if (not target.only or name in target.only) and name not in target.skip:
             include.append(span(node))
     exclude = []
