@@ -11,12 +11,25 @@ overrides; see ``_backend`` for exactly what it sets and patches). It must run b
 """
 
 from . import _backend  # noqa: F401  (first: kernel modules below are decorated in its mode)
-from .int6_matmul import dequantize_int6, int6_matmul, int6_matmul_ref, pack_int6, unpack_int6
+from .int6_matmul import (
+    Int6Linear,
+    dequantize_int6,
+    int6_matmul,
+    int6_matmul_op,
+    int6_matmul_ref,
+    pack_int6,
+    quantize_rows,
+    replace_linear_int6,
+    unpack_int6,
+)
 from .leaky_relu2 import (
     FusedLeakyReLU2MLP,
+    LeakyReLU2,
     leaky_relu2,
     leaky_relu2_mlp,
+    leaky_relu2_mlp_op,
     leaky_relu2_mlp_ref,
+    leaky_relu2_op,
     leaky_relu2_ref,
 )
 from .ngram_table import NgramTable, NgramTableRef, pack_keys, types_keys
@@ -24,17 +37,24 @@ from .xsa_attention import xsa_attention, xsa_attention_ref
 
 __all__ = [
     "FusedLeakyReLU2MLP",
+    "Int6Linear",
+    "LeakyReLU2",
     "NgramTable",
     "NgramTableRef",
     "dequantize_int6",
     "int6_matmul",
+    "int6_matmul_op",
     "int6_matmul_ref",
     "leaky_relu2",
     "leaky_relu2_mlp",
+    "leaky_relu2_mlp_op",
     "leaky_relu2_mlp_ref",
+    "leaky_relu2_op",
     "leaky_relu2_ref",
     "pack_int6",
     "pack_keys",
+    "quantize_rows",
+    "replace_linear_int6",
     "types_keys",
     "unpack_int6",
     "xsa_attention",
