@@ -1,13 +1,17 @@
 """PROTEUS Triton kernels, each beside the PyTorch reference that specifies it.
 
 One op per file: ``leaky_relu2``, ``xsa_attention``, ``int6_matmul``, ``ngram_table``; their
-public surface is re-exported here (``from proteus.kernels import xsa_attention``).
+public surface is re-exported here (``from proteus.kernels import xsa_attention``). Each op has
+three surfaces under one name: the function (``leaky_relu2_mlp``), its differentiable custom op
+with fake, autograd and autocast registrations (``leaky_relu2_mlp_op``, also
+``torch.ops.proteus.leaky_relu2_mlp``) and an ``nn.Module`` (``FusedLeakyReLU2MLP``).
 
 Import-time side effect (documented, and the only one): importing this package runs
 ``proteus.kernels._backend.configure()``, which decides how this process runs Triton kernels —
-compiled on a CUDA GPU, Triton's interpreter on a machine without one (``TRITON_INTERPRET``
-overrides; see ``_backend`` for exactly what it sets and patches). It must run before any
-``@triton.jit`` decorator below, which is why it happens at import.
+compiled on a CUDA GPU (nothing process-wide changes), Triton's interpreter on a machine without
+one (Triton's interpreter switch and three documented interpreter patches; ``TRITON_INTERPRET``
+overrides; see ``_backend`` for the exact list). It must run before any ``@triton.jit``
+decorator below, which is why it happens at import.
 """
 
 from . import _backend  # noqa: F401  (first: kernel modules below are decorated in its mode)

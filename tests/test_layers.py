@@ -2,8 +2,7 @@
 
 Layers (STYLE.md), lowest first; a module may import from its own layer's earlier modules and
 from any lower layer, never from a later one. Function-local imports are allowed only in
-``proteus/cli.py`` (its lazy per-subcommand imports) and ``kernels/_backend.py`` (``triton`` is
-imported only after the variable it reads is set).
+``proteus/cli.py`` (its lazy per-subcommand imports).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ LAYERS = [
     ["proteus.train", "proteus.run"],
     ["proteus.bench", "proteus.commands", "proteus.cli", "proteus.__main__"],
 ]
-LOCAL_IMPORTS_ALLOWED = {"proteus/cli.py", "kernels/_backend.py"}
+LOCAL_IMPORTS_ALLOWED = {"proteus/cli.py"}
 
 
 def _rank(module: str) -> tuple[int, int] | None:
