@@ -100,12 +100,21 @@ def _fp64(model, idx, targets):
     return _run(copy.deepcopy(model).double(), idx, targets)
 
 
-@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_mlp_swap_matches_the_unswapped_model(device, bias, amp):
+AMP = pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+BIAS = pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+
+
+def _model_and_swapped(device, bias, swap):
     model = _model(device, bias)
     swapped = copy.deepcopy(model)
-    swap_mlp(swapped)
+    swap(swapped)
+    return model, swapped
+
+
+@AMP
+@BIAS
+def test_mlp_swap_matches_the_unswapped_model(device, bias, amp):
+    model, swapped = _model_and_swapped(device, bias, swap_mlp)
     assert all(isinstance(b.mlp, FusedLeakyReLU2MLP) and b.mlp.slope == 0.5
                for b in swapped.blocks)
     idx, targets = _batch(device)
@@ -113,12 +122,10 @@ def test_mlp_swap_matches_the_unswapped_model(device, bias, amp):
              _fp64(model, idx, targets), amp, _unswapped_names)
 
 
-@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@AMP
+@BIAS
 def test_int6_swap_matches_the_dequantised_model(device, bias, amp):
-    model = _model(device, bias)
-    swapped = copy.deepcopy(model)
-    swap_int6(swapped)
+    model, swapped = _model_and_swapped(device, bias, swap_int6)
     n_int6 = sum(isinstance(m, Int6Linear) for m in swapped.modules())
     assert n_int6 == 6 * len(swapped.blocks)  # q, k, v, proj, fc, proj per block
     reference = _dequantised_copy(model, swapped)
