@@ -7,11 +7,12 @@ per output column after the K loop, then adds the optional bias ``b`` (N,) befor
 rounding to x's dtype.
 
 Backward (``int6_matmul`` is differentiable with respect to x and b; the weights are frozen and
-get no gradient): ``dx = dy @ (Q·s)``, a reduction over N, so ``s`` cannot be factored out. The
-dgrad kernel reads the same packed bytes, unpacks a (BLOCK_N, BLOCK_G) tile of each of the four
-K-slices, multiplies by ``s`` in fp32 and rounds to dy's dtype — exactly the weights the
-reference multiplies by (``dequantize_int6(...).to(dtype)``) — and accumulates four
-(BLOCK_M, BLOCK_G) output tiles ``dx[:, j + c·G]`` in fp32. ``db = dy.sum(0)``.
+get no gradient; saved for backward: ``packed_w`` and ``scale`` only, not x):
+``dx = dy @ (Q·s)``, a reduction over N, so ``s`` cannot be factored out. The dgrad kernel
+reads the same packed bytes, unpacks a (BLOCK_N, BLOCK_G) tile of each of the four K-slices,
+multiplies by ``s`` in fp32 and rounds to dy's dtype — exactly the weights the reference
+multiplies by (``dequantize_int6(...).to(dtype)``) — and accumulates four (BLOCK_M, BLOCK_G)
+output tiles ``dx[:, j + c·G]`` in fp32. ``db = dy.sum(0)``.
 
 Packed layout (``pack_int6``): per row, K must be a multiple of 4 and G = K / 4 groups. Group
 ``j`` holds the four values at ``k = j, j + G, j + 2G, j + 3G`` as offset-binary fields
@@ -414,13 +415,13 @@ class Int6Linear(nn.Module):
 
     quantized = True  # what proteus.model checks to route around fused fp weights
 
-    def __init__(self, packed: torch.Tensor, scale: torch.Tensor,
+    def __init__(self, packed_w: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None = None, *, use_kernel: bool = True):
         super().__init__()
-        _check_weights("Int6Linear", packed, scale, bias)
-        self.out_features, _, g = packed.shape
+        _check_weights("Int6Linear", packed_w, scale, bias)
+        self.out_features, _, g = packed_w.shape
         self.in_features = 4 * g
-        self.register_buffer("packed", packed)
+        self.register_buffer("packed", packed_w)
         self.register_buffer("scale", scale)
         if bias is None:
             self.register_parameter("bias", None)
@@ -467,6 +468,12 @@ def replace_linear_int6(module: nn.Module, *,
     layer, when ``module`` is itself a Linear). A Linear whose weight is tied to another module
     (an output head tied to an embedding) is quantised on its own; the other keeps fp weights.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"replace_linear_int6: module must be an nn.Module, got "
+                        f"{type(module).__name__}")
+    if filter is not None and not callable(filter):
+        raise TypeError(f"replace_linear_int6: filter must be a callable (name, linear) -> bool "
+                        f"or None, got {type(filter).__name__}")
     if isinstance(module, nn.Linear):
         return Int6Linear.from_linear(module, use_kernel=use_kernel)
 

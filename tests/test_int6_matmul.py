@@ -202,6 +202,11 @@ def test_bad_inputs_are_clear_errors(device):
         int6_matmul(torch.randn(3, 16, device=device), [1, 2], s)
     with pytest.raises(TypeError, match="Int6Linear.from_linear: linear must be an nn.Linear"):
         Int6Linear.from_linear(nn.Identity())
+    with pytest.raises(ValueError, match=r"Int6Linear: packed_w must be \(N, 3, K/4\)"):
+        Int6Linear(packed.reshape(8, 1, 12), s)
+    with pytest.raises(TypeError, match="replace_linear_int6: module must be an nn.Module, got "
+                       "list"):
+        replace_linear_int6([nn.Linear(4, 4)])
 
 
 def test_torch_compile_fullgraph(device):
