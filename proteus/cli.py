@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="check every kernel against its reference, then time it")
     b.add_argument("--json", default="bench-results.json", help="pytest-benchmark JSON output")
     b.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+
+    pk = sub.add_parser("pack", help="write the code a submission ships: one compressed, "
+                        "self-extracting script (python SCRIPT train ... runs like proteus)",
+                        description="Pack the modules training and evaluation import into one "
+                        "self-extracting script and print its size next to the sources'.")
+    pk.add_argument("--out", default="proteus_packed.py", help="the script to write")
     return p
 
 
@@ -114,6 +120,10 @@ def _dispatch(parser, args) -> int:
         from proteus.bench import run_report
 
         return run_report(args.json)
+    if args.command == "pack":
+        from proteus.commands import main_pack
+
+        return main_pack(args.out)
     if args.command == "bench":
         from proteus.bench import run_bench
 
