@@ -318,9 +318,10 @@ def _fwd_backward(ctx, dy):
 
 leaky_relu2_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 # CPU autocast lists neither leaky_relu nor square: the op keeps x's dtype (no rule needed).
-# CUDA autocast runs square (= pow) in float32: y comes out float32, t stays in x's dtype.
+# CUDA autocast runs square (= pow) in float32: y comes out float32, t stays in x's dtype; an
+# explicit out_dtype is kept (autocast's own rule for ops that take a dtype).
 register_autocast("proteus::leaky_relu2", {
-    "cuda": lambda names: lambda dev, dtype, args: [args[0], args[1], torch.float32],
+    "cuda": lambda names: lambda dev, dtype, args: [args[0], args[1], args[2] or torch.float32],
 })
 
 
