@@ -82,11 +82,13 @@ class AttentionPeer:
 
 def xsa_post_op_bthd(o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The record's separate XSA step in flash-attn's layout: o (B, T, H, D), v (B, T, KV, D);
-    remove from each head's output its component along its KV head's unit value (fp32)."""
+    remove from each head's output its component along its KV head's unit value (in fp32, or
+    fp64 for fp64 inputs, as the reference)."""
     b, t, h, d = o.shape
     kv = v.shape[2]
-    u = F.normalize(v.float(), dim=-1, eps=XSA_EPS).unsqueeze(3)  # (B, T, KV, 1, D)
-    o5 = o.float().view(b, t, kv, h // kv, d)
+    acc = torch.promote_types(o.dtype, torch.float32)
+    u = F.normalize(v.to(acc), dim=-1, eps=XSA_EPS).unsqueeze(3)  # (B, T, KV, 1, D)
+    o5 = o.to(acc).view(b, t, kv, h // kv, d)
     return (o5 - (o5 * u).sum(-1, keepdim=True) * u).view(b, t, h, d).to(o.dtype)
 
 
@@ -119,9 +121,9 @@ def _sdpa_peer(provider: str, q, k, v) -> AttentionPeer:
 
 
 def _flash_peer(module: str, what: str) -> AttentionPeer:
+    func = _import(module, what).flash_attn_func
     if not torch.cuda.is_available():
         raise Unavailable(f"{what} needs a CUDA GPU")
-    func = _import(module, what).flash_attn_func
 
     def run(q, k, v):
         o = func(q, k, v, causal=True)

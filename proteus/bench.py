@@ -307,6 +307,12 @@ def summarize(data: dict, skips: list[dict] | tuple = (), env: dict | None = Non
     return "\n".join(out)
 
 
+def _metric_text(metric: str, v: float) -> str:
+    if metric in ("tokens/s", "ops/s"):
+        return f"{_rate(v)}{metric}"
+    return f"{v:,.1f} {metric}" if v >= 10 else f"{v:.3g} {metric}"
+
+
 def markdown_table(recs: list[dict], ours: str = "triton") -> str:
     """One markdown table of every timed row: time, throughput, % of the roofline and the
     ratio to the best peer of its group (best peer's p50 / this p50; > 1: faster), then the
@@ -327,8 +333,7 @@ def markdown_table(recs: list[dict], ours: str = "triton") -> str:
             if best is not None:
                 vs = f"{best['p50_ms'] / r['p50_ms']:.2f}×" + (" (best peer)" if r is best
                                                                else "")
-            tp = (f"{r['throughput']:.3g} {r['metric']}" if r.get("throughput") is not None
-                  else "")
+            tp = _metric_text(r["metric"], r["throughput"]) if r.get("throughput") else ""
             pct = f"{r['roofline_pct']:.1f}%" if r.get("roofline_pct") is not None else ""
             spread = (f"{r['p20_ms']:.4g}–{r['p80_ms']:.4g} ms" if r.get("p20_ms") is not None
                       else "")
