@@ -20,16 +20,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proteus.bench import BENCHMARKS
 from proteus.kernels.int6_matmul import int6_matmul, int6_matmul_ref, pack_int6
 
-from .conftest import ON_GPU, Case, check_then_time, provider_fn, sweep
+from .conftest import ON_GPU, PROVIDERS, Case, check_then_time, provider_fn, sweep
 from .peers import TORCHAO_CONFIGS, Unavailable, torchao_linear
 
 DTYPE = torch.float16 if ON_GPU else torch.float32
 K, N = (512, 1536) if ON_GPU else (128, 192)
 MS, MAIN_M = ((16, 256, 2048, 16384), 16384) if ON_GPU else ((4, 64), 64)
-CASES = sweep(MS, BENCHMARKS["int6_matmul"], MAIN_M)
+CASES = sweep(MS, PROVIDERS + ["dense", *TORCHAO_CONFIGS], MAIN_M)
 TORCHAO_MAX_REL_ERR = {"torchao-int8": 2e-2, "torchao-int4": 0.12}
 TORCHAO_DTYPE = torch.bfloat16 if ON_GPU else DTYPE  # torchao's int4 kernel takes bf16 only
 

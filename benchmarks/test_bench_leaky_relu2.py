@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from proteus.bench import BENCHMARKS
 from proteus.kernels.leaky_relu2 import (
     leaky_relu2,
     leaky_relu2_mlp,
@@ -21,13 +20,13 @@ from proteus.kernels.leaky_relu2 import (
     leaky_relu2_ref,
 )
 
-from .conftest import ON_GPU, Case, check_then_time, provider_fn, sweep
+from .conftest import ON_GPU, PROVIDERS, Case, check_then_time, provider_fn, sweep
 from .peers import Unavailable, liger_relu_squared
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 D, H = (512, 1536) if ON_GPU else (64, 192)
 MS, MAIN_M = ((2048, 8192, 16384), 16384) if ON_GPU else ((32, 64), 64)
-CASES = sweep(MS, BENCHMARKS["leaky_relu2"], MAIN_M)
+CASES = sweep(MS, PROVIDERS + ["liger"], MAIN_M)
 SLOPE = 0.9
 LIGER_NOTE = "ReLU² (slope 0): Liger has no leaky variant"
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proteus.bench import BENCHMARKS
 from proteus.kernels.xsa_attention import xsa_attention, xsa_attention_ref
 
 from .conftest import (
@@ -23,13 +22,13 @@ from .conftest import (
     provider_fn,
     sweep,
 )
-from .peers import Unavailable, attention_peer
+from .peers import ATTENTION_PEERS, Unavailable, attention_peer
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 H, KV, D = (8, 4, 64) if ON_GPU else (4, 2, 64)
 TS, MAIN_T = ((512, 1024, 2048, 4096), 2048) if ON_GPU else ((64, 128), 128)
 TOKENS = 16384 if ON_GPU else None
-CASES = sweep(TS, BENCHMARKS["xsa_attention"], MAIN_T)
+CASES = sweep(TS, PROVIDERS + list(ATTENTION_PEERS), MAIN_T)
 TOL = dict(rtol=2e-2, atol=2e-2) if DTYPE != torch.float32 else dict(rtol=1e-4, atol=1e-4)
 
 

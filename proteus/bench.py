@@ -45,8 +45,9 @@ PEAKS = (("H100 PCIe", 756e12, 2.0e12), ("H100 NVL", 835e12, 3.9e12),
          ("H100", 989e12, 3.35e12), ("H200", 989e12, 4.8e12))
 
 OURS = ("triton", "ref", "ref-compile")
-# Every benchmark (benchmarks/test_bench_<name>.py) and the providers it parametrizes; the
-# benchmark files take their lists from here, and a test checks the two agree.
+# Every benchmark (benchmarks/test_bench_<name>.py) and the providers it parametrizes, for
+# `--benchmark` / `--provider` to check names against before running anything;
+# tests/test_bench_cli.py checks that these are exactly what the benchmark files collect.
 BENCHMARKS: dict[str, tuple[str, ...]] = {
     "xsa_attention": (*OURS, "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn",
                       "flash-attn", "fa3"),

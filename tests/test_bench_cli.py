@@ -181,7 +181,8 @@ def test_unwritable_plot_dir_and_missing_matplotlib_are_one_line_exit_2(tmp_path
         _one_line_error(capsys, ["bench", "--benchmark", "ngram", "--plot", str(blocker / "d")],
                         "cannot write charts to")
     monkeypatch.setattr(plot, "Figure", None)
-    _one_line_error(capsys, ["bench", "--plot", str(tmp_path / "charts")], "matplotlib")
+    _one_line_error(capsys, ["bench", "--benchmark", "ngram", "--provider", "ref", "--plot",
+                             str(tmp_path / "charts")], "matplotlib")
     _one_line_error(capsys, ["plot", str(tmp_path)], "matplotlib")
     assert not (tmp_path / "charts").exists()  # refused before running anything
 
