@@ -289,13 +289,13 @@ def summarize(data: dict, skips: list[dict] | tuple = (), env: dict | None = Non
         w = max([16] + [len(r["provider"]) for r in rows])
         if ok:
             vs = "vs " + ok[0]["_base"]
-            out.append(f"  {'provider':{w}s} {'median':>12s} {'p20-p80 ms':>17s} {vs:>14s}"
+            out.append(f"  {'provider':{w}s} {'median':>12s} {'p20-p80 ms':>17s} {vs:>16s}"
                        "  throughput; peak memory")
         for r in ok:
             spread = (f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}" if r["p20_ms"] is not None
                       else "")
             rel = "baseline" if r["baseline"] else _fmt_ratio(r["vs_baseline"])
-            line = f"  {r['provider']:{w}s} {r['p50_ms']:10.3f}ms {spread:>17s} {rel:>14s}"
+            line = f"  {r['provider']:{w}s} {r['p50_ms']:10.3f}ms {spread:>17s} {rel:>16s}"
             tail = "; ".join(x for x in (_throughput_text(r), _mem(r.get("mem_peak_bytes")))
                              if x)
             out.append(line + (f"  {tail}" if tail else ""))
@@ -468,7 +468,11 @@ def run_suite(suite: str, out_dir: str | None = None, pytest_args: list[str] | N
     if not torch.cuda.is_available():
         raise ConfigError("--suite h100 needs a CUDA GPU (an H100 or H200) and none is visible "
                           "here (torch.cuda.is_available() is False)")
-    out = plot.prepare_dir(out_dir or "bench-h100")
+    charts = plot.Figure is not None
+    out = plot.prepare_dir(out_dir or "bench-h100", charts=False)
+    if not charts:
+        print("proteus bench --suite h100: matplotlib is not installed, so no charts (pip "
+              "install 'proteus-kernels[plot]'); the tables and records are written", flush=True)
     root = _bench_dir().parent
     t0 = time.perf_counter()
     print(f"== 1/2 cuda-marked tests ({torch.cuda.get_device_name(0)}) ==", flush=True)
@@ -479,7 +483,7 @@ def run_suite(suite: str, out_dir: str | None = None, pytest_args: list[str] | N
     print("\n== 2/2 kernels at the production shapes, with the peers installed ==", flush=True)
     rc_bench, recs, env = _bench(str(out / "bench.json"), ["-k", H100_SUITE_DESELECT,
                                                            *(pytest_args or [])],
-                                 benchmarks=H100_SUITE, plot_dir=str(out))
+                                 benchmarks=H100_SUITE, plot_dir=str(out) if charts else None)
     table = markdown_table(recs)
     atomic_write_bytes(out / "h100.md", (table + "\n").encode())
     t2 = time.perf_counter()

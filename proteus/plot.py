@@ -44,9 +44,11 @@ def require_matplotlib(what: str = "charts") -> None:
                           "pip install 'proteus-kernels[plot]' (or pip install matplotlib)")
 
 
-def prepare_dir(path: str | os.PathLike) -> Path:
-    """The chart directory, created if needed and checked writable (before any long run)."""
-    require_matplotlib()
+def prepare_dir(path: str | os.PathLike, charts: bool = True) -> Path:
+    """The output directory, created if needed and checked writable (before any long run);
+    ``charts``: matplotlib must be there too."""
+    if charts:
+        require_matplotlib()
     out = Path(path)
     probe = out / f".proteus-write-test-{os.getpid()}"
     try:
