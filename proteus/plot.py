@@ -137,13 +137,17 @@ def bench_figure(family: str, rows: list[dict], env: dict, roofline=None):
         ax.legend(fontsize=8, loc="best")
     ax.grid(True, alpha=0.3)
     title = f"{family} — {env.get('device', '')}"
-    if env.get("device_kind") != "cuda":
+    if env.get("device_kind") != "cuda" and OURS in providers:
         title += f"\n{CPU_NOTE}"
     ax.set_title(title, fontsize=9)
-    skipped = sorted({(r["provider"], r["reason"]) for r in rows if r["status"] == "skipped"})
+    skipped: dict[str, str] = {}  # one line per provider (its reason is the same at each x)
+    for r in rows:
+        if r["status"] == "skipped":
+            skipped.setdefault(r["provider"], r["reason"])
     foot = [f"torch {env.get('torch', '')}, triton {env.get('triton', '')}, "
             f"commit {str(env.get('commit', ''))[:12]}, {env.get('date', '')}"]
-    foot += [f"skipped {p}: {why[:110]}" for p, why in skipped[:6]]
+    foot += [f"skipped {p}: {why[:100]}" + ("…" if len(why) > 100 else "")
+             for p, why in sorted(skipped.items())[:6]]
     fig.text(0.01, 0.0, "\n".join(foot), fontsize=6, va="bottom", color="0.35")
     bottom = 0.02 + 0.018 * len(foot)
     fig.get_layout_engine().set(rect=(0, bottom, 1, 1 - bottom))
