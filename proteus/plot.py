@@ -64,9 +64,9 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "benchmark"
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, dpi: int = 100) -> Path:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=dpi)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -248,7 +248,7 @@ def run_figure(log: dict, title: str = ""):
         if fin is not None:
             fx = final.get("steps", st[-1]) if col == 0 else final.get("train_seconds", wall[-1])
             ax.plot([fx], [fin], marker="*", markersize=12, linestyle="none", color="C3",
-                    label=f"final {fin:.4f} (after EMA/SWA)")
+                    label=f"final {fin:.4f} ({final.get('final_weights', 'final')} weights)")
         ax.set_ylabel("validation bpb")
         if vals or fin is not None:
             ax.legend(fontsize=8)
@@ -278,7 +278,7 @@ def main_plot(run_dir: str, out: str | None = None) -> int:
     log = read_run_log(run_dir)
     path = Path(out) if out else Path(run_dir) / "training.png"
     prepare_dir(path.parent)
-    _save(run_figure(log, Path(run_dir).resolve().name), path)
+    _save(run_figure(log, Path(run_dir).resolve().name), path, dpi=80)
     n_val = len(log["val"]) + (1 if log["final"].get("val") else 0)
     print(f"proteus plot: {len(log['step'])} step records, {n_val} validation points -> {path}")
     return 0
