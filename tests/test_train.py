@@ -49,7 +49,8 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
 def test_plot_of_the_run(smoke_run, tmp_path):
     pytest.importorskip("matplotlib", reason="proteus plot needs matplotlib (pip install .[test])")
     run_dir, _ = smoke_run
-    vals = [json.loads(line) for line in (run_dir / "log.jsonl").open() if '"val"' in line]
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").open()]
+    vals = [r for r in records if r["event"] == "val"]
     assert [v["step"] for v in vals] == [3, 6] and all(v["train_s"] > 0 for v in vals)
     r = run_cli("plot", str(run_dir), "--out", str(tmp_path / "t.png"))
     assert r.returncode == 0, r.stderr[-2000:]
