@@ -59,6 +59,9 @@ TARGETS = {
     "evaluate": Target("proteus/evaluate.py", "tests/test_evaluate.py"),
     "data": Target("proteus/data.py", "tests/test_data.py"),
     "quant": Target("proteus/quant.py", "tests/test_quant.py"),
+    # the per-row quantiser lives with the int6 kernel (one quantiser for model and artifact)
+    "quantiser": Target("kernels/int6_matmul.py", "tests/test_quant.py",
+                        only=("quantize_rows", "CLIP_PERCENTILES", "QMAX")),
     "artifact": Target("proteus/artifact.py", "tests/test_quant.py"),
     # the device-table backend runs on the Triton interpreter here (minutes per mutant); its
     # counts are tested equal to the reference by the interpret-marked tests
@@ -145,13 +148,15 @@ def _copy_tree(work: Path) -> Path:
             continue
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, src / rel)
+    # the installed package maps proteus.kernels to the checkout's kernels/; in the copy it is
+    # found first through this link, so mutants of kernels/ are the ones imported
+    (src / "proteus" / "kernels").symlink_to(Path("..") / "kernels")
     return src
 
 
 def _env(src: Path) -> dict:
     env = dict(os.environ)
-    # the copy's proteus comes first on the path; proteus.kernels (not mutated) still resolves
-    # through the installed package's mapping
+    # the copy's proteus (and, through its link, its kernels) comes first on the path
     env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
     return {k: v for k, v in env.items() if not k.startswith("PROTEUS_")}
 
