@@ -10,6 +10,7 @@ paired with the wrong bytes changes it too. Expected numbers are computed from t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import pytest
@@ -294,11 +295,18 @@ def test_run_audit_audits_the_hashed_scheme_only_when_asked(caplog):
     tok, _ = _small_case(600)
     cfg = build_config("smoke", environ={})
     ec = dataclasses.replace(cfg.eval, audit_positions=2)
-    with caplog.at_level("INFO", logger="proteus"):
-        assert run_audit(PositionModel(), cfg, ec, tok) is True
-        assert "negative example" not in caplog.text and "audit: PASS" in caplog.text
-        assert run_audit(PositionModel(), cfg, ec, tok, hashed=True) is True
-        assert "negative example: FAIL" in caplog.text
+    # the handler goes on the module's logger itself: a command-line test earlier in the run
+    # may have stopped the "proteus" logger from propagating to the root, where caplog listens
+    logger = logging.getLogger("proteus.evaluate")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="proteus.evaluate"):
+            assert run_audit(PositionModel(), cfg, ec, tok) is True
+            assert "negative example" not in caplog.text and "audit: PASS" in caplog.text
+            assert run_audit(PositionModel(), cfg, ec, tok, hashed=True) is True
+            assert "negative example: FAIL" in caplog.text
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 def test_cache_throughput_and_the_cache_in_the_eval_pass(monkeypatch):
