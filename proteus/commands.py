@@ -18,6 +18,7 @@ from proteus.config import ConfigError, RunConfig, RunInterrupted, eval_override
 from proteus.device import pick_device
 from proteus.dist import close_process_group, collective_timeout, env_rank, setup_dist
 from proteus.evaluate import evaluate_bpb, format_bpb, run_audit, sliding_and_cache
+from proteus.pack import pack, source_bytes
 from proteus.run import check_inputs, find_resume, open_run_dir, run
 from proteus.train import StopSignal
 
@@ -126,4 +127,17 @@ def main_inspect(path: str) -> int:
     if not os.path.isfile(path):
         raise ConfigError(f"artifact {path} is not a file")
     print(inspect_artifact(path))
+    return 0
+
+
+def main_pack(out: str) -> int:
+    """``proteus pack``: write the self-extracting script; print its size and the sources'."""
+    text = pack()
+    try:
+        with open(out, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise ConfigError(f"cannot write {out}: {e.strerror}") from None
+    print(f"{out}: {len(text.encode()):,} bytes (the modules training and evaluation import: "
+          f"{source_bytes():,} bytes of source); run it as `python {out} train ...`")
     return 0

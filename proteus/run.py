@@ -14,9 +14,9 @@ Run directories never collide: :func:`open_run_dir` creates a fresh one (an exis
 ``--run-name`` is refused; a default name taken by another run in the same second gets a
 suffix), and only a resumed run writes into an existing one.
 
-The budget counts code bytes + artifact bytes (decimal). Code bytes are the Python sources that
-a submission would ship: every ``.py`` file of the ``proteus`` package (``proteus.kernels``
-included). Functions return their results; progress lines go to the ``proteus`` logger.
+The budget counts code bytes + artifact bytes (decimal). Code bytes are what a submission ships:
+the packed, self-extracting script of the modules training and evaluation import
+(``proteus.pack``). Functions return their results; progress lines go to the ``proteus`` logger.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from pathlib import Path
 
 import torch
 
-import proteus
-import proteus.kernels
 from proteus import data as D
 from proteus.artifact import (
     ARTIFACT_LIMIT,
@@ -59,6 +57,7 @@ from proteus.dist import (
 from proteus.evaluate import evaluate_bpb, format_bpb, sliding_and_cache
 from proteus.files import OutputError, atomic_write_json
 from proteus.model import GPT
+from proteus.pack import packed_code_bytes
 from proteus.quant import QuantizedState, quantize_state_dict
 from proteus.train import StopSignal, batch_layout, train
 
@@ -223,15 +222,6 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
 # The run's artifact
 
 
-def code_bytes() -> int:
-    """Bytes of every ``.py`` file of the package (``proteus.kernels`` may live in a folder of
-    its own in an editable install: each file is counted once)."""
-    files = set()
-    for pkg in (proteus, proteus.kernels):
-        files.update(p.resolve() for p in Path(pkg.__file__).parent.rglob("*.py"))
-    return sum(p.stat().st_size for p in files)
-
-
 def write_run_artifact(model: GPT, cfg: RunConfig, run_dir: Path, val: torch.Tensor | None = None,
                        lut: D.ByteLUT | None = None, float_bpb: float | None = None,
                        rank: int = 0) -> dict:
@@ -264,7 +254,7 @@ def _sizes(info: ArtifactInfo, qstate: QuantizedState) -> dict:
     """Sizes of the file ``write_artifact`` wrote, against the budget and the LZMA baseline."""
     art = info.total_bytes
     lzma = lzma_baseline_bytes(qstate)
-    code = code_bytes()
+    code = packed_code_bytes()
     total = art + code
     out = dict(artifact_bytes=art, lzma_baseline_bytes=lzma,
                ratio_vs_lzma=art / lzma if lzma else None, code_bytes=code, total_bytes=total,

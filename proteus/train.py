@@ -22,9 +22,10 @@ Runs that survive (what a trainer left running overnight must do):
   a position in) and the RNG states. ``resume`` continues from one: the warm-up runs and is
   discarded as always (it compiles), then everything above is restored, so the resumed run
   takes the same steps on the same batches and ends bit-identical to one that never stopped
-  (eager; compiled with ``deterministic``, since inductor's CPU scatter-adds race otherwise). The "elapsed budget" of the wall-clock cap is the time spent in training
-  steps (warm-up, validation and checkpoint writes are not charged); steps lost to a kill are
-  charged again when they are redone.
+  (eager; compiled with ``deterministic``, since inductor's CPU scatter-adds race otherwise).
+  The "elapsed budget" of the wall-clock cap is the time spent in training steps (warm-up,
+  validation and checkpoint writes are not charged); steps lost to a kill are charged again
+  when they are redone.
 * Divergence: a non-finite loss or gradient norm stops the run before the optimiser applies
   it (every rank sees the same reduced values, so all stop together), with one line naming
   the step and the first non-finite weight or gradient; the final weights are checked too.
@@ -440,7 +441,7 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
                 r = evaluate_bpb(model, val, lut, tc.seq_len, 0, ec.eval_batch_seqs, device,
                                  autocast)
                 log.info(f"  val @ step {step}: bpb {format_bpb(r['bpb'])} loss {r['loss']:.4f}")
-                jlog.write(event="val", step=step, **r)
+                jlog.write(event="val", step=step, train_s=train_s, **r)
             if run_dir is not None and step < tc.iterations and (
                     (tc.checkpoint_every and step % tc.checkpoint_every == 0)
                     or (tc.checkpoint_every_s
