@@ -86,16 +86,13 @@ def read_shard_header(path: str | os.PathLike) -> int:
 
 
 def load_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
-    """All tokens of one shard as a uint16 array (header checked first). A shard without
-    tokens is refused (a loop over it could not make progress), and so are token ids outside
-    ``vocab_size`` when it is given (they would index past the embedding)."""
+    """All tokens of one shard as a uint16 array (header checked first); token ids outside
+    ``vocab_size``, when it is given, are refused (they would index past the embedding)."""
     count = read_shard_header(path)
-    if count == 0:
-        raise DataError(f"shard {path} holds no tokens; remove it or fix the glob")
     tokens = np.fromfile(str(path), dtype="<u2", count=count, offset=HEADER_BYTES)
     if tokens.size != count:
         raise DataError(f"shard {path}: read {tokens.size} of {count} tokens")
-    if vocab_size is not None:
+    if vocab_size is not None and tokens.size:
         top = int(tokens.max())
         if top >= vocab_size:
             raise DataError(f"shard {path} holds token id {top}, outside the vocabulary of "
@@ -184,6 +181,8 @@ class TokenStream:
                 self._file_idx = (self._file_idx + 1) % len(self.files)
                 self._tokens = load_shard(self.files[self._file_idx], self.vocab_size)
                 self._pos = 0
+                if not self._tokens.size:  # emptied since it was opened: no progress possible
+                    raise DataError(f"shard {self.files[self._file_idx]} holds no tokens")
             chunk = self._tokens[self._pos : self._pos + need]
             out.append(chunk)
             self._pos += chunk.size

@@ -76,8 +76,9 @@ def check_inputs(cfg: RunConfig) -> None:
     batch_layout(tc, env_world())
     D.build_byte_lut(D.load_tokenizer(tc.tokenizer), cfg.model.vocab_size)
     D.TokenStream(tc.train_files or D.bundled_train_glob())
-    for path in D.resolve_files(tc.val_files or D.bundled_val_glob(), "val"):
-        D.read_shard_header(path)
+    val = D.resolve_files(tc.val_files or D.bundled_val_glob(), "val")
+    if sum(D.read_shard_header(path) for path in val) < 2:
+        raise D.DataError("the validation shards hold fewer than 2 tokens; nothing to score")
 
 
 def open_run_dir(cfg: RunConfig, resume: str | Path | None = None) -> Path:

@@ -158,7 +158,7 @@ def test_bad_preset_and_token_files(clean_env, capsys):
     _one_line_exit_2(capsys, ["train", "--preset", "smoke", "--out-dir", out, "--val-files",
                               str(big), "--train-files", str(big)], "token id 4000")
     _one_line_exit_2(capsys, ["train", "--preset", "smoke", "--out-dir", out, "--val-files",
-                              str(empty)], "holds no tokens")
+                              str(empty)], "validation shards hold fewer than 2 tokens")
 
 
 @pytest.mark.parametrize("command", [["train", "--preset", "smoke"], ["eval", "x.ckpt"],

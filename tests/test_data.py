@@ -248,3 +248,17 @@ def test_unigram_baseline_is_sane(lut):
     train = D.load_tokens(D.bundled_train_glob(), "train", limit=200000)
     u = D.unigram_bpb(train, val, lut)
     assert 2.5 < u < 5.0
+
+
+def test_an_empty_training_shard_is_refused_never_spun_on(tmp_path):
+    """A 0-token shard used to make TokenStream._take loop forever at 100% CPU."""
+    _write(tmp_path / "a.bin", np.arange(100))
+    _write(tmp_path / "b.bin", np.zeros(0))
+    with pytest.raises(D.DataError, match=r"b\.bin holds no tokens"):
+        D.TokenStream(str(tmp_path / "*.bin"))
+    _write(tmp_path / "b.bin", np.arange(10))
+    s = D.TokenStream(str(tmp_path / "*.bin"))
+    _write(tmp_path / "b.bin", np.zeros(0))  # emptied while the run reads a.bin
+    with pytest.raises(D.DataError, match=r"b\.bin holds no tokens"):
+        for _ in range(10):
+            s.next_batch(32, 16)
