@@ -455,14 +455,18 @@ def _stats_shape(q: torch.Tensor, layout: str) -> tuple[int, int, int]:
     return b, h, t
 
 
-@torch.library.custom_op("proteus::xsa_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: torch.Tensor | None,
-            scale: float, xsa: bool, layout: str, window: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("proteus::xsa_attention", mutates_args=())
+def xsa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     seg: torch.Tensor | None, scale: float, xsa: bool, layout: str, window: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The registered custom op (``torch.ops.proteus.xsa_attention``, autograd attached):
+    ``(o, lse, s)`` for inputs that :func:`xsa_attention` has validated and cast; ``seg`` is
+    the (2, B, T) int32 document start/end per position or None, ``window`` the left width
+    (-1: none). Use :func:`xsa_attention` unless you need the op itself."""
     return _launch_fwd(q, k, v, seg, scale, xsa, layout, window)
 
 
-@_fwd_op.register_fake
+@xsa_attention_op.register_fake
 def _(q, k, v, seg, scale, xsa, layout, window):
     bht = _stats_shape(q, layout)
     stats = q.new_empty(bht, dtype=torch.float32)
@@ -495,7 +499,7 @@ def _backward(ctx, do, _dlse, _dsx):
     return dq, dk, dv, None, None, None, None, None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
+xsa_attention_op.register_autograd(_backward, setup_context=_setup)
 
 
 @torch.library.custom_op("proteus::xsa_varlen_segments", mutates_args=())
@@ -653,8 +657,8 @@ def xsa_attention(
         _check_doc_ids(op, doc_ids, q, layout)
         seg = _segments_from_ids(doc_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    o, _, _ = _fwd_op(_unit_last_dim(q), _unit_last_dim(k), _unit_last_dim(v), seg, scale,
-                      bool(xsa), layout, left)
+    o, _, _ = xsa_attention_op(_unit_last_dim(q), _unit_last_dim(k), _unit_last_dim(v), seg,
+                               scale, bool(xsa), layout, left)
     return o
 
 
@@ -693,8 +697,8 @@ def xsa_attention_varlen(
     _validate(op, q4, k4, v4, "bthd")
     seg = _varlen_segments(cu_seqlens, q.shape[0], max_seqlen)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    o, _, _ = _fwd_op(_unit_last_dim(q4), _unit_last_dim(k4), _unit_last_dim(v4), seg, scale,
-                      bool(xsa), "bthd", left)
+    o, _, _ = xsa_attention_op(_unit_last_dim(q4), _unit_last_dim(k4), _unit_last_dim(v4), seg,
+                               scale, bool(xsa), "bthd", left)
     return o[0]
 
 

@@ -104,11 +104,11 @@ def test_torch_compile_fullgraph(device):
 
 
 def test_opcheck(device):
-    from proteus.kernels.xsa_attention import _fwd_op
+    from proteus.kernels.xsa_attention import xsa_attention_op
 
     q, k, v, _ = _inputs(1, 2, 1, 20, 16)
     args = [x.float().to(device).requires_grad_() for x in (q, k, v)]
-    torch.library.opcheck(_fwd_op, (*args, None, 0.25, True, "bhtd", -1))
+    torch.library.opcheck(xsa_attention_op, (*args, None, 0.25, True, "bhtd", -1))
 
 
 def test_bad_inputs_name_the_argument(device):
