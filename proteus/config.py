@@ -72,6 +72,12 @@ class ModelConfig:
         default=30.0, metadata={"help": "softcap*tanh(z/softcap) (0 = off)"}
     )
     tie_embeddings: bool = field(default=True, metadata={"help": "tie input and output embeddings"})
+    attn_docs: bool = field(default=False, metadata={
+        "help": "documents start at BOS and see nothing before it: attention masked per "
+                "document, SmearGate and BigramHash do not reach across a BOS"})
+    attn_window: int = field(
+        default=0, metadata={"help": "causal sliding window of N keys per query (0 = all)"}
+    )
 
     @property
     def head_dim(self) -> int:
@@ -102,6 +108,9 @@ class ModelConfig:
             )
         if not 0 <= self.xsa_last_n <= self.num_layers:
             raise ConfigError(f"xsa_last_n {self.xsa_last_n} must be in [0, {self.num_layers}]")
+        if self.attn_window < 0:
+            raise ConfigError(f"attn_window must be >= 1 keys, or 0 for none; got "
+                              f"{self.attn_window}")
         bad = [i for i in self.value_embed_set if not 0 <= i < self.num_layers]
         if bad:
             raise ConfigError(f"value_embed_layers {bad} out of range for {self.num_layers} layers")
