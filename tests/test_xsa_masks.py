@@ -9,6 +9,7 @@ import pytest
 import torch
 import triton
 
+from proteus.data import bundled_val_glob, load_tokens
 from proteus.kernels._testing import assert_within_2x_torch_error
 from proteus.kernels.xsa_attention import (
     _launch_bwd,
@@ -373,3 +374,12 @@ def test_bad_doc_ids(device):
         xsa_attention(q, q, q, doc_ids=torch.zeros(2, 8, device=device))
     with pytest.raises(ValueError, match="doc_ids is on meta"):
         xsa_attention(q, q, q, doc_ids=torch.zeros(2, 8, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("window", [-1, 511])
+def test_production_shape_with_validation_documents_on_gpu(dtype, window):
+    q, k, v, do = _inputs(8, 8, 4, 2048, 64, seed=9)
+    ids = doc_ids_from_bos(load_tokens(bundled_val_glob(), "val", limit=8 * 2048).view(8, 2048))
+    _check(q, k, v, do, dtype, "cuda", True, window, ids)
