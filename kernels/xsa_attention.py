@@ -523,17 +523,19 @@ def _(cu_seqlens, total, max_seqlen):
 
 def _check_cu_seqlens_values(cu: torch.Tensor, total: int, max_seqlen: int) -> None:
     op = "xsa_attention_varlen"
-    vals = cu.tolist()
+    vals = cu.cpu().long()  # one copy (a sync on a GPU), then checks on the host
     if vals[0] != 0:
-        raise ValueError(f"{op}: cu_seqlens must start at 0, got {vals[0]}")
-    for i in range(1, len(vals)):
-        if vals[i] < vals[i - 1]:
-            raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got entry {i} = "
-                             f"{vals[i]} after {vals[i - 1]}")
+        raise ValueError(f"{op}: cu_seqlens must start at 0, got {int(vals[0])}")
+    lengths = vals.diff()
+    bad = torch.nonzero(lengths < 0)
+    if bad.numel():
+        i = int(bad[0]) + 1
+        raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got entry {i} = "
+                         f"{int(vals[i])} after {int(vals[i - 1])}")
     if vals[-1] != total:
         raise ValueError(f"{op}: cu_seqlens must end at total_T = {total} (q.shape[0]), got "
-                         f"{vals[-1]}")
-    longest = max(b - a for a, b in zip(vals, vals[1:], strict=False))
+                         f"{int(vals[-1])}")
+    longest = int(lengths.max())
     if longest > max_seqlen:
         raise ValueError(f"{op}: max_seqlen = {max_seqlen} is less than the longest document "
                          f"({longest} tokens)")
