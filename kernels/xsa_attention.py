@@ -585,9 +585,12 @@ def _validate(op: str, q, k, v, layout: str) -> None:
         raise ValueError(f"{op}: head dim D={d} is not supported; use one of {SUPPORTED_D}")
     if t < 1:
         raise ValueError(f"{op}: sequence length must be >= 1, got T={t}")
-    if q[0].numel() >= MAX_ROW_ELEMENTS:
-        raise ValueError(f"{op}: {q[0].numel()} elements per batch row of q; at most "
-                         f"{MAX_ROW_ELEMENTS - 1} (int32 offsets), split the batch")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        # within a batch row the kernels index with int32 (only the row offset is int64)
+        extent = sum((n - 1) * abs(st) for n, st in zip(x.shape[1:], x.stride()[1:], strict=True))
+        if extent >= MAX_ROW_ELEMENTS:
+            raise ValueError(f"{op}: {name} spans {extent + 1} elements within a batch row; at "
+                             f"most {MAX_ROW_ELEMENTS} (int32 offsets): split the sequence")
 
 
 def _autocast(q, k, v):
