@@ -402,6 +402,10 @@ def _launch_fwd(q, k, v, seg, scale, xsa, layout, window, tiles=None):
 
 def _launch_bwd(q, k, v, o, lse, sx, do, seg, scale, xsa, layout, window, tiles=None):
     """dq, dk, dv; ``tiles`` (optional) = (dkdv counts, dq counts) buffers for the tests."""
+    if do.stride() != o.stride():
+        # o, dO, dA, dQ and the XSA buffer share one set of strides (those of a new tensor
+        # shaped like q); an incoming gradient in any other strides is copied into them once.
+        do = torch.empty(o.shape, device=o.device, dtype=o.dtype).copy_(do)
     ql, kl, vl, ol, dol = (_logical(x, layout) for x in (q, k, v, o, do))
     b, h, t, d = ql.shape
     kvh = kl.shape[1]
@@ -416,9 +420,6 @@ def _launch_bwd(q, k, v, o, lse, sx, do, seg, scale, xsa, layout, window, tiles=
     delta = torch.empty((b, h, t), device=q.device, dtype=torch.float32)
     dvx = torch.empty(q.shape if xsa else (1,), device=q.device, dtype=torch.float32)
     dvxl = _logical(dvx, layout) if xsa else dvx
-    # o, dO, dA, dQ and the XSA buffer have one layout: that of a new tensor shaped like q.
-    if dol.stride() != ol.stride() or dal.stride() != ol.stride():
-        raise RuntimeError("xsa_attention: internal error, dO/dA strides differ from O's")
     _bwd_pre[(triton.cdiv(t, bm), b * h)](
         ol, dol, vl, sx, dal, delta, dvxl, t, h, group, *_bht(ol), *_bht(vl),
         XSA=xsa, EPS=XSA_EPS, D=d, BLOCK_M=bm, num_warps=warps, num_stages=1,
@@ -495,7 +496,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse, _dsx):
     q, k, v, o, lse, sx, seg = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(q, k, v, o, lse, sx, do.contiguous(), seg, *ctx.args)
+    dq, dk, dv = _bwd_op(q, k, v, o, lse, sx, do, seg, *ctx.args)
     return dq, dk, dv, None, None, None, None, None
 
 

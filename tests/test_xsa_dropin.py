@@ -283,3 +283,20 @@ def test_foreign_gpt_swapped_compiles_fullgraph_with_inductor(autocast, monkeypa
         _assert_match(compiled, eager, loss_rtol=1e-3, grad_rtol=3e-2)
     else:
         _assert_match(compiled, eager)
+
+
+def test_any_incoming_gradient_strides(device):
+    # dO transposed, expanded (from .sum()) or with an odd stride on a size-1 dimension.
+    q, k, v, do = _bthd(1, 30, 2, 1, 16, device=device)
+    want = _grads(lambda *a: xsa_attention(*a, xsa=True, layout="bthd"), (q, k, v), do)
+    odd = torch.empty(do.shape[::-1], device=device).copy_(do.permute(3, 2, 1, 0)).permute(
+        3, 2, 1, 0)
+    assert odd.stride() != do.stride()
+    got = _grads(lambda *a: xsa_attention(*a, xsa=True, layout="bthd"), (q, k, v), odd)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    xsa_attention(*leaves, layout="bthd").sum().backward()  # dO = expanded ones, stride 0
+    ones = _grads(lambda *a: xsa_attention(*a, layout="bthd"), (q, k, v), torch.ones_like(do))
+    for x, g in zip(leaves, ones[1:], strict=True):
+        assert torch.equal(x.grad, g)
