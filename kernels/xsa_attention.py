@@ -73,7 +73,16 @@ import triton.language as tl
 from torch import nn
 
 from ._backend import interpreting
-from ._common import FLOAT_DTYPES, AotSpec, check_same_device, check_same_dtype, check_tensor
+from ._common import (
+    FLOAT_DTYPES,
+    AotSpec,
+    autocast_cast,
+    cast_inputs,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    register_autocast,
+)
 
 XSA_EPS = 1e-6
 LOG2E = 1.4426950408889634
@@ -460,8 +469,8 @@ def _stats_shape(q: torch.Tensor, layout: str) -> tuple[int, int, int]:
 def xsa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      seg: torch.Tensor | None, scale: float, xsa: bool, layout: str, window: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The registered custom op (``torch.ops.proteus.xsa_attention``, autograd attached):
-    ``(o, lse, s)`` for inputs that :func:`xsa_attention` has validated and cast; ``seg`` is
+    """The registered custom op (``torch.ops.proteus.xsa_attention``, autograd and autocast
+    attached): ``(o, lse, s)`` for inputs as :func:`xsa_attention` validates them; ``seg`` is
     the (2, B, T) int32 document start/end per position or None, ``window`` the left width
     (-1: none). Use :func:`xsa_attention` unless you need the op itself."""
     return _launch_fwd(q, k, v, seg, scale, xsa, layout, window)
@@ -501,6 +510,9 @@ def _backward(ctx, do, _dlse, _dsx):
 
 
 xsa_attention_op.register_autograd(_backward, setup_context=_setup)
+# The raw op casts like SDPA under autocast too (the functions cast before validating).
+register_autocast("proteus::xsa_attention", {dev: cast_inputs("q", "k", "v")
+                                             for dev in ("cpu", "cuda")})
 
 
 @torch.library.custom_op("proteus::xsa_varlen_segments", mutates_args=())
@@ -596,12 +608,11 @@ def _validate(op: str, q, k, v, layout: str) -> None:
 
 def _autocast(q, k, v):
     """Cast to the autocast dtype when autocast is on, as ``scaled_dot_product_attention``
-    is (fp64 is left alone, as autocast does)."""
+    is, before validation (the op's own autocast rule would cast only after it)."""
     dev = q.device.type if isinstance(q, torch.Tensor) else "cpu"
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
-        q, k, v = (x.to(dt) if isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES else x
-                   for x in (q, k, v))
+        q, k, v = (autocast_cast(x, dev, dt) for x in (q, k, v))
     return q, k, v
 
 

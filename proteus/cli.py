@@ -1,4 +1,5 @@
-"""``proteus`` command line: train, eval, audit, artifact inspect, kernels report, bench.
+"""``proteus`` command line: train, eval, audit, artifact inspect, kernels report, bench,
+plot, pack.
 
 The top of the layers: argument parsing, printing and exit codes. Every model/train/eval option
 is generated from the config dataclasses (see ``proteus/config.py``). Bad input — unknown preset
@@ -14,7 +15,13 @@ import logging
 import os
 import sys
 
-from proteus.config import PRESETS, ProteusError, add_config_arguments, build_config
+from proteus.config import (
+    PRESETS,
+    ConfigError,
+    ProteusError,
+    add_config_arguments,
+    build_config,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,9 +68,41 @@ def build_parser() -> argparse.ArgumentParser:
                            "registers, spills, shared memory, wgmma and occupancy")
     rep.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
-    b = sub.add_parser("bench", help="check every kernel against its reference, then time it")
-    b.add_argument("--json", default="bench-results.json", help="pytest-benchmark JSON output")
+    b = sub.add_parser("bench", help="check every kernel against its reference, then time it",
+                       description="Check every provider (ours and the peers installed) against "
+                       "the reference, time it, print the tables and write the JSON and CSV "
+                       "records (p20/p50/p80, throughput, peak memory, device, versions, "
+                       "commit, date).")
+    b.add_argument("--json", default="bench-results.json",
+                   help="pytest-benchmark JSON output, with the records added")
+    b.add_argument("--csv", default=None, help="CSV of the records (default: the JSON's name "
+                   "with .csv)")
+    b.add_argument("--benchmark", action="append", default=[], metavar="NAME",
+                   help="run only these benchmarks (repeat or comma-separate): "
+                   "xsa_attention, leaky_relu2, int6_matmul, ngram, train_step")
+    b.add_argument("--provider", action="append", default=[], metavar="NAME",
+                   help="time only these providers (repeat or comma-separate), e.g. "
+                   "triton,sdpa-flash")
+    b.add_argument("--plot", default=None, metavar="DIR",
+                   help="draw one PNG (+ CSV) per benchmark family into DIR (needs matplotlib: "
+                   "pip install 'proteus-kernels[plot]')")
+    b.add_argument("--suite", choices=["h100"], default=None,
+                   help="h100: the cuda tests, every kernel at its production shape with the "
+                   "peers installed, one markdown table and the charts (into --plot DIR, "
+                   "default bench-h100/); needs a CUDA GPU")
     b.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+
+    pl = sub.add_parser("plot", help="draw a run's training loss, validation bpb and tokens/s",
+                        description="Draw training loss, validation bpb and tokens/s against "
+                        "step and wall time from RUN_DIR/log.jsonl (needs matplotlib).")
+    pl.add_argument("run_dir", help="a run directory written by proteus train")
+    pl.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/training.png)")
+
+    pk = sub.add_parser("pack", help="write the code a submission ships: one compressed, "
+                        "self-extracting script (python SCRIPT train ... runs like proteus)",
+                        description="Pack the modules training and evaluation import into one "
+                        "self-extracting script and print its size next to the sources'.")
+    pk.add_argument("--out", default="proteus_packed.py", help="the script to write")
     return p
 
 
@@ -114,10 +153,24 @@ def _dispatch(parser, args) -> int:
         from proteus.bench import run_report
 
         return run_report(args.json)
-    if args.command == "bench":
-        from proteus.bench import run_bench
+    if args.command == "pack":
+        from proteus.commands import main_pack
 
-        return run_bench(args.json, args.pytest_args)
+        return main_pack(args.out)
+    if args.command == "bench":
+        from proteus.bench import run_bench, run_suite
+
+        if args.suite:
+            if args.benchmark or args.provider:
+                raise ConfigError("--suite h100 runs every kernel with every peer installed; "
+                                  "drop --benchmark/--provider, or drop --suite")
+            return run_suite(args.suite, args.plot, args.pytest_args)
+        return run_bench(args.json, args.pytest_args, benchmarks=args.benchmark,
+                         providers=args.provider, plot_dir=args.plot, csv_path=args.csv)
+    if args.command == "plot":
+        from proteus.plot import main_plot
+
+        return main_plot(args.run_dir, args.out)
     parser.print_help()
     return 2
 

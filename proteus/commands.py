@@ -15,6 +15,7 @@ from proteus.checkpoint import load_model
 from proteus.config import ConfigError, RunConfig, eval_overrides
 from proteus.dist import close_process_group, env_rank, setup_dist
 from proteus.evaluate import evaluate_bpb, format_bpb, run_audit, sliding_and_cache
+from proteus.pack import pack, source_bytes
 from proteus.run import make_run_dir, run
 
 
@@ -76,4 +77,17 @@ def main_inspect(path: str) -> int:
     if not os.path.exists(path):
         raise ConfigError(f"artifact {path} not found")
     print(inspect_artifact(path))
+    return 0
+
+
+def main_pack(out: str) -> int:
+    """``proteus pack``: write the self-extracting script; print its size and the sources'."""
+    text = pack()
+    try:
+        with open(out, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise ConfigError(f"cannot write {out}: {e.strerror}") from None
+    print(f"{out}: {len(text.encode()):,} bytes (the modules training and evaluation import: "
+          f"{source_bytes():,} bytes of source); run it as `python {out} train ...`")
     return 0

@@ -26,7 +26,7 @@ def run_cli(*args, env=None, cwd=None):
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     r = run_cli("train", "--preset", "smoke", "--out-dir", str(out), "--run-name", "s",
-                "--cache", "ngram")
+                "--cache", "ngram", "--val-every", "3")
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "s", r
 
@@ -44,6 +44,20 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     assert (run_dir / "model.int6").exists() and "of 16,000,000 bytes: OK" in r.stdout
     events = [json.loads(line)["event"] for line in (run_dir / "log.jsonl").open()]
     assert events[0] == "config" and "step" in events and events[-1] == "final"
+
+
+def test_plot_of_the_run(smoke_run, tmp_path):
+    pytest.importorskip("matplotlib", reason="proteus plot needs matplotlib (pip install .[test])")
+    run_dir, _ = smoke_run
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").open()]
+    vals = [r for r in records if r["event"] == "val"]
+    assert [v["step"] for v in vals] == [3, 6] and all(v["train_s"] > 0 for v in vals)
+    r = run_cli("plot", str(run_dir), "--out", str(tmp_path / "t.png"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "6 step records, 3 validation points" in r.stdout
+    assert (tmp_path / "t.png").read_bytes().startswith(b"\x89PNG")
+    r = run_cli("plot", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no log.jsonl" in r.stderr
 
 
 def test_eval_of_checkpoint_reproduces_train_bpb(smoke_run):

@@ -300,3 +300,15 @@ def test_any_incoming_gradient_strides(device):
     ones = _grads(lambda *a: xsa_attention(*a, layout="bthd"), (q, k, v), torch.ones_like(do))
     for x, g in zip(leaves, ones[1:], strict=True):
         assert torch.equal(x.grad, g)
+
+
+def test_the_custom_op_casts_under_autocast_too(device):
+    if device != "cpu":
+        pytest.skip("CPU autocast")
+    q, k, v, _ = _bthd(1, 20, 2, 1, 16, device=device)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, lse, _ = xsa_module.xsa_attention_op(*leaves, None, 0.25, True, "bthd", -1)
+    assert o.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    o.float().sum().backward()
+    assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in leaves)
