@@ -106,13 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at each record (not the stream of the first call:
+    a caller that swaps stdout, as pytest's capture does, must not leave us a closed file)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def setup_logging() -> None:
     """Print the library's progress lines (the ``proteus`` logger) on rank 0, as they come."""
     logger = logging.getLogger("proteus")
-    if not any(getattr(h, "_proteus", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._proteus = True
         logger.addHandler(handler)
     logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
     logger.propagate = False

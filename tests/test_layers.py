@@ -28,7 +28,7 @@ LAYERS = [
      "proteus.ngram"],
     ["proteus.checkpoint"],
     ["proteus.evaluate"],
-    ["proteus.train", "proteus.run"],
+    ["proteus.train", "proteus.run", "proteus.submit"],
     ["proteus.plot", "proteus.bench", "proteus.commands", "proteus.cli", "proteus.__main__"],
 ]
 LOCAL_IMPORTS_ALLOWED = {"proteus/cli.py"}
