@@ -5,6 +5,11 @@ forced, flash-attn 2, FA3; see peers.py), all checked against the reference firs
 Sweep: the tokens per step stay at the production 16,384 per GPU (B = 16384 / T) while T goes
 512 -> 4096 (the convention of FlashAttention's benchmark pages); T = 2048, B = 8 is the
 production point. On CPU (interpreter) B = 1 and T is 64 and 128.
+
+Masked, at the production point, next to the unmasked rows: ``docs`` (the documents of B rows
+of T consecutive tokens of the bundled validation sample; they start at BOS) and ``window``
+(a causal sliding window). Their FLOPs count the visible (query, key) pairs only, so their
+TFLOPS are useful work: a kernel that computed masked tiles would show fewer, not more.
 """
 
 from __future__ import annotations
@@ -12,7 +17,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proteus.kernels.xsa_attention import xsa_attention, xsa_attention_ref
+from proteus.data import bundled_val_glob, load_tokens
+from proteus.kernels.xsa_attention import (
+    attention_mask,
+    doc_ids_from_bos,
+    xsa_attention,
+    xsa_attention_ref,
+)
 
 from .conftest import (
     ON_GPU,
@@ -119,3 +130,70 @@ def test_bench_forward_backward(benchmark, device, t, provider):
     check_then_time(benchmark, step, check, case=case, provider=provider,
                     optional=peer is not None, note=peer.note if peer else "",
                     **_work(t, backward=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked: documents and a sliding window at the production point
+
+WINDOW = 512 if ON_GPU else 32
+MASKS = ("docs", f"window{WINDOW}")
+
+
+def _mask_kwargs(mask: str, device) -> dict:
+    if mask == "docs":
+        tokens = load_tokens(bundled_val_glob(), "val", limit=B * T).view(B, T)
+        return dict(doc_ids=doc_ids_from_bos(tokens).to(device))
+    return dict(window_size=(WINDOW - 1, 0))
+
+
+def _masked_work(kw: dict, backward: bool) -> dict:
+    """2 matmuls of 2·D FLOPs per visible (query, key) pair and head; bytes as unmasked."""
+    ids = kw.get("doc_ids")
+    visible = attention_mask(T, kw.get("window_size", (-1, 0))[0],
+                             None if ids is None else ids.cpu()).expand(B, T, T).sum().item()
+    work = _work(T, backward)
+    flops = int(4 * D * H * visible)
+    work["flops"] = flops * 7 // 2 if backward else flops  # bwd ~2.5x the fwd, as unmasked
+    return work
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_bench_masked_forward(benchmark, device, provider, mask):
+    case = Case(f"xsa_attention fwd {mask}", f"B{B} H{H}/{KV} T{T} D{D}")
+    q, k, v = _inputs(device)
+    kw = dict(xsa=True, **_mask_kwargs(mask, device))
+    want = xsa_attention_ref(q, k, v, **kw)
+    fn = provider_fn(provider, xsa_attention, xsa_attention_ref)
+    check_then_time(benchmark, lambda: fn(q, k, v, **kw),
+                    lambda o: torch.testing.assert_close(o, want, **TOL),
+                    case=case, provider=provider, **_masked_work(kw, backward=False))
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_bench_masked_forward_backward(benchmark, device, provider, mask):
+    case = Case(f"xsa_attention fwd+bwd {mask}", f"B{B} H{H}/{KV} T{T} D{D}")
+    q, k, v = _inputs(device)
+    do = torch.randn_like(q)
+    kw = dict(xsa=True, **_mask_kwargs(mask, device))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    xsa_attention_ref(*leaves, **kw).backward(do)
+    want = [x.grad for x in leaves]
+    fn = provider_fn(provider, xsa_attention, xsa_attention_ref)
+    ins = [x.clone().requires_grad_() for x in (q, k, v)]
+
+    def step():
+        for x in ins:
+            x.grad = None
+        o = fn(*ins, **kw)
+        o.backward(do)
+        return o
+
+    def check(o):
+        assert o.shape == do.shape
+        for got, w in zip(ins, want, strict=True):
+            torch.testing.assert_close(got.grad, w, **TOL)
+
+    check_then_time(benchmark, step, check, case=case, provider=provider,
+                    **_masked_work(kw, backward=True))

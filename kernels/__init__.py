@@ -37,7 +37,17 @@ from .leaky_relu2 import (
     leaky_relu2_ref,
 )
 from .ngram_table import NgramTable, NgramTableRef, pack_keys, types_keys
-from .xsa_attention import xsa_attention, xsa_attention_ref
+from .xsa_attention import (
+    XSAAttention,
+    doc_ids_from_bos,
+    xsa_attention,
+    xsa_attention_op,
+    xsa_attention_ref,
+    xsa_attention_varlen,
+    xsa_attention_varlen_ref,
+    xsa_flash_attn_func,
+    xsa_flash_attn_varlen_func,
+)
 
 __all__ = [
     "FusedLeakyReLU2MLP",
@@ -61,6 +71,13 @@ __all__ = [
     "replace_linear_int6",
     "types_keys",
     "unpack_int6",
+    "XSAAttention",
+    "doc_ids_from_bos",
     "xsa_attention",
+    "xsa_attention_op",
     "xsa_attention_ref",
+    "xsa_attention_varlen",
+    "xsa_attention_varlen_ref",
+    "xsa_flash_attn_func",
+    "xsa_flash_attn_varlen_func",
 ]

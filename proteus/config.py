@@ -105,6 +105,13 @@ class ModelConfig:
         default=30.0, metadata={"help": "softcap*tanh(z/softcap) (0 = off)", "range": "[0, 1e6]"}
     )
     tie_embeddings: bool = field(default=True, metadata={"help": "tie input and output embeddings"})
+    attn_docs: bool = field(default=False, metadata={
+        "help": "documents start at BOS and see nothing before it: attention masked per "
+                "document, SmearGate and BigramHash do not reach across a BOS"})
+    attn_window: int = field(
+        default=0, metadata={"help": "causal sliding window of N keys per query (0 = all)",
+                             "range": "[0, 2**30]"}
+    )
 
     @property
     def head_dim(self) -> int:
@@ -148,6 +155,9 @@ class ModelConfig:
                 f"mlp_mult {self.mlp_mult} gives an MLP of {self.mlp_hidden} hidden units at "
                 f"model_dim {self.model_dim}; it needs at least 1"
             )
+        if self.attn_window < 0:
+            raise ConfigError(f"attn_window must be >= 1 keys, or 0 for none; got "
+                              f"{self.attn_window}")
         layers = self.value_embed_set
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:

@@ -104,11 +104,11 @@ def test_torch_compile_fullgraph(device):
 
 
 def test_opcheck(device):
-    from proteus.kernels.xsa_attention import _fwd_op
+    from proteus.kernels.xsa_attention import xsa_attention_op
 
     q, k, v, _ = _inputs(1, 2, 1, 20, 16)
     args = [x.float().to(device).requires_grad_() for x in (q, k, v)]
-    torch.library.opcheck(_fwd_op, (*args, 0.25, True))
+    torch.library.opcheck(xsa_attention_op, (*args, None, 0.25, True, "bhtd", -1))
 
 
 def test_bad_inputs_name_the_argument(device):
@@ -123,7 +123,7 @@ def test_bad_inputs_name_the_argument(device):
     with pytest.raises(ValueError, match="head dim D=48 is not supported"):
         xsa_attention(torch.randn(1, 4, 8, 48, device=device), torch.randn(1, 2, 8, 48,
                       device=device), torch.randn(1, 2, 8, 48, device=device))
-    with pytest.raises(ValueError, match="k/v .* must be"):
+    with pytest.raises(ValueError, match=r"layout='bhtd' expects q \(B, H, T, D\)"):
         xsa_attention(q, torch.randn(1, 2, 9, 64, device=device), torch.randn(1, 2, 9, 64,
                       device=device))
     with pytest.raises(TypeError, match="v must be float16/bfloat16/float32"):
