@@ -206,6 +206,9 @@ class EvalConfig:
     val_tokens: int = field(
         default=0, metadata={"help": "score the first N validation tokens (0 = all)"}
     )
+    val_start: int = field(default=0, metadata={
+        "help": "skip the validation tokens before this one: the scored stream starts at the "
+                "first document start (BOS) at or after it"})
     eval_seq_len: int = field(default=0, metadata={"help": "eval window (0 = training seq_len)"})
     stride: int = field(
         default=0, metadata={"help": "sliding-window stride (0 = plain non-overlapping eval only)"}
@@ -218,7 +221,25 @@ class EvalConfig:
     ngram_backend: str = field(
         default="auto", metadata={"help": "cache counts: auto, numpy, triton or ref"}
     )
-    audit_positions: int = field(default=32, metadata={"help": "positions the audit samples"})
+    cache_params: str = field(default="", metadata={
+        "help": "n-gram cache parameters: a JSON file written by `proteus tune-cache` ('' = the "
+                "shipped ones)"})
+    audit_positions: int = field(default=32, metadata={
+        "help": "random positions the audit samples (besides BOS targets, first tokens after "
+                "BOS, chunk and shard edges and repeated contexts, which it always visits)"})
+    ttt: bool = field(default=False, metadata={
+        "help": "score-first test-time training: score each chunk of the stream, then train on "
+                "it (one pass, nothing rescored)"})
+    ttt_chunk: int = field(default=8192, metadata={
+        "help": "targets per test-time-training chunk (a multiple of the sequence length)"})
+    ttt_steps: int = field(default=1, metadata={
+        "help": "optimiser steps on each chunk after it is scored (each over the whole chunk)"})
+    ttt_lr: float = field(default=0.003, metadata={"help": "test-time-training learning rate "
+                                                   "(Adam)"})
+    ttt_params: str = field(default="lora", metadata={
+        "help": "what test-time training updates: 'lora' (adapters on the attention and MLP "
+                "projections) or comma-separated parameter-name patterns, e.g. 'blocks.*.mlp.*'"})
+    ttt_rank: int = field(default=4, metadata={"help": "rank of the LoRA adapters"})
 
     def validate(self) -> None:
         if self.cache not in ("none", "ngram"):
@@ -237,6 +258,15 @@ class EvalConfig:
             )
         if self.audit_positions < 1:
             raise ConfigError("audit_positions must be >= 1")
+        if self.val_start < 0:
+            raise ConfigError(f"val_start must be >= 0, got {self.val_start}")
+        if self.ttt_chunk < 1 or self.ttt_steps < 1 or self.ttt_rank < 1:
+            raise ConfigError(f"ttt_chunk, ttt_steps and ttt_rank must be >= 1, got "
+                              f"{self.ttt_chunk}, {self.ttt_steps}, {self.ttt_rank}")
+        if not self.ttt_lr > 0:
+            raise ConfigError(f"ttt_lr must be > 0, got {self.ttt_lr}")
+        if not [p for p in self.ttt_params.split(",") if p.strip()]:
+            raise ConfigError("ttt_params must be 'lora' or parameter-name patterns, got ''")
 
 
 @dataclass(frozen=True)
@@ -398,11 +428,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections=("model", "tr
             env = "PROTEUS_" + f.name.upper()
             default = f.default
             helptext = f"{f.metadata.get('help', '')} [default {default!r}; env {env}]"
-            if kind is bool:
+            if kind is bool:  # a bare --flag means true
                 group.add_argument(
                     flag,
                     dest=f"{section}.{f.name}",
                     default=None,
+                    nargs="?",
+                    const=True,
                     type=lambda s, n=flag: _parse_value(bool, s, n),
                     metavar="BOOL",
                     help=helptext,

@@ -2,7 +2,8 @@
 
     set up      device, process group, tokenizer and byte table, validation tokens
     train       proteus.train.train: the loop; returns the model with its final weights
-    evaluate    plain bpb, sliding-window bpb, the n-gram cache and its audit
+    evaluate    plain bpb, sliding-window bpb, the n-gram cache and its audit, score-first
+                test-time training (``--ttt``)
     save        model.ckpt; the int6 artifact (quantise, write, evaluate the quantised model)
                 and the 16,000,000-byte budget check; summary.json
 
@@ -39,10 +40,11 @@ from proteus.checkpoint import (
 from proteus.config import ConfigError, RunConfig
 from proteus.device import pick_device
 from proteus.dist import Dist, env_rank
-from proteus.evaluate import evaluate_bpb, format_bpb, sliding_and_cache
+from proteus.evaluate import evaluate_bpb, format_bpb, load_eval_tokens, sliding_and_cache
 from proteus.model import GPT
 from proteus.quant import QuantizedState, quantize_state_dict
 from proteus.train import train
+from proteus.ttt import check_ttt_fits, ttt_report
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,9 @@ def run(cfg: RunConfig, run_dir: Path | None = None) -> dict:
     try:
         # Data and tokenizer first: bad paths fail before any work.
         lut = D.build_byte_lut(D.load_tokenizer(tc.tokenizer), mc.vocab_size)
-        val = D.load_tokens(tc.val_files or D.bundled_val_glob(), "val",
-                            limit=ec.val_tokens + 1 if ec.val_tokens else 0)
+        val, _ = load_eval_tokens(tc.val_files or D.bundled_val_glob(), ec)
+        if ec.ttt:
+            check_ttt_fits(ec, val.numel() - 1, ec.eval_seq_len or tc.seq_len)
 
         trained = train(cfg, dd=dd, device=device, val=val, lut=lut, jlog=jlog)
         model, results = trained.model, dict(trained.stats)
@@ -91,6 +94,9 @@ def run(cfg: RunConfig, run_dir: Path | None = None) -> dict:
                     if dd.main else ""))
         results.update(sliding_and_cache(model, cfg, ec, val, lut, seq, dd.rank, dd.world,
                                          device, trained.autocast, progress=True))
+        if ec.ttt:
+            results["ttt"] = ttt_report(model, cfg, ec, val, lut, seq, dd.rank, dd.world, device,
+                                        trained.autocast, progress=True)
         jlog.write(event="final", **results)
 
         if run_dir:
