@@ -809,6 +809,7 @@ AUDIT_CLASSES = ("bos_target", "after_bos", "chunk_edge", "shard_edge", "repeate
                  "random")
 AUDIT_WORLDS = (2, 3, 8)  # the splits over ranks whose shard edges the audit visits
 MATERIALISE_ELEMENTS = 1 << 22  # tokens per batch when scoring every candidate of a position
+MAX_BOS_POSITIONS = 256  # BOS targets are rare (~1 per 1,150 tokens here): audit all of them
 
 
 def _spread(cands: torch.Tensor, k: int) -> list[int]:
@@ -827,17 +828,18 @@ def audit_positions(tokens: torch.Tensor, cfg: NgramConfig, n_random: int,
     ``chunk_edge`` (the last and first targets of the device table's chunks and of any extra
     ``chunks``, e.g. test-time training's), ``shard_edge`` (the last and first targets of each
     rank's shard for ``worlds`` processes), ``repeated_context`` (the highest order's context
-    seen at least twice before) and ``random``; up to ``per_class`` of each, spread over the
-    stream (``n_random`` random ones)."""
+    seen at least twice before) and ``random``: every BOS target (up to
+    ``MAX_BOS_POSITIONS``, spread over the stream), up to ``per_class`` of the other kinds
+    (``n_random`` random ones)."""
     n = tokens.numel()
     if n < 2:
         raise ValueError(f"audit_positions: need at least 2 tokens, got {n}")
     tok = tokens.cpu().to(torch.int64)
-    out = {"bos_target": _spread(torch.nonzero(tok[1:] == BOS_ID)[:, 0] + 1, per_class),
+    out = {"bos_target": _spread(torch.nonzero(tok[1:] == BOS_ID)[:, 0] + 1, MAX_BOS_POSITIONS),
            "after_bos": _spread(torch.nonzero(tok[:-1] == BOS_ID)[:, 0] + 1, per_class)}
     edges = []
     for c in (cfg.chunk, *chunks):
-        for k in _spread(torch.arange(c, n, c), per_class):
+        for k in _spread(torch.arange(c, max(c, n), c), per_class):
             edges += [k - 1, k, k + 1]
     out["chunk_edge"] = sorted({t for t in edges if 1 <= t < n})
     shard = []
@@ -999,8 +1001,15 @@ def audit(tokens: torch.Tensor, positions: torch.Tensor | dict[str, list[int]],
     got = fast[pos_t - 1].exp()
     rep.consistent = bool(torch.all((got - want).abs() <= 1e-9 * want + 1e-15))
 
-    # 3. the fast scorer's whole distribution, earliest positions of each class first
-    order = ([min(v) for v in classes.values() if v] if classes else []) + pos_t.tolist()
+    # 3. the fast scorer's whole distribution: of each class first the earliest position
+    # whose context both count kinds have seen (where every part of the blend is at work)
+    c, d = earlier_counts_numpy(tokens.cpu().to(torch.int64), n, cfg.order, doc_start=1)
+    busy = c.occ[0, :-1] > 0
+    if d is not None and cfg.doc:
+        busy &= d.ctx[0] > 0
+    lists = list(classes.values()) if classes else []
+    order = [min([t for t in v if busy[t - 1]] or v) for v in lists if v] + sorted(
+        pos_t.tolist(), key=lambda t: (not bool(busy[t - 1]), t))
     chosen = list(dict.fromkeys(order))[:materialise]
     f_err, f_sum = 0.0, 0.0
     for j, t in enumerate(chosen):
@@ -1012,7 +1021,7 @@ def audit(tokens: torch.Tensor, positions: torch.Tensor | dict[str, list[int]],
     rep.materialised, rep.fast_max_error, rep.fast_max_sum_error = len(chosen), f_err, f_sum
 
     # 4. edit every token from e on: the scores of targets before e must not move
-    e_pts = list(dict.fromkeys(order))[:edits]
+    e_pts = list(dict.fromkeys([min(v) for v in lists if v] + pos_t.tolist()))[:edits]
     ok = True
     for e in e_pts:
         other = _edit_after(tokens, e, g, vocab)
