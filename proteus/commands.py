@@ -66,7 +66,7 @@ def _eval(path: str, cli: dict, rank: int, world: int) -> int:
     if ec.cache == "ngram":
         ngram_config(ec, cfg.model.vocab_size)  # a bad parameter file fails before any work
     if ec.ttt:
-        check_ttt_fits(ec, tokens.numel() - 1, seq)
+        check_ttt_fits(ec, tokens.numel() - 1, seq, model)
     say(f"proteus eval: {path} ({info['source']}), kernels={model.ops.name}, "
         f"{tokens.numel() - 1:,} targets (validation tokens {first:,}.."
         f"{first + tokens.numel() - 1:,}), window {seq}, {world} process(es)")

@@ -189,15 +189,21 @@ def format_bpb(x: float) -> str:
 
 
 def model_logprobs_fn(model: GPT, seq_len: int, device="cpu"):
-    """(tokens, positions) -> (n, V) log p_model(next token | tokens[:pos]) for the audit."""
+    """(tokens, positions) -> (n, V) log p_model(next token | tokens[:pos]) for the audit, each
+    from one window of the last ``seq_len`` tokens. Rows are remembered by their window's
+    content (the audits ask for the same windows more than once)."""
+    memo: dict[bytes, torch.Tensor] = {}
 
     @torch.no_grad()
     def fn(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = []
         for pos in positions.tolist():
-            ctx = tokens[max(0, pos - seq_len) : pos].to(device)
-            z = model.logits(ctx[None])[0, -1].float()
-            out.append(torch.log_softmax(z.double(), -1).cpu())
+            ctx = tokens[max(0, pos - seq_len) : pos]
+            key = ctx.to(torch.int64).numpy().tobytes()
+            if key not in memo:
+                z = model.logits(ctx.to(device)[None])[0, -1].float()
+                memo[key] = torch.log_softmax(z.double(), -1).cpu()
+            out.append(memo[key])
         return torch.stack(out)
 
     return fn

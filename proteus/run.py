@@ -41,7 +41,7 @@ from proteus.config import ConfigError, RunConfig
 from proteus.device import pick_device
 from proteus.dist import Dist, env_rank
 from proteus.evaluate import evaluate_bpb, format_bpb, load_eval_tokens, sliding_and_cache
-from proteus.model import GPT
+from proteus.model import GPT, build_model
 from proteus.quant import QuantizedState, quantize_state_dict
 from proteus.train import train
 from proteus.ttt import check_ttt_fits, ttt_report
@@ -76,7 +76,8 @@ def run(cfg: RunConfig, run_dir: Path | None = None) -> dict:
         lut = D.build_byte_lut(D.load_tokenizer(tc.tokenizer), mc.vocab_size)
         val, _ = load_eval_tokens(tc.val_files or D.bundled_val_glob(), ec)
         if ec.ttt:
-            check_ttt_fits(ec, val.numel() - 1, ec.eval_seq_len or tc.seq_len)
+            check_ttt_fits(ec, val.numel() - 1, ec.eval_seq_len or tc.seq_len,
+                           build_model(cfg, "ref"))
 
         trained = train(cfg, dd=dd, device=device, val=val, lut=lut, jlog=jlog)
         model, results = trained.model, dict(trained.stats)

@@ -12,7 +12,7 @@ score chunk k were trained on chunks < k), each target is scored exactly once, a
 rescored after an update: the rules for eval-time adaptation (causal, a full normalised
 distribution from the model's softmax, score before update, a single pass). The scoring windows
 are the evaluation's own (sliding with ``stride``, or plain), a window whose scored targets
-cross a chunk boundary split in two. Training rows are chunk k's targets as whole sequences of
+cross a chunk boundary cut in two. Training rows are chunk k's targets as whole sequences of
 the window length (so ``ttt_chunk`` is a multiple of it); the last chunk is never trained on
 (no score would use it).
 
@@ -144,20 +144,25 @@ def ttt_parameters(model: GPT, ec: EvalConfig) -> list[nn.Parameter]:
 def chunk_windows(n_targets: int, seq_len: int, stride: int, chunk: int
                   ) -> list[list[tuple[int, int, int]]]:
     """The evaluation's windows (see ``evaluate.windows``) grouped by the chunk of their scored
-    targets; a window whose targets cross a chunk boundary is split in two (each piece keeps
-    the full window length of context before its last target)."""
+    targets; a window whose targets cross a chunk boundary is cut in two at the boundary (both
+    pieces start where the window starts, so every target keeps the context it has without
+    test-time training)."""
     out: list[list[tuple[int, int, int]]] = [[] for _ in range(-(-n_targets // chunk))]
-    for _s, e, f in windows(n_targets, seq_len, stride):
+    for s, e, f in windows(n_targets, seq_len, stride):
         while f <= e:
             k = (f - 1) // chunk
             last = min(e, (k + 1) * chunk)
-            out[k].append((max(0, last - seq_len), last, f))
+            out[k].append((s, last, f))
             f = last + 1
     return out
 
 
-def check_ttt_fits(ec: EvalConfig, n_targets: int, seq_len: int) -> None:
-    """A chunk size that does not fit the evaluation is a ``ConfigError`` (one line, exit 2)."""
+def check_ttt_fits(ec: EvalConfig, n_targets: int, seq_len: int, model: GPT | None = None
+                   ) -> None:
+    """A chunk size that does not fit the evaluation, or (given the ``model``) parameters to
+    train that it lacks, is a ``ConfigError`` (one line, exit 2), before any work is done."""
+    if model is not None:
+        ttt_parameters(copy.deepcopy(model), ec)
     c = ec.ttt_chunk
     if c % seq_len:
         raise ConfigError(f"ttt_chunk {c} is not a multiple of the sequence length {seq_len}: "
@@ -223,6 +228,7 @@ class TTTResult:
     score_seconds: float
     train_seconds: float
     trained_params: int  # number of values the steps update
+    digest: int  # of the trained parameters after the last step (the same on every rank)
 
 
 def ttt_score(model: GPT, tokens: torch.Tensor, lut: ByteLUT, seq: int, ec: EvalConfig,
@@ -257,7 +263,8 @@ def ttt_score(model: GPT, tokens: torch.Tensor, lut: ByteLUT, seq: int, ec: Eval
             log.info(f"  ttt chunk {k + 1}/{len(chunks)}: {done:,} targets scored, bpb so far "
                      f"{format_bpb(token_scores(1, torch.cat(logps), tokens, lut).bpb())}")
     scores = token_scores(1, torch.cat(logps), tokens, lut)
-    return TTTResult(scores, len(chunks), score_s, train_s, sum(p.numel() for p in params))
+    return TTTResult(scores, len(chunks), score_s, train_s, sum(p.numel() for p in params),
+                     _digest(params))
 
 
 def ttt_report(model: GPT, cfg: RunConfig, ec: EvalConfig, tokens: torch.Tensor, lut: ByteLUT,
