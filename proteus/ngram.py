@@ -192,20 +192,19 @@ def _earlier_in_runs(srt: torch.Tensor, start: torch.Tensor, w: torch.Tensor | N
 
 
 def _followers(prev_srt: torch.Tensor, prev_start: torch.Tensor, cnt: torch.Tensor, n: int,
-               pos: torch.Tensor | None = None, length: int = 0) -> torch.Tensor:
+               streams: int = 1) -> torch.Tensor:
     """types of order n per position: within each context group (the (n-1)-gram ending at
     t-1, in position order: order n-1's runs shifted by one), the earlier first occurrences,
-    i.e. positions whose order-n count ``cnt`` is 0. Positions t < n-1 get 0. For a batch of
-    streams flattened into one array, ``pos`` is each element's position within its stream and
-    ``length`` the streams' length (default: one stream)."""
-    if pos is None:
-        pos, length = torch.arange(cnt.numel(), device=cnt.device), cnt.numel()
+    i.e. positions whose order-n count ``cnt`` is 0. Positions t < n-1 get 0. ``cnt`` may hold
+    ``streams`` streams of equal length one after another (positions within each stream)."""
     first = torch.zeros_like(cnt)  # first[j]: x_{j+1} is new after j
     first[:-1] = cnt[1:] == 0
-    first[(pos < n - 2) | (pos == length - 1)] = 0
+    f2 = first.view(streams, -1)
+    f2[:, : max(n - 2, 0)] = 0
+    f2[:, f2.shape[1] - 1 :] = 0  # a stream's last position has no successor in it
     types = torch.zeros_like(cnt)
     types[1:] = _earlier_in_runs(prev_srt, prev_start, first)[:-1]
-    types[pos < n - 1] = 0
+    types.view(streams, -1)[:, : n - 1] = 0
     return types
 
 
@@ -231,7 +230,6 @@ def earlier_counts_numpy(tokens: torch.Tensor, end: int, order: int,
     nb = tok2.shape[0]
     tok = tok2.reshape(-1)
     m = tok.numel()
-    pos = torch.arange(end).repeat(nb)  # position within its own stream
     occ = torch.zeros((order, m), dtype=torch.int64)
     types = torch.zeros((order - 1, m), dtype=torch.int64)
     with_doc = doc_start is not None
@@ -244,38 +242,37 @@ def earlier_counts_numpy(tokens: torch.Tensor, end: int, order: int,
     prev = None  # (sort permutation, run starts) of order n-1
     prev_doc = None  # (sort permutation, document-run starts, document counts) of order n-1
     for n in range(1, order + 1):
-        short = pos < n - 1  # the n-gram ending here is incomplete
         if n > 1:
             key = torch.full((m,), -1, dtype=torch.int64)
             key[1:] = (ids[:-1] << VOCAB_BITS) | tok[1:]
-            key[short] = -1
+            key.view(nb, end)[:, : n - 1] = -1  # incomplete n-grams (and no crossing streams)
         else:
             key = tok | (torch.arange(nb).repeat_interleave(end) << VOCAB_BITS)
         srt, new, start = _sort_runs(key)
         cnt = _earlier_in_runs(srt, start)
-        cnt[short] = 0
+        cnt.view(nb, end)[:, : n - 1] = 0
         occ[n - 1] = cnt
         if n > 1 and end > 1:
-            types[n - 2] = _followers(*prev, cnt, n, pos, end)
+            types[n - 2] = _followers(*prev, cnt, n, nb)
         if with_doc:
             ls = label[srt]
             dnew = new.clone()
             dnew[1:] |= ls[1:] != ls[:-1]
             dstart = _run_starts(dnew)
             dcnt = _earlier_in_runs(srt, dstart)
-            dcnt[short] = 0
+            dcnt.view(nb, end)[:, : n - 1] = 0
             if n > 1 and end > 1:
                 p_srt, p_start, p_cnt = prev_doc
                 dctx = torch.zeros_like(dcnt)
                 dctx[1:] = p_cnt[:-1]
-                dctx[pos == 0] = 0
-                for o, v in zip(doc_out, (dcnt, dctx, _followers(p_srt, p_start, dcnt, n, pos,
-                                                                 end)), strict=True):
+                dctx.view(nb, end)[:, 0] = 0
+                for o, v in zip(doc_out, (dcnt, dctx, _followers(p_srt, p_start, dcnt, n, nb)),
+                                strict=True):
                     o[n - 2] = v.view(nb, end)[:, doc_start:]
             prev_doc = (srt, dstart, dcnt)
         ids = torch.empty_like(cnt)
         ids[srt] = torch.cumsum(new, 0) - 1
-        ids[short] = -1
+        ids.view(nb, end)[:, : n - 1] = -1
         prev = (srt, start)
     occ, types = occ.view(order, nb, end), types.view(order - 1, nb, end)
     if not batched:
@@ -877,6 +874,11 @@ def fast_distribution(tokens: torch.Tensor, t: int, model_logp: torch.Tensor,
     return torch.cat(out).exp()
 
 
+def yes_no(x: bool | None) -> str:
+    """An audit check's verdict as the reports print it."""
+    return "n/a" if x is None else "yes" if x else "NO"
+
+
 @dataclass
 class AuditReport:
     passed: bool
@@ -896,16 +898,12 @@ class AuditReport:
     splits_ok: bool | None = None  # the scores split over 2, 3, 8 shards equal the whole
 
     def __str__(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
-
-        def yn(x):
-            return "n/a" if x is None else "yes" if x else "NO"
-
+        verdict, yn = "PASS" if self.passed else "FAIL", yes_no
         kinds = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.classes.items() if v)
         text = (f"{verdict} ({self.scheme}, {self.positions} positions"
                 f"{': ' + kinds if kinds else ''}): max |sum p - 1| = {self.max_sum_error:.2e}, "
                 f"largest sum {self.max_sum:.6g}, min p = {self.min_prob:.2e}, "
-                f"causal={'yes' if self.causal else 'NO'}, fast scores match the reference="
+                f"causal={yn(self.causal)}, fast scores match the reference="
                 f"{yn(self.consistent)}")
         if self.materialised:
             text += (f"; the fast scorer's own distribution at {self.materialised} positions: "

@@ -70,7 +70,7 @@ from proteus.evaluate import (
 )
 from proteus.kernels import dequantize_int6
 from proteus.model import GPT, Linear
-from proteus.ngram import NgramConfig, cache_distribution, ngram_blend_logprobs
+from proteus.ngram import NgramConfig, cache_distribution, ngram_blend_logprobs, yes_no
 from proteus.quant import Int6Linear
 
 log = logging.getLogger(__name__)
@@ -305,11 +305,7 @@ class TTTAuditReport:
     cache_edits_ok: bool | None = None
 
     def __str__(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
-
-        def yn(x):
-            return "n/a" if x is None else "yes" if x else "NO"
-
+        verdict, yn = "PASS" if self.passed else "FAIL", yes_no
         text = (f"{verdict} (score-first TTT, {self.chunks} chunks, edits from targets "
                 f"{', '.join(f'{e:,}' for e in self.edits)}): every earlier score bit-identical="
                 f"{yn(self.edits_ok)}, later scores changed={yn(self.changed)}; at "
