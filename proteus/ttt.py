@@ -247,6 +247,7 @@ def ttt_score(model: GPT, tokens: torch.Tensor, lut: ByteLUT, seq: int, ec: Eval
     rank, world = rank_world()
     chunks = chunk_windows(n_targets, seq, ec.stride, ec.ttt_chunk)
     logps, score_s, train_s = [], 0.0, 0.0
+    last = time.perf_counter()
     for k, wins in enumerate(chunks):
         t0 = time.perf_counter()
         mine = wins[len(wins) * rank // world : len(wins) * (rank + 1) // world]
@@ -258,7 +259,8 @@ def ttt_score(model: GPT, tokens: torch.Tensor, lut: ByteLUT, seq: int, ec: Eval
             _train_chunk(model, params, opt, tokens, k, ec, seq, device, autocast, rank, world)
             _check_ranks_agree(params, k, world)
             train_s += time.perf_counter() - t1
-        if progress and rank == 0:
+        if progress and rank == 0 and (time.perf_counter() - last > 10.0 or k + 1 == len(chunks)):
+            last = time.perf_counter()
             done = sum(x.numel() for x in logps)
             log.info(f"  ttt chunk {k + 1}/{len(chunks)}: {done:,} targets scored, bpb so far "
                      f"{format_bpb(token_scores(1, torch.cat(logps), tokens, lut).bpb())}")

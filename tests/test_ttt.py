@@ -31,7 +31,7 @@ SEQ, STRIDE, CHUNK = 64, 32, 256
 
 
 def _cfg(**eval_over):
-    base = dict(stride=STRIDE, ttt_chunk=CHUNK, eval_batch_seqs=8, ttt_lr=0.01)
+    base = dict(stride=STRIDE, ttt_chunk=CHUNK, eval_batch_seqs=8, ttt_lr=0.01, ttt_params="lora")
     ev = {f"eval.{k}": v for k, v in {**base, **eval_over}.items()}
     return build_config("smoke", ev, environ={})
 
