@@ -26,11 +26,12 @@ many different tokens followed it (a context that was always followed by the sam
 trusted most); it depends on the context's counts only, never on the target (the document of
 t is decided by x_<t: a BOS at t itself changes nothing at t). The document-level counts add
 recency: a phrase repeated within the current document is trusted more than one seen somewhere
-in the history (about +0.09 bpb of gain on the validation sample). The 2 + 2·2·(N-1)
-parameters were fitted (by gradient descent on the dumped model scores, with the counts fixed)
-on validation tokens 131,072-262,143, disjoint from the first 131,072 on which results are
-reported, for the cpu-tiny model of 2026-11-25; per-order k_n and a_n gave +0.0025 bpb on the
-reported tokens over a shared k and a with geometric weights.
+in the history. The 2 + 2·2·(N-1) parameters are fitted by ``fit_cache_params`` (``proteus
+tune-cache``: L-BFGS on the bits per byte, counts fixed) on the scores of training tokens the
+model never trained on, never on validation tokens. The shipped values (``NgramConfig``'s
+defaults) are that command's output for the cpu-tiny model trained 3,000 steps without
+training shard 000001, fitted on that shard; its record, with what it was fitted on, is
+``docs/cache_params_cpu_tiny.json``.
 
 Order-exact semantics: the score at t uses counts of positions < t and nothing else. A shard
 [start, end) is scored by counting everything before ``start`` first (for the document-level

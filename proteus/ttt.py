@@ -307,17 +307,19 @@ class TTTAuditReport:
     cache_edits_ok: bool | None = None
 
     def __str__(self) -> str:
-        verdict, yn = "PASS" if self.passed else "FAIL", yes_no
-        text = (f"{verdict} (score-first TTT, {self.chunks} chunks, edits from targets "
-                f"{', '.join(f'{e:,}' for e in self.edits)}): every earlier score bit-identical="
-                f"{yn(self.edits_ok)}, later scores changed={yn(self.changed)}; at "
-                f"{self.positions} positions max |sum p - 1| = {self.max_sum_error:.1e}, "
-                f"scores match the distribution={yn(self.consistent)}")
+        yn = yes_no
+        parts = [f"{'PASS' if self.passed else 'FAIL'} (score-first TTT, {self.chunks} chunks, "
+                 f"edits from targets {', '.join(f'{e:,}' for e in self.edits)}): every earlier "
+                 f"score bit-identical={yn(self.edits_ok)}, later scores changed="
+                 f"{yn(self.changed)}",
+                 f"at {self.positions} positions max |sum p - 1| = {self.max_sum_error:.1e}, "
+                 f"scores match the distribution={yn(self.consistent)}"]
         if self.cache_consistent is not None:
-            text += (f"; with the n-gram cache: earlier blended scores bit-identical="
-                     f"{yn(self.cache_edits_ok)}, max |sum p - 1| = "
-                     f"{self.cache_max_sum_error:.1e}, scores match={yn(self.cache_consistent)}")
-        return text
+            parts.append(f"with the n-gram cache: earlier blended scores bit-identical="
+                         f"{yn(self.cache_edits_ok)}, max |sum p - 1| = "
+                         f"{self.cache_max_sum_error:.1e}, scores match="
+                         f"{yn(self.cache_consistent)}")
+        return "; ".join(parts)
 
 
 def audit_ttt(model: GPT, tokens: torch.Tensor, lut: ByteLUT, seq: int, ec: EvalConfig,
