@@ -141,7 +141,7 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
     scores = score_tokens(model, tokens, lut, seq, ec.stride, ec.eval_batch_seqs, progress=True)
     fitted, info = fit_cache_params(tokens, scores.logp, scores.nbytes, start, iterations)
     dest = Path(out) if out else Path(path).with_name("cache_params.json")
-    meta = dict(fitted_on=dict(checkpoint=os.path.abspath(path),
+    meta = dict(fitted_on=dict(checkpoint=path,
                                files=[os.path.basename(f) for f in files],
                                targets=info["targets"], bytes=info["bytes"], stride=ec.stride,
                                seq_len=seq),

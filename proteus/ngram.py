@@ -74,16 +74,18 @@ def _pow_table(k: float, a: float, device: torch.device) -> torch.Tensor:
 @dataclass(frozen=True)
 class NgramConfig:
     order: int = 5  # highest n-gram order N (orders 2..N are mixed over the model)
-    # Confidence of order n (tuples indexed by n = 2..MAX_ORDER; tuned for n <= 5, the n = 6
-    # entries repeat n = 5): λ_n = weight · ctx / (ctx + k_n · types^a_n). A context trusted
-    # after few sightings has a small k_n; a large a_n distrusts contexts with many followers.
-    weight: float = 0.95  # the largest mixing weight of the whole-history counts
-    k: tuple[float, ...] = (100.0, 28.0, 19.0, 10.0, 10.0)
-    a: tuple[float, ...] = (1.1, 1.35, 1.95, 2.25, 2.25)
+    # Confidence of order n (tuples indexed by n = 2..MAX_ORDER; fitted for n <= 5 by
+    # `proteus tune-cache` on held-out training tokens, see docs/cache_params_cpu_tiny.json; the
+    # n = 6 entries repeat n = 5): λ_n = weight · ctx / (ctx + k_n · types^a_n). A context
+    # trusted after few sightings has a small k_n; a large a_n distrusts contexts with many
+    # followers.
+    weight: float = 1.0  # the largest mixing weight of the whole-history counts
+    k: tuple[float, ...] = (17.82, 14.05, 11.86, 10.3, 10.3)
+    a: tuple[float, ...] = (1.226, 1.211, 1.565, 1.723, 1.723)
     doc: bool = True  # also mix in the counts of the current document alone (recency)
     doc_weight: float = 1.0  # the same parameters for the document's counts
-    doc_k: tuple[float, ...] = (11.0, 3.3, 4.3, 7.4, 7.4)
-    doc_a: tuple[float, ...] = (1.03, 1.75, 2.6, 1.03, 1.03)
+    doc_k: tuple[float, ...] = (11.38, 3.92, 4.952, 4.664, 4.664)
+    doc_a: tuple[float, ...] = (1.016, 1.538, 4.155, 1.327, 1.327)
     chunk: int = 4096  # positions per step of the triton backend
 
     def validate(self) -> None:

@@ -411,3 +411,11 @@ def test_cache_params_file_round_trips_and_refuses_what_does_not_fit(tmp_path):
             load_cache_params(str(bad), 5, True, 1024)
     with pytest.raises(ConfigError, match="tune-cache"):
         load_cache_params(str(tmp_path / "none.json"), 5, True, 1024)
+
+
+def test_the_shipped_parameters_are_the_tune_cache_record():
+    import os
+
+    record = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                          "cache_params_cpu_tiny.json")
+    assert load_cache_params(record, 5, True, V) == NgramConfig()
