@@ -1,17 +1,36 @@
-"""Benchmark set-up shared by every kernel benchmark.
+"""Benchmark set-up shared by every kernel benchmark: check, then time, then put it on record.
 
 Each benchmark checks its provider against the reference first (it fails on a mismatch) and
-only then times it. Providers are named ``triton`` (our kernel), ``ref`` (the PyTorch
-reference, eager) and ``ref-compile`` (the reference under ``torch.compile``); the summary
-printed by ``proteus bench`` gives each one's time as a ratio to ``ref`` in the same group.
-On CPU the kernels run on Triton's interpreter at small shapes: the timings prove the harness,
-not the kernel's speed. On a GPU the production shapes are used and ``extra_info`` carries the
-bytes and FLOPs from which ``proteus bench`` derives GB/s, TFLOPS and % of the H100 roofline.
+only then times it. Our providers are ``triton`` (our kernel), ``ref`` (the PyTorch reference,
+eager) and ``ref-compile`` (the reference under ``torch.compile``); peers (PyTorch SDPA
+backends, flash-attn, Liger-Kernel, torchao, ...) come from ``benchmarks/peers.py`` and are
+*optional*: one that cannot be imported, or cannot run on this device or these inputs, is
+skipped with a one-line reason (recorded, never a failure); one that runs and disagrees with
+the reference fails like ours would.
+
+Timing (``run_timed``): on CPU, ``rounds`` calls of the function, each one timed; on a GPU,
+``rounds`` rounds of ``reps`` back-to-back calls (``reps`` chosen so a round takes about 2 ms),
+each call timed with CUDA events and the stream synchronised once per round, so a 5 µs kernel
+is not measured as a 20 µs launch-and-sync. ``extra_info`` gets the per-call p20/p50/p80 (s),
+the number of samples, and the peak memory of the provider's first call and timed calls above
+what was held before them (``MemoryPeak``: CUDA peak allocated on a GPU; on CPU the process's
+resident set sampled every millisecond). On CPU the kernels run on Triton's interpreter at
+small shapes: the timings prove the harness, not the kernel's speed. On a GPU the production
+shapes are used and ``extra_info`` carries the bytes and FLOPs from which ``proteus bench``
+derives GB/s, TFLOPS and % of the roofline.
+
+Options (``proteus bench`` passes them): ``--providers a,b`` keeps only those providers;
+``--skips-json FILE`` writes every skipped benchmark with its reason.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import threading
+import time
+from dataclasses import dataclass
 
 os.environ.setdefault("PROTEUS_TEST", "1")
 
@@ -23,6 +42,8 @@ from proteus.kernels._backend import kernel_device  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 PROVIDERS = ["triton", "ref", "ref-compile"]
+GPU_ROUND_S = 2e-3  # a GPU round: back-to-back calls for about this long, then one sync
+MAX_REPS = 200
 
 
 @pytest.fixture
@@ -35,24 +56,241 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_timed(benchmark, fn, *, group: str, provider: str, rounds: int | None = None,
-              **info) -> None:
-    """Time ``fn`` (already checked by the caller) with GPU synchronisation."""
+@dataclass(frozen=True)
+class Case:
+    """One point of a benchmark family: ``family`` is what a chart draws (one line per
+    provider against ``x``), ``shape`` names the point; the printed group is both."""
 
-    def call():
-        out = fn()
-        sync()
-        return out
+    family: str
+    shape: str
+    x_name: str = ""
+    x: float | None = None
 
-    benchmark.group = group
-    benchmark.extra_info.update(provider=provider, device="cuda" if ON_GPU else "cpu", **info)
-    r = rounds or (50 if ON_GPU else 3)
-    benchmark.pedantic(call, rounds=r, iterations=1, warmup_rounds=1)
+    @property
+    def group(self) -> str:
+        return f"{self.family} {self.shape}" if self.shape else self.family
+
+    def describe(self, benchmark, provider: str, **info) -> None:
+        benchmark.group = self.group
+        benchmark.extra_info.update(provider=provider, family=self.family, shape=self.shape,
+                                    x_name=self.x_name, x=self.x,
+                                    device="cuda" if ON_GPU else "cpu", **info)
+
+    def skip(self, benchmark, provider: str, reason: str, **info):
+        """Skip a provider that cannot run here; the reason goes on record."""
+        self.describe(benchmark, provider, **info)
+        pytest.skip(reason)
+
+
+def sweep(points, providers, main, compiled=("ref-compile",)):
+    """(point, provider) pairs of a sweep: every provider at every point, except the compiled
+    ones, which run only at ``main`` (each new shape is a new compile: minutes on a GPU)."""
+    return [pytest.param(p, prov, id=f"{p}-{prov}") for p in points for prov in providers
+            if p == main or prov not in compiled]
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def _rss() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+MEM_KIND = "cuda peak allocated" if ON_GPU else ("cpu peak RSS" if _rss() is not None else "")
+
+
+class MemoryPeak:
+    """Peak memory inside its ``with`` windows above what was held when the first one opened:
+    ``torch.cuda.max_memory_allocated`` on a GPU; on CPU the resident set size read from
+    /proc/self/statm every millisecond by a thread (PyTorch's CPU allocator keeps freed blocks,
+    so a provider's later calls often add nothing to what its first call took)."""
+
+    def __init__(self):
+        self.base: int | None = None
+        self.peak = 0
+        self._max = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(1e-3):
+            self._max = max(self._max, _rss() or 0)
+
+    def __enter__(self):
+        if ON_GPU:
+            torch.cuda.synchronize()
+            if self.base is None:
+                self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        elif MEM_KIND:
+            now = _rss() or 0
+            self.base = now if self.base is None else self.base
+            self._max = now
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if ON_GPU:
+            torch.cuda.synchronize()
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated() - self.base)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, _rss() or 0)
+            self.peak = max(self.peak, self._max - self.base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Check, then time
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default)."""
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _timed_rounds(benchmark, fn, rounds: int, warmup: int) -> tuple[list[float], int]:
+    """Per-call times (s) of ``rounds`` timed rounds, and the calls per round."""
+    samples: list[float] = []
+    if not ON_GPU:
+        def call():
+            t0 = time.perf_counter()
+            out = fn()
+            samples.append(time.perf_counter() - t0)
+            return out
+
+        benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
+        return samples[warmup:] or samples, 1
+    for _ in range(max(warmup, 1)):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    reps = max(1, min(MAX_REPS, int(GPU_ROUND_S / max(time.perf_counter() - t0, 1e-7))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+
+    def round_():
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        samples.extend(s.elapsed_time(e) / 1e3 for s, e in events)
+
+    benchmark.pedantic(round_, rounds=rounds, iterations=1, warmup_rounds=0)
+    return samples, reps
+
+
+def run_timed(benchmark, fn, *, group: str | None = None, provider: str,
+              case: Case | None = None, rounds: int | None = None, warmup: int = 1,
+              mem: MemoryPeak | None = None, **info) -> None:
+    """Time ``fn`` (already checked by the caller) and put the result on record.
+
+    ``case`` places the row in its family (for charts); a bare ``group`` makes a family of its
+    own. ``info`` carries the work (``flops``, ``bytes``, ``tokens``, ``items``) and notes."""
+    case = case or Case(family=group or benchmark.name, shape="")
+    if group is not None and case.group != group:
+        raise ValueError(f"run_timed: group {group!r} and case {case.group!r} disagree")
+    case.describe(benchmark, provider, **info)
+    mem = mem or MemoryPeak()
+    with mem:
+        samples, reps = _timed_rounds(benchmark, fn, rounds or (30 if ON_GPU else 3), warmup)
+    benchmark.extra_info.update(
+        p20=_quantile(samples, 0.2), p50=_quantile(samples, 0.5), p80=_quantile(samples, 0.8),
+        samples=len(samples), reps=reps, mem_peak_bytes=mem.peak if MEM_KIND else None,
+        mem_kind=MEM_KIND)
+
+
+def check_then_time(benchmark, fn, check, *, case: Case, provider: str, optional: bool = False,
+                    **kw) -> None:
+    """Call ``fn`` once, ``check(out)`` it against the reference, then ``run_timed`` it.
+
+    ``optional`` (peers): an exception from that first call skips the provider with its reason
+    (the device or the inputs are not supported there); a failed check still fails."""
+    mem = MemoryPeak()
+    try:
+        with mem:
+            out = fn()
+    except Exception as e:  # noqa: BLE001  (a peer's own error, whatever its type, is a skip)
+        if not optional:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        case.skip(benchmark, provider, f"{provider} cannot run here: {type(e).__name__}: {first}")
+    check(out)
+    del out
+    run_timed(benchmark, fn, case=case, provider=provider, mem=mem, **kw)
 
 
 def provider_fn(provider: str, kernel, ref):
     """The function a provider times: our ``kernel``, the eager ``ref``, or ``ref`` under
-    ``torch.compile`` (inductor on CPU and GPU alike)."""
+    ``torch.compile`` (inductor on CPU and GPU alike; the compile caches are reset first, so
+    each benchmark compiles afresh and no earlier shape counts against the recompile limit)."""
     if provider == "ref-compile":
+        torch.compiler.reset()
         return torch.compile(ref, dynamic=False)
     return {"triton": kernel, "ref": ref}[provider]
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and the record of skips
+
+
+def pytest_addoption(parser):
+    parser.addoption("--providers", default="",
+                     help="comma-separated providers to keep (default: all)")
+    parser.addoption("--skips-json", default="",
+                     help="write the skipped benchmarks and their reasons to this JSON file")
+
+
+def pytest_collection_modifyitems(config, items):
+    keep = {p for p in config.getoption("--providers").split(",") if p}
+    if not keep:
+        return
+    chosen, dropped = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        provider = params.params.get("provider") if params else None
+        (chosen if provider in keep else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = chosen
+
+
+_SKIPS: list[dict] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.skipped or call.when == "teardown":
+        return
+    longrepr = rep.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    bench = item.funcargs.get("benchmark") if hasattr(item, "funcargs") else None
+    info = dict(bench.extra_info) if bench is not None else {}
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    _SKIPS.append({"nodeid": item.nodeid, "group": getattr(bench, "group", None),
+                   "reason": reason, **info,
+                   "provider": info.get("provider") or params.get("provider")})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--skips-json")
+    if path:
+        with open(path, "w") as f:
+            json.dump(_SKIPS, f, indent=1, default=str)

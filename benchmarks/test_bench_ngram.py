@@ -1,5 +1,5 @@
 """The n-gram cache: scoring throughput on the bundled ~1M-token validation sample, and the
-device hash table's inserts/s and lookups/s.
+device hash table's inserts/s and lookups/s against the number of keys.
 
 Scoring providers: ``numpy`` (ours: exact counts over the whole history and over the current
 document, normalised blend; the CPU path), ``numpy-history-only`` (the same without the
@@ -7,6 +7,11 @@ document-level counts, ``NgramConfig(doc=False)``) and ``hashed-record`` (a reim
 the original record's hashed two-table numpy cache with 2048-token chunks: the speed baseline,
 invalid as a distribution). The model's log-probabilities are a fixed stand-in: the cache's
 cost does not depend on their values.
+
+Table providers: ``triton`` (the open-addressing table on the device), ``ref`` (the plain
+dictionary, the table's specification) and ``numpy-sorted`` (the CPU path: sorted unique keys
+and counts, merged with ``np.unique``, looked up by binary search; ``peers.SortedCountsTable``).
+Keys: 2^18, 2^20 and 2^22 on a GPU (the CPU tables up to 2^20); 2^11 and 2^12 on CPU.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from proteus.ngram import (
     ngram_blend_logprobs,
 )
 
-from .conftest import ON_GPU, run_timed
+from .conftest import ON_GPU, Case, check_then_time, run_timed, sweep
+from .peers import SortedCountsTable
 
 
 @pytest.fixture(scope="module")
@@ -52,34 +58,41 @@ def test_bench_cache_scoring(benchmark, stream, provider):
         fn = lambda: ngram_blend_logprobs(tokens, 1, n + 1, logp, cfg)  # noqa: E731
     else:
         fn = lambda: hashed_numpy_cache_logprobs(tokens.numpy(), logp.numpy())  # noqa: E731
-    out = fn()
-    assert out.shape[0] == n and np.isfinite(np.asarray(out)).all()
-    run_timed(benchmark, fn, group=f"ngram cache scoring {n:,} tokens (CPU)", provider=provider,
-              tokens=n, baseline=provider == "hashed-record", rounds=3)
+
+    def check(out):
+        assert out.shape[0] == n and np.isfinite(np.asarray(out)).all()
+
+    check_then_time(benchmark, fn, check, case=Case("ngram cache scoring", f"{n:,} tokens (CPU)"),
+                    provider=provider, tokens=n, baseline=provider == "hashed-record", rounds=3)
 
 
-N_KEYS = 1 << 22 if ON_GPU else 1 << 12
+KEYS = (1 << 18, 1 << 20, 1 << 22) if ON_GPU else (1 << 11, 1 << 12)
+# the CPU tables (a Python dict takes ~1 s per million keys) stop at a million keys on a GPU
+CPU_MAX_KEYS = 1 << 20
+TABLES = {"ref": NgramTableRef, "numpy-sorted": SortedCountsTable}
+TABLE_CASES = [c for c in sweep(KEYS, ["triton", *TABLES], KEYS[-1])
+               if c.values[1] == "triton" or c.values[0] <= CPU_MAX_KEYS]
 
 
 @pytest.mark.parametrize("op", ["insert", "lookup"])
-@pytest.mark.parametrize("provider", ["triton", "ref"])
-def test_bench_table(benchmark, device, provider, op):
+@pytest.mark.parametrize(("n_keys", "provider"), TABLE_CASES)
+def test_bench_table(benchmark, device, n_keys, provider, op):
     g = torch.Generator().manual_seed(0)
-    keys = torch.randint(0, 1 << 50, (N_KEYS,), generator=g) | (3 << 60)
+    keys = torch.randint(0, 1 << 50, (n_keys,), generator=g) | (3 << 60)
     if provider == "triton":
         keys_d = keys.to(device)
-        table = NgramTable(1 << (N_KEYS.bit_length() + 1), device)
+        table = NgramTable(1 << (n_keys.bit_length() + 1), device)
     else:
-        keys_d, table = keys, NgramTableRef()
+        keys_d, table = keys, TABLES[provider]()
     table.insert(keys_d)
     table.insert(keys_d[:2048])
-    got = table.lookup(keys_d[:4096]).cpu()
-    want = torch.ones(min(4096, N_KEYS), dtype=torch.int32)
+    want = torch.ones(min(4096, n_keys), dtype=torch.int32)
     want[:2048] += 1
-    assert torch.equal(got, want)  # every key counted once, the first 2048 twice
+    assert torch.equal(table.lookup(keys_d[:4096]).cpu(), want)  # once each, 2048 twice
     if op == "insert":
         fn = lambda: table.insert(keys_d)  # noqa: E731
     else:
         fn = lambda: table.lookup(keys_d)  # noqa: E731
-    run_timed(benchmark, fn, group=f"ngram table {op} {N_KEYS:,} keys", provider=provider,
-              items=N_KEYS, rounds=5 if ON_GPU or provider == "ref" else 2)
+    run_timed(benchmark, fn, case=Case(f"ngram table {op}", f"{n_keys:,} keys", "keys", n_keys),
+              provider=provider, items=n_keys,
+              rounds=30 if ON_GPU and provider == "triton" else 3)

@@ -26,6 +26,7 @@ from proteus.data import TokenStream, bundled_train_glob
 from proteus.model import GPT
 from proteus.optim import build_optimizers
 
+from .conftest import Case, run_timed
 from .plain_gpt import PlainGPT
 
 BATCH, SEQ = 8, 256
@@ -73,7 +74,6 @@ def test_bench_train_step(benchmark, provider, precision):
     for _ in range(4):
         last = step()
     assert torch.isfinite(first) and last < first, (first, last)  # check, then time
-    benchmark.group = f"train-step cpu-tiny 8x256 {precision}"
-    benchmark.extra_info.update(tokens=BATCH * SEQ, provider=provider,
-                                baseline=provider == "plain-eager")
-    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=2)
+    run_timed(benchmark, step, case=Case(f"train-step {precision}", f"cpu-tiny {BATCH}x{SEQ}"),
+              provider=provider, tokens=BATCH * SEQ, baseline=provider == "plain-eager",
+              rounds=10, warmup=2)

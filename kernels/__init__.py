@@ -1,22 +1,39 @@
 """PROTEUS Triton kernels, each beside the PyTorch reference that specifies it.
 
 One op per file: ``leaky_relu2``, ``xsa_attention``, ``int6_matmul``, ``ngram_table``; their
-public surface is re-exported here (``from proteus.kernels import xsa_attention``).
+public surface is re-exported here (``from proteus.kernels import xsa_attention``). Each op has
+three surfaces under one name: the function (``leaky_relu2_mlp``), its differentiable custom op
+with fake, autograd and autocast registrations (``leaky_relu2_mlp_op``, also
+``torch.ops.proteus.leaky_relu2_mlp``) and an ``nn.Module`` (``FusedLeakyReLU2MLP``).
 
 Import-time side effect (documented, and the only one): importing this package runs
 ``proteus.kernels._backend.configure()``, which decides how this process runs Triton kernels —
-compiled on a CUDA GPU, Triton's interpreter on a machine without one (``TRITON_INTERPRET``
-overrides; see ``_backend`` for exactly what it sets and patches). It must run before any
-``@triton.jit`` decorator below, which is why it happens at import.
+compiled on a CUDA GPU (nothing process-wide changes), Triton's interpreter on a machine without
+one (Triton's interpreter switch and three documented interpreter patches; ``TRITON_INTERPRET``
+overrides; see ``_backend`` for the exact list). It must run before any ``@triton.jit``
+decorator below, which is why it happens at import.
 """
 
 from . import _backend  # noqa: F401  (first: kernel modules below are decorated in its mode)
-from .int6_matmul import dequantize_int6, int6_matmul, int6_matmul_ref, pack_int6, unpack_int6
+from .int6_matmul import (
+    Int6Linear,
+    dequantize_int6,
+    int6_matmul,
+    int6_matmul_op,
+    int6_matmul_ref,
+    pack_int6,
+    quantize_rows,
+    replace_linear_int6,
+    unpack_int6,
+)
 from .leaky_relu2 import (
     FusedLeakyReLU2MLP,
+    LeakyReLU2,
     leaky_relu2,
     leaky_relu2_mlp,
+    leaky_relu2_mlp_op,
     leaky_relu2_mlp_ref,
+    leaky_relu2_op,
     leaky_relu2_ref,
 )
 from .ngram_table import NgramTable, NgramTableRef, pack_keys, types_keys
@@ -24,17 +41,24 @@ from .xsa_attention import xsa_attention, xsa_attention_ref
 
 __all__ = [
     "FusedLeakyReLU2MLP",
+    "Int6Linear",
+    "LeakyReLU2",
     "NgramTable",
     "NgramTableRef",
     "dequantize_int6",
     "int6_matmul",
+    "int6_matmul_op",
     "int6_matmul_ref",
     "leaky_relu2",
     "leaky_relu2_mlp",
+    "leaky_relu2_mlp_op",
     "leaky_relu2_mlp_ref",
+    "leaky_relu2_op",
     "leaky_relu2_ref",
     "pack_int6",
     "pack_keys",
+    "quantize_rows",
+    "replace_linear_int6",
     "types_keys",
     "unpack_int6",
     "xsa_attention",

@@ -1,31 +1,50 @@
-"""Where Triton kernels run: compiled for a CUDA GPU, or Triton's interpreter on CPU.
+"""Where Triton kernels run (compiled for a CUDA GPU, or Triton's interpreter on CPU), and
+exactly what importing ``proteus.kernels`` changes in the process.
 
-Rules (applied once, when ``proteus.kernels`` is first imported, before any kernel module:
-Triton decides compiled-vs-interpreted when each ``@triton.jit`` decorator runs, and its own
-``@jit`` helpers when ``triton.language`` is first imported):
+The choice is made once, when ``proteus.kernels`` is first imported, before any kernel module is
+decorated (Triton decides compiled-vs-interpreted when each ``@triton.jit`` decorator runs):
 
-* ``TRITON_INTERPRET=1`` forces the interpreter; ``TRITON_INTERPRET=0`` forces compilation
-  (used by the sm_90 ahead-of-time report, which needs real ``JITFunction`` objects).
-* Unset: the interpreter when no CUDA device is visible, compiled kernels otherwise.
+* ``TRITON_INTERPRET=1`` (or true/yes/on) forces the interpreter; any other value forces
+  compilation (the sm_90 ahead-of-time report runs with ``TRITON_INTERPRET=0`` in its own
+  subprocess: it needs real ``JITFunction`` objects).
+* Unset: the interpreter when no CUDA device is visible, compiled kernels otherwise. If Triton
+  was already switched to its interpreter (``triton.knobs.runtime.interpret``), we follow it.
 
-In interpreter mode three known interpreter gaps are mended (see the project's
-TRITON_ON_CPU notes): bf16 arithmetic/dots/reductions/casts are done in fp32 with
-round-to-nearest-even (the interpreter otherwise does integer math on the raw bits),
-``@triton.autotune`` gets a CPU timer instead of the GPU one, and ``tl.device_assert``
-is made to fire. Nothing here changes what a GPU runs.
+Process-wide changes (``tests/test_backend.py`` checks that these, and only these, happen):
+
+* Compiled mode: **none**. ``triton`` is imported; no variable, knob or class is touched.
+* Interpreter mode:
+
+  1. ``triton.knobs.runtime.interpret = True``: Triton's own switch, which Triton mirrors into
+     ``os.environ["TRITON_INTERPRET"] = "1"`` (so torch's Triton integration and child
+     processes see the same mode; a child that needs compiled kernels sets it to 0, as the
+     sm_90 report does). Every ``@triton.jit`` decorated afterwards (ours and anyone's) is
+     interpreted. It cannot be scoped to our kernels: Triton reads it when a kernel is
+     decorated and again while one runs.
+  2. ``JITFunction.__call__``: when an interpreted kernel calls a ``@triton.jit`` helper that was
+     decorated in compiled mode — ``tl.zeros`` and the other ``triton.language`` helpers, as soon
+     as ``triton`` was imported before the switch (``torch.compile`` imports it) — Triton
+     raises "Cannot call @triton.jit'd outside of the scope of a kernel"; the patched call
+     interprets the helper instead. Only that error case changes.
+  3. Triton's interpreter computes bf16 arithmetic, dots, reductions and casts in fp32 with
+     round-to-nearest-even (``InterpreterBuilder.create_dot/binary_op/unary_op/cast_impl``,
+     ``ReduceScanOpInterface.apply``); unpatched it does integer math on the raw bf16 bits and
+     truncates fp32→bf16 casts. Interpreted kernels only: a GPU never runs this code.
+
+  Not changed: any other environment variable, Triton's autotuner and the interpreter's
+  options.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import time
 
 import numpy as np
 import torch
-
-# ``triton`` itself is imported inside the functions below, never at the top: the environment
-# variable it reads must be set first.
+import triton
+import triton.language as tl
+from triton.runtime import interpreter as ti
+from triton.runtime.jit import JITFunction
 
 _STATE: dict[str, bool] = {}
 
@@ -39,15 +58,12 @@ def configure() -> bool:
         interpret = not torch.cuda.is_available()
     else:
         interpret = env.strip().lower() in ("1", "true", "yes", "on")
-    if "triton" not in sys.modules:
-        # Triton's own @jit helpers (tl.cdiv, ...) pick their mode when triton.language is
-        # imported, so the variable must be set before the first `import triton`.
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    import triton
-
-    triton.knobs.runtime.interpret = interpret
+    if triton.knobs.runtime.interpret:  # already interpreting: our decorators will follow it
+        interpret = True
     if interpret:
-        _patch_interpreter()
+        triton.knobs.runtime.interpret = True
+        _interpret_compiled_helpers()
+        _patch_interpreter_bf16()
     _STATE["interpret"] = interpret
     return interpret
 
@@ -62,24 +78,25 @@ def kernel_device() -> str:
     return "cpu" if configure() else "cuda"
 
 
-def _cpu_bench(fn, quantiles=None, **_kw):
-    """Autotuner timing on CPU: the default bench needs a GPU driver ("0 active drivers")."""
-    t0 = time.perf_counter()
-    fn()
-    ms = (time.perf_counter() - t0) * 1e3
-    return [ms] * len(quantiles) if quantiles else ms
+def _interpret_compiled_helpers() -> None:
+    if getattr(JITFunction, "_proteus_interprets_calls", False):
+        return
+    interpreted: dict = {}
+
+    def call(self, *args, **kwargs):
+        fn = interpreted.get(self.fn)
+        if fn is None:
+            fn = interpreted[self.fn] = ti.InterpretedFunction(self.fn)
+        return fn(*args, **kwargs)
+
+    JITFunction.__call__ = call
+    JITFunction._proteus_interprets_calls = True
 
 
-def _patch_interpreter() -> None:
-    import triton.language as tl
-    from triton.runtime import interpreter as ti
-    from triton.runtime.autotuner import Autotuner
-
+def _patch_interpreter_bf16() -> None:
     if getattr(ti, "_proteus_patched", False):
         return
     ti._proteus_patched = True
-    Autotuner.do_bench = property(lambda self: _cpu_bench)
-    ti.interpreter_builder.options = ti.InterpreterOptions(debug=True)
 
     def as_f32(h):  # bf16 handle (raw uint16 bits) -> float32 values
         if h.dtype.scalar == tl.bfloat16:
@@ -141,5 +158,5 @@ def _patch_interpreter() -> None:
     builder.cast_impl, reducer.apply = cast_impl, apply
 
 
-# The documented import-time side effect of the kernel modules (see proteus.kernels).
+# The documented import-time side effect of the kernel modules (see the module docstring).
 configure()

@@ -1,5 +1,5 @@
 """``proteus`` command line: train, eval, audit, tune-cache, artifact inspect, kernels report,
-bench.
+bench, plot, pack.
 
 The top of the layers: argument parsing, printing and exit codes. Every model/train/eval option
 is generated from the config dataclasses (see ``proteus/config.py``). Bad input — unknown preset
@@ -84,19 +84,66 @@ def build_parser() -> argparse.ArgumentParser:
                            "registers, spills, shared memory, wgmma and occupancy")
     rep.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
-    b = sub.add_parser("bench", help="check every kernel against its reference, then time it")
-    b.add_argument("--json", default="bench-results.json", help="pytest-benchmark JSON output")
+    b = sub.add_parser("bench", help="check every kernel against its reference, then time it",
+                       description="Check every provider (ours and the peers installed) against "
+                       "the reference, time it, print the tables and write the JSON and CSV "
+                       "records (p20/p50/p80, throughput, peak memory, device, versions, "
+                       "commit, date).")
+    b.add_argument("--json", default="bench-results.json",
+                   help="pytest-benchmark JSON output, with the records added")
+    b.add_argument("--csv", default=None, help="CSV of the records (default: the JSON's name "
+                   "with .csv)")
+    b.add_argument("--benchmark", action="append", default=[], metavar="NAME",
+                   help="run only these benchmarks (repeat or comma-separate): "
+                   "xsa_attention, leaky_relu2, int6_matmul, ngram, train_step")
+    b.add_argument("--provider", action="append", default=[], metavar="NAME",
+                   help="time only these providers (repeat or comma-separate), e.g. "
+                   "triton,sdpa-flash")
+    b.add_argument("--plot", default=None, metavar="DIR",
+                   help="draw one PNG (+ CSV) per benchmark family into DIR (needs matplotlib: "
+                   "pip install 'proteus-kernels[plot]')")
+    b.add_argument("--suite", choices=["h100"], default=None,
+                   help="h100: the cuda tests, every kernel at its production shape with the "
+                   "peers installed, one markdown table and the charts (into --plot DIR, "
+                   "default bench-h100/); needs a CUDA GPU")
     b.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+
+    pl = sub.add_parser("plot", help="draw a run's training loss, validation bpb and tokens/s",
+                        description="Draw training loss, validation bpb and tokens/s against "
+                        "step and wall time from RUN_DIR/log.jsonl (needs matplotlib).")
+    pl.add_argument("run_dir", help="a run directory written by proteus train")
+    pl.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/training.png)")
+
+    pk = sub.add_parser("pack", help="write the code a submission ships: one compressed, "
+                        "self-extracting script (python SCRIPT train ... runs like proteus)",
+                        description="Pack the modules training and evaluation import into one "
+                        "self-extracting script and print its size next to the sources'.")
+    pk.add_argument("--out", default="proteus_packed.py", help="the script to write")
     return p
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at each record (not the stream of the first call:
+    a caller that swaps stdout, as pytest's capture does, must not leave us a closed file)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
 
 
 def setup_logging() -> None:
     """Print the library's progress lines (the ``proteus`` logger) on rank 0, as they come."""
     logger = logging.getLogger("proteus")
-    if not any(getattr(h, "_proteus", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._proteus = True
         logger.addHandler(handler)
     logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
     logger.propagate = False
@@ -144,10 +191,24 @@ def _dispatch(parser, args) -> int:
         from proteus.bench import run_report
 
         return run_report(args.json)
-    if args.command == "bench":
-        from proteus.bench import run_bench
+    if args.command == "pack":
+        from proteus.commands import main_pack
 
-        return run_bench(args.json, args.pytest_args)
+        return main_pack(args.out)
+    if args.command == "bench":
+        from proteus.bench import run_bench, run_suite
+
+        if args.suite:
+            if args.benchmark or args.provider:
+                raise ConfigError("--suite h100 runs every kernel with every peer installed; "
+                                  "drop --benchmark/--provider, or drop --suite")
+            return run_suite(args.suite, args.plot, args.pytest_args)
+        return run_bench(args.json, args.pytest_args, benchmarks=args.benchmark,
+                         providers=args.provider, plot_dir=args.plot, csv_path=args.csv)
+    if args.command == "plot":
+        from proteus.plot import main_plot
+
+        return main_plot(args.run_dir, args.out)
     parser.print_help()
     return 2
 

@@ -28,6 +28,7 @@ from proteus.evaluate import (
     sliding_and_cache,
 )
 from proteus.ngram import cache_params_dict, fit_cache_params
+from proteus.pack import pack, source_bytes
 from proteus.run import make_run_dir, run
 from proteus.ttt import check_ttt_fits, run_ttt_audit, ttt_report
 
@@ -172,4 +173,17 @@ def main_inspect(path: str) -> int:
     if not os.path.exists(path):
         raise ConfigError(f"artifact {path} not found")
     print(inspect_artifact(path))
+    return 0
+
+
+def main_pack(out: str) -> int:
+    """``proteus pack``: write the self-extracting script; print its size and the sources'."""
+    text = pack()
+    try:
+        with open(out, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise ConfigError(f"cannot write {out}: {e.strerror}") from None
+    print(f"{out}: {len(text.encode()):,} bytes (the modules training and evaluation import: "
+          f"{source_bytes():,} bytes of source); run it as `python {out} train ...`")
     return 0

@@ -1,4 +1,8 @@
-"""Quantisers: int6/int8 per row, and the int6 linear layer that evaluates a quantised model.
+"""Quantisation rules for a state dict (int6/int8 per row) and loading a quantised model.
+
+The per-row quantiser (:func:`quantize_rows`) and the int6 layer (``Int6Linear``) are the
+kernel module's (``proteus.kernels.int6_matmul``): one quantiser and one layer for the model,
+the artifact and users' own models.
 
 Rules (``tensor_kind``): every 2-D ``*.weight`` under ``blocks.`` (attention and MLP matrices)
 -> int6 in [-31, 31] with a per-row fp16 scale whose clip is chosen per row from a few
@@ -18,10 +22,13 @@ from dataclasses import dataclass, field
 import torch
 
 from proteus.config import ProteusError
-from proteus.kernels.int6_matmul import int6_matmul, int6_matmul_ref, pack_int6
+from proteus.kernels.int6_matmul import CLIP_PERCENTILES, QMAX, Int6Linear, quantize_rows
+
+__all__ = ["CLIP_PERCENTILES", "INT8_MIN_NUMEL", "ArtifactError", "Int6Linear", "QTensor",
+           "QuantizedState", "apply_int6", "dequantize_state", "quantize_rows",
+           "quantize_state_dict", "sqnr_db", "tensor_kind"]
 
 INT8_MIN_NUMEL = 65536
-CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 
 
 class ArtifactError(ProteusError):
@@ -40,32 +47,6 @@ def tensor_kind(name: str, t: torch.Tensor) -> str:
     if t.numel() >= INT8_MIN_NUMEL:
         return "int8"
     return "fp16" if t.dim() == 2 else "fp32"
-
-
-def quantize_rows(w: torch.Tensor, qmax: int, percentiles=CLIP_PERCENTILES):
-    """Per-row symmetric quantisation: q = round(w / s) clipped to ±qmax, s = clip / qmax (fp16).
-
-    The clip of each row is the percentile of |w| (from ``percentiles``) whose reconstruction
-    has the smallest MSE. Returns (q int8, s fp16).
-    """
-    w = w.detach().float()
-    if w.dim() != 2:
-        raise ValueError(f"quantize_rows: expected a 2-D tensor, got shape {tuple(w.shape)}")
-    a = w.abs()
-    best_q = best_s = best_err = None
-    for p in percentiles:
-        clip = a.max(dim=1).values if p >= 1.0 else torch.quantile(a, p, dim=1)
-        s = (clip.clamp_min(1e-12) / qmax).half().float().clamp_min(2**-24)
-        q = torch.round(w / s[:, None]).clamp(-qmax, qmax)
-        err = ((q * s[:, None] - w) ** 2).sum(dim=1)
-        if best_err is None:
-            best_q, best_s, best_err = q, s, err
-        else:
-            better = err < best_err
-            best_q = torch.where(better[:, None], q, best_q)
-            best_s = torch.where(better, s, best_s)
-            best_err = torch.minimum(err, best_err)
-    return best_q.to(torch.int8), best_s.half()
 
 
 def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
@@ -107,7 +88,7 @@ def quantize_state_dict(sd: dict[str, torch.Tensor]) -> QuantizedState:
         kind = tensor_kind(name, t)
         if kind in ("int6", "int8"):
             w2 = t.float().reshape(t.shape[0], -1)
-            q, s = quantize_rows(w2, 31 if kind == "int6" else 127)
+            q, s = quantize_rows(w2, QMAX if kind == "int6" else 127)
             qt = QTensor(kind, tuple(t.shape), q=q, scale=s)
             qt.sqnr = sqnr_db(w2, qt.dequantize().reshape(w2.shape))
         elif kind == "fp16":
@@ -129,23 +110,6 @@ def dequantize_state(qs: QuantizedState) -> dict[str, torch.Tensor]:
 # Evaluating a quantised model through packed int6 weights
 
 
-class Int6Linear(torch.nn.Module):
-    """A bias-free linear layer whose weight is packed int6 + per-row scale (inference only)."""
-
-    quantized = True
-
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, use_kernel: bool):
-        super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.register_buffer("packed", pack_int6(q))
-        self.register_buffer("scale", scale.half())
-        self.use_kernel = use_kernel
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = int6_matmul if self.use_kernel else int6_matmul_ref
-        return fn(x, self.packed, self.scale)
-
-
 def apply_int6(model: torch.nn.Module, qstate: QuantizedState, use_kernel: bool):
     """Swap every int6 linear of ``model`` for an Int6Linear; load the rest dequantised."""
     rest = {}
@@ -155,7 +119,7 @@ def apply_int6(model: torch.nn.Module, qstate: QuantizedState, use_kernel: bool)
         if t.kind == "int6" and name.endswith(".weight") and mod_name in modules:
             parent_name, _, child = mod_name.rpartition(".")
             parent = modules[parent_name] if parent_name else model
-            setattr(parent, child, Int6Linear(t.q, t.scale, use_kernel))
+            setattr(parent, child, Int6Linear.from_quantized(t.q, t.scale, use_kernel=use_kernel))
         else:
             rest[name] = t.dequantize()
     missing, unexpected = model.load_state_dict(rest, strict=False)

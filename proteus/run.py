@@ -7,9 +7,9 @@
     save        model.ckpt; the int6 artifact (quantise, write, evaluate the quantised model)
                 and the 16,000,000-byte budget check; summary.json
 
-The budget counts code bytes + artifact bytes (decimal). Code bytes are the Python sources that
-a submission would ship: every ``.py`` file of the ``proteus`` package (``proteus.kernels``
-included). Functions return their results; progress lines go to the ``proteus`` logger.
+The budget counts code bytes + artifact bytes (decimal). Code bytes are what a submission ships:
+the packed, self-extracting script of the modules training and evaluation import
+(``proteus.pack``). Functions return their results; progress lines go to the ``proteus`` logger.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 
-import proteus
-import proteus.kernels
 from proteus import data as D
 from proteus.artifact import (
     ARTIFACT_LIMIT,
@@ -42,6 +40,7 @@ from proteus.device import pick_device
 from proteus.dist import Dist, env_rank
 from proteus.evaluate import evaluate_bpb, format_bpb, load_eval_tokens, sliding_and_cache
 from proteus.model import GPT, build_model
+from proteus.pack import packed_code_bytes
 from proteus.quant import QuantizedState, quantize_state_dict
 from proteus.train import train
 from proteus.ttt import check_ttt_fits, ttt_report
@@ -119,15 +118,6 @@ def run(cfg: RunConfig, run_dir: Path | None = None) -> dict:
 # The run's artifact
 
 
-def code_bytes() -> int:
-    """Bytes of every ``.py`` file of the package (``proteus.kernels`` may live in a folder of
-    its own in an editable install: each file is counted once)."""
-    files = set()
-    for pkg in (proteus, proteus.kernels):
-        files.update(p.resolve() for p in Path(pkg.__file__).parent.rglob("*.py"))
-    return sum(p.stat().st_size for p in files)
-
-
 def write_run_artifact(model: GPT, cfg: RunConfig, run_dir: Path, val: torch.Tensor | None = None,
                        lut: D.ByteLUT | None = None, float_bpb: float | None = None,
                        rank: int = 0) -> dict:
@@ -160,7 +150,7 @@ def _sizes(info: ArtifactInfo, qstate: QuantizedState) -> dict:
     """Sizes of the file ``write_artifact`` wrote, against the budget and the LZMA baseline."""
     art = info.total_bytes
     lzma = lzma_baseline_bytes(qstate)
-    code = code_bytes()
+    code = packed_code_bytes()
     total = art + code
     out = dict(artifact_bytes=art, lzma_baseline_bytes=lzma,
                ratio_vs_lzma=art / lzma if lzma else None, code_bytes=code, total_bytes=total,

@@ -262,7 +262,7 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
         if tc.val_every and step % tc.val_every == 0:
             r = evaluate_bpb(model, val, lut, tc.seq_len, 0, ec.eval_batch_seqs, device, autocast)
             log.info(f"  val @ step {step}: bpb {format_bpb(r['bpb'])} loss {r['loss']:.4f}")
-            jlog.write(event="val", step=step, **r)
+            jlog.write(event="val", step=step, train_s=train_s, **r)
         if tc.max_wallclock_s > 0 and train_s >= tc.max_wallclock_s:
             stop_reason = "wallclock"
             break

@@ -20,9 +20,11 @@ What trains (``ttt_params``): ``lora`` puts a rank-``ttt_rank`` adapter ``W + B 
 at zero, so the first chunk is scored by the artifact's own weights, bit for bit) on every
 block's attention (q, k, v, output) and MLP (up, down) projections; otherwise comma-separated
 ``fnmatch`` patterns name the parameters to train (e.g. ``blocks.*.mlp_scale,skip_weights``),
-everything else frozen. The optimiser is Adam, one for the whole pass. An int6 artifact trains
-its adapters over the dequantised weights (its exact int6 values as fp32 matrices: the same
-products as the reference int6 path, ``x @ (Q·s)ᵀ``).
+everything else frozen. The optimiser is Adam, one for the whole pass. On an int6 artifact the
+LoRA adapters sit beside the packed int6 layers (``LoRAInt6``: the int6 path runs forward and,
+through its backward with respect to x, backward), so the first chunk is scored exactly as the
+artifact scores it; named parameters train over the dequantised weights (the exact int6
+values as fp32 matrices, ``Linear(Q·s)``), which makes the block matrices nameable.
 
 Under torchrun each chunk's windows are split over the ranks and the scores gathered; each
 rank computes the gradient of its share of the rows, weighted by its share, and one all-reduce
@@ -92,16 +94,38 @@ class LoRA(nn.Module):
         return w + (self.b @ self.a).to(w.dtype)
 
 
+class LoRAInt6(nn.Module):
+    """An int6 layer of an artifact with an adapter beside it: ``int6(x) + (x Aᵀ) Bᵀ``. The
+    packed weights stay as they are (the int6 path, with its backward with respect to x, runs
+    forward and backward); with B = 0 the output is the int6 layer's, bit for bit."""
+
+    quantized = True  # the model routes a quantised layer by its output, not its weight
+
+    def __init__(self, base: Int6Linear, rank: int, seed: int):
+        super().__init__()
+        self.base = base
+        self.lora = LoRA(base.out_features, base.in_features, rank, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo = self.lora
+        return self.base(x) + (x @ lo.a.t().to(x.dtype)) @ lo.b.t().to(x.dtype)
+
+
 def dequantize_linears(model: nn.Module) -> int:
-    """Replace every ``Int6Linear`` of ``model`` by a frozen ``Linear`` holding its exact
-    dequantised weight (what the adapters of an artifact train over); returns how many."""
+    """Replace every ``Int6Linear`` of ``model`` by a frozen linear layer holding its exact
+    dequantised weight (so named parameter patterns can train the block matrices of an
+    artifact); returns how many."""
     swaps = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, Int6Linear)]
     modules = dict(model.named_modules())
     for name, mod in swaps:
         parent_name, _, child = name.rpartition(".")
-        lin = Linear(mod.in_features, mod.out_features)
+        bias = mod.bias is not None
+        lin = (nn.Linear(mod.in_features, mod.out_features) if bias
+               else Linear(mod.in_features, mod.out_features))
         with torch.no_grad():
             lin.weight.copy_(dequantize_int6(mod.packed, mod.scale))
+            if bias:
+                lin.bias.copy_(mod.bias)
         lin.to(mod.packed.device)
         setattr(modules[parent_name] if parent_name else model, child, lin)
     return len(swaps)
@@ -109,22 +133,33 @@ def dequantize_linears(model: nn.Module) -> int:
 
 def ttt_parameters(model: GPT, ec: EvalConfig) -> list[nn.Parameter]:
     """Make ``model`` ready for test-time training as ``ec`` asks and return what trains:
-    LoRA adapters (``lora``) or the parameters matching ``ec.ttt_params``; everything else is
-    frozen. Raises ``ConfigError`` when the model lacks what was asked for."""
-    dequantize_linears(model)
+    LoRA adapters (``lora``; beside an artifact's int6 layers, which stay packed) or the
+    parameters matching ``ec.ttt_params`` (an artifact's int6 layers dequantised first, so its
+    block matrices can be named); everything else is frozen. Raises ``ConfigError`` when the
+    model lacks what was asked for."""
+    spec = ec.ttt_params.strip()
+    if spec != "lora":
+        dequantize_linears(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    spec = ec.ttt_params.strip()
     if spec == "lora":
         out = []
         for i, block in enumerate(getattr(model, "blocks", [])):
             for j, target in enumerate(LORA_TARGETS):
-                mod = block.get_submodule(target)
-                if not isinstance(getattr(mod, "weight", None), torch.Tensor):
+                parent_name, _, child = target.rpartition(".")
+                parent = block.get_submodule(parent_name)
+                mod = getattr(parent, child)
+                seed = 1000 * i + j
+                if isinstance(mod, Int6Linear):
+                    wrapped = LoRAInt6(mod, ec.ttt_rank, seed).to(mod.packed.device)
+                    setattr(parent, child, wrapped)
+                    lora = wrapped.lora
+                elif isinstance(getattr(mod, "weight", None), torch.Tensor):
+                    lora = LoRA(*mod.weight.shape, ec.ttt_rank, seed).to(mod.weight.device)
+                    parametrize.register_parametrization(mod, "weight", lora)
+                else:
                     raise ConfigError(f"ttt_params lora: block {i}'s {target} has no weight to "
                                       "adapt; name parameters to train with --ttt-params")
-                lora = LoRA(*mod.weight.shape, ec.ttt_rank, seed=1000 * i + j)
-                parametrize.register_parametrization(mod, "weight", lora.to(mod.weight.device))
                 out += [lora.a, lora.b]
         if not out:
             raise ConfigError("ttt_params lora: the model has no blocks to adapt")

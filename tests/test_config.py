@@ -11,6 +11,7 @@ from proteus.config import (
     ConfigError,
     ModelConfig,
     RunConfig,
+    TrainConfig,
     add_config_arguments,
     build_config,
     env_overrides,
@@ -83,3 +84,23 @@ def test_every_field_has_a_flag_with_help():
 def test_config_roundtrip_dict():
     cfg = build_config("smoke", environ={})
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_defaults_are_the_reference_model_of_the_spec():
+    # SPEC.md's model, optimiser and schedule rows (presets override them; these are the base)
+    m, t = ModelConfig(), TrainConfig()
+    assert (m.vocab_size, m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads) == (
+        1024, 11, 512, 8, 4)
+    assert (m.mlp_mult, m.mlp_slope, m.q_gain_init, m.rope_dims, m.rope_base) == (
+        3.0, 0.9, 1.5, 16, 10000.0)
+    assert (m.xsa_last_n, m.bigram_buckets, m.bigram_dim, m.value_embed_layers,
+            m.value_embed_dim, m.logit_softcap) == (4, 2048, 128, "9,10", 128, 30.0)
+    assert m.qk_norm and m.smear_gate and m.resid_mix and m.unet_skips and m.ln_scale
+    assert m.tie_embeddings
+    assert (t.muon_momentum, t.muon_momentum_start, t.muon_momentum_warmup, t.muon_ns_steps,
+            t.muon_wd) == (0.99, 0.92, 1500, 5, 0.04)
+    assert (t.adam_beta1, t.adam_beta2, t.adam_wd, t.embed_lr, t.scalar_lr, t.grad_clip) == (
+        0.9, 0.95, 0.04, 0.035, 0.025, 0.3)
+    assert (t.batch_tokens, t.seq_len, t.warmup_steps, t.warmdown_steps, t.max_wallclock_s) == (
+        786432, 2048, 20, 3500, 600.0)
+    assert (t.ema_decay, t.swa_every, t.swa_lr_below) == (0.997, 50, 0.2)

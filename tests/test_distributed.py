@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from proteus import data as D
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "_dist_worker.py")
 
@@ -70,6 +72,11 @@ def test_cache_bpb_is_the_same_on_one_and_two_processes(runs):
     # each rank counts every token before its shard: identical per-token scores; only the
     # final float64 sum of two partial sums differs in rounding
     assert two[0]["cache_bytes"] == two[1]["cache_bytes"] == one[0]["cache_bytes"]
+    # and the bytes are those of the 20,000 targets, counted here without the evaluator (an
+    # error both runs shared would pass the comparison above)
+    tokens = D.load_tokens(D.bundled_val_glob(), "val", limit=20001)
+    lut = D.build_byte_lut(D.load_tokenizer(), 1024)
+    assert one[0]["cache_bytes"] == int(lut.target_bytes(tokens[:-1], tokens[1:]).sum())
     bpb1 = one[0]["cache_nll"] / one[0]["cache_bytes"]
     bpb2 = two[0]["cache_nll"] / two[0]["cache_bytes"]
     assert f"{bpb1:.10f}" == f"{bpb2:.10f}"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
 
 from proteus.config import build_config
+from proteus.kernels._testing import assert_within_2x_torch_error
 from proteus.model import GPT
+from proteus.ops import get_ops
 from proteus.optim import Muon, newton_schulz5, split_params
 
 
@@ -263,3 +266,30 @@ def test_every_parameter_gets_gradient_after_one_step():
         opt.step()
     dead = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not dead, dead
+
+
+@pytest.mark.interpret
+def test_mlp_on_the_triton_kernel_under_autocast_matches_the_reference():
+    # the model casts its fp32 weights to x's dtype and leaves the rest to the op's autocast
+    # rule: with --kernels triton the MLP must give what --kernels ref gives, dtype included
+    # (before the rule, the backward died in Triton on bf16 x fp32 operands)
+    cfg = small_cfg()
+    mlp = GPT(cfg).blocks[0].mlp
+    torch.nn.init.normal_(mlp.proj.weight, std=0.05)  # zero-initialised in the model
+    x = torch.randn(2, 16, cfg.model_dim)
+    out = {}
+    for kind in ("ref", "triton"):
+        mlp.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = mlp(x, get_ops(kind))
+        y.float().square().sum().backward()
+        out[kind] = [y.detach()] + [p.grad.clone() for p in (mlp.fc.weight, mlp.proj.weight)]
+    mlp64 = copy.deepcopy(mlp).double()
+    y64 = mlp64(x.double(), get_ops("ref"))
+    y64.square().sum().backward()
+    ref64 = [y64.detach(), mlp64.fc.weight.grad, mlp64.proj.weight.grad]
+    assert out["triton"][0].dtype == out["ref"][0].dtype == torch.bfloat16
+    for name, a, b, r in zip(("y", "dW_fc", "dW_proj"), out["triton"], out["ref"], ref64,
+                             strict=True):
+        assert a.dtype == b.dtype
+        assert_within_2x_torch_error(name, a, b, r)

@@ -196,10 +196,14 @@ def test_distribution_is_normalised_and_non_negative():
 
 def test_cache_helps_on_real_text():
     tok, _, lp = _real_case(2500)
-    nb = torch.ones(lp.numel())
     with_cache = ngram_blend_logprobs(tok, 1, tok.numel(), lp)
-    assert with_cache.sum() > lp.sum() + 0.05 * lp.numel()  # at least 0.05 nats/token better
-    assert nb.numel() == with_cache.numel()
+    assert with_cache.shape == lp.shape and with_cache.dtype == torch.float64
+    assert torch.isfinite(with_cache).all() and (with_cache <= 0).all()
+    # in bits per byte of the real text: the gain is at least 0.02 bits per byte
+    lut = D.build_byte_lut(D.load_tokenizer(), V)
+    nbytes = int(lut.target_bytes(tok[:-1], tok[1:]).sum())
+    gain = (with_cache.sum() - lp.sum()).item() / math.log(2) / nbytes
+    assert gain > 0.02
 
 
 def test_audit_passes_ours_and_flags_the_hashed_scheme():
@@ -309,10 +313,89 @@ def test_audit_catches_a_peeking_cache(monkeypatch):
     assert not rep.passed and not rep.causal
 
 
+class _Scheme:
+    """A cache scheme for the audit: p_t from the model's distribution, changed by ``fn``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def distribution(self, tokens, t, model_logp):
+        return self.fn(tokens, t, model_logp.double().exp())
+
+
+def _peeking(tokens, t, p):  # normalised and non-negative, but it looks at the target
+    q = torch.zeros_like(p)
+    q[int(tokens[t])] = 1.0
+    return 0.5 * p + 0.5 * q
+
+
+def _negative(tokens, t, p):  # sums to one, causal, one probability below zero
+    p = p.clone()
+    p[0] += p[1] + 0.01
+    p[1] = -0.01
+    return p
+
+
+@pytest.mark.parametrize("fn, passed, causal, bad_sum, negative", [
+    (lambda tokens, t, p: p, True, True, False, False),  # the model alone: a valid scheme
+    (_peeking, False, False, False, False),
+    (lambda tokens, t, p: p * (1 + 1e-4), False, True, True, False),
+    (lambda tokens, t, p: p * (1 + 5e-7), True, True, False, False),  # within the 1e-6 tolerance
+    (_negative, False, True, False, True),
+])
+def test_audit_fails_for_each_condition_alone(fn, passed, causal, bad_sum, negative):
+    tok, _, _ = _real_case(800)
+    rep = audit(tok, torch.tensor([3, 100, 700, 798]), _model_logp, scheme=_Scheme(fn))
+    assert rep.passed is passed and rep.causal is causal
+    assert (rep.max_sum_error > 1e-6) is bad_sum and (rep.min_prob < 0) is negative
+    assert ("PASS" if passed else "FAIL") in str(rep) and rep.positions == 4
+
+
+def test_audit_fails_when_the_fast_scorer_disagrees_with_the_distribution(monkeypatch):
+    import proteus.ngram as ng
+
+    tok, _, _ = _real_case(800)
+    real = ng.ngram_blend_logprobs
+    monkeypatch.setattr(ng, "ngram_blend_logprobs", lambda *a, **k: real(*a, **k) + 1e-6)
+    rep = ng.audit(tok, torch.tensor([100, 700]), _model_logp, NgramConfig())
+    assert not rep.passed and rep.consistent is False
+    assert rep.causal and rep.max_sum_error < 1e-12 and rep.min_prob >= 0
+
+
+def test_audit_refuses_positions_outside_the_stream():
+    tok = torch.arange(10)
+    for bad in (torch.tensor([0, 3]), torch.tensor([10]), torch.tensor([], dtype=torch.int64)):
+        with pytest.raises(ValueError, match="audit"):
+            audit(tok, bad, _model_logp)
+
+
 def test_hashed_baseline_scores_every_target():
     tok, _, lp = _real_case(3000)
     out = hashed_numpy_cache_logprobs(tok.numpy(), lp.numpy(), buckets=1 << 12)
     assert out.shape == (tok.numel() - 1,) and np.isfinite(out).all()
+
+
+def test_hashed_baseline_is_the_record_scheme_of_the_audit():
+    # the speed baseline, updating its tables after every token (chunk 1), scores each target
+    # as the audit's reimplementation does: 0.8 p_model + 0.2 min(1, full / ctx) at the highest
+    # order whose hashed context count is >= 2 (and 0.8 p_model where there is none)
+    tok, lp_all, lp = _real_case(1500)
+    buckets = 1 << 10
+    fast = np.exp(hashed_numpy_cache_logprobs(tok.numpy(), lp.numpy(), buckets=buckets, chunk=1))
+    chunked = hashed_numpy_cache_logprobs(tok.numpy(), lp.numpy(), buckets=buckets, chunk=64)
+    scheme = HashedTwoTableCache(order=5, buckets=buckets)
+    hits = 0
+    for t in range(2, 1500, 23):
+        p = scheme.distribution(tok, t, lp_all[t - 1])[int(tok[t])].item()
+        pm = math.exp(lp[t - 1].item())
+        if p == pm:  # no order with a context count >= 2
+            assert fast[t - 1] == pytest.approx(0.8 * pm, rel=1e-9)
+        else:
+            hits += 1
+            assert fast[t - 1] == pytest.approx(p, rel=1e-9)
+    assert hits > 30
+    # chunks of 64: a target inside a chunk does not see the chunk's earlier tokens
+    assert not np.allclose(chunked, np.log(fast)) and chunked[0] == pytest.approx(np.log(fast[0]))
 
 
 def test_bad_input_is_a_clear_error():
@@ -334,6 +417,45 @@ def test_bad_input_is_a_clear_error():
                 dict(doc_a=(1.0, -1.0, 1.0, 1.0, 1.0)), dict(doc_k=(0.0,) * 5)):
         with pytest.raises(ValueError, match="ngram"):
             NgramConfig(**bad).validate()
+
+
+def test_blend_by_hand():
+    # tokens 5 6 5 7 5 6 (no BOS: the document is the whole stream), a uniform model, order 3,
+    # the shipped parameters (whole history: weight 0.95, k = 100, 28; a = 1.1, 1.35;
+    # document: weight 1, k = 11, 3.3; a = 1.03, 1.75). λ = w · ctx / (ctx + k · types^a).
+    tok = torch.tensor([5, 6, 5, 7, 5, 6])
+    u = 1 / 1024
+    lu = torch.tensor(math.log(u), dtype=torch.float64)
+    got = ngram_blend_logprobs(tok, 1, 6, lu.repeat(5), NgramConfig(order=3))
+
+    def step(p, lam, q):
+        return (1 - lam) * p + lam * q
+
+    want = [u, u]  # t=1, 2: no context seen before
+    # t=3 (7 after 5): "5" was followed once, by 6: ctx 1, count 0, 1 type; "6 5" never seen
+    want.append(step(step(u, 0.95 / 101, 0.0), 1 / 12, 0.0))
+    # t=4 (5 after 7): "7" never seen before
+    want.append(u)
+    # t=5 (6 after 5): "5" followed by 6 and 7 (ctx 2, count 1, 2 types); "7 5" never seen
+    lam, dlam = 0.95 * 2 / (2 + 100 * 2**1.1), 2 / (2 + 11 * 2**1.03)
+    want.append(step(step(u, lam, 0.5), dlam, 0.5))
+    torch.testing.assert_close(got.exp(), torch.tensor(want, dtype=torch.float64), rtol=1e-14,
+                               atol=0)
+    # order 3 at work: 5 6 5 6 5 -> at t=4 (5 after "5 6"), "6" and "5 6" were each followed
+    # once, by 5
+    got = ngram_blend_logprobs(torch.tensor([5, 6, 5, 6, 5]), 4, 5, lu.reshape(1),
+                               NgramConfig(order=3))
+    p = step(step(u, 0.95 / 101, 1.0), 0.95 / 29, 1.0)
+    p = step(step(p, 1 / 12, 1.0), 1 / 4.3, 1.0)
+    assert got.exp().item() == pytest.approx(p, rel=1e-14)
+
+
+def test_order_six_repeats_the_tuned_order_five_parameters():
+    # the parameters were fitted for n <= 5; NgramConfig's docs say the n = 6 entries repeat n = 5
+    cfg = NgramConfig()
+    for name in ("k", "a", "doc_k", "doc_a"):
+        v = getattr(cfg, name)
+        assert len(v) == 5 and v[4] == v[3], name
 
 
 def test_each_order_uses_its_own_confidence_parameters():

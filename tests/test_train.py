@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from proteus.train import lr_scale
+from proteus import data as D
+from proteus.train import WeightAverages, lr_scale, muon_momentum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +29,7 @@ def run_cli(*args, env=None, cwd=None):
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     r = run_cli("train", "--preset", "smoke", "--out-dir", str(out), "--run-name", "s",
-                "--cache", "ngram")
+                "--cache", "ngram", "--val-every", "3")
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "s", r
 
@@ -38,12 +41,33 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     assert not [p for p in os.listdir(run_dir) if ".tmp" in p]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 6 and 0 < summary["val"]["bpb"] < 10
+    # the reported bpb is the loss over the 4,096 targets' bytes, counted here independently
+    val, sp = D.load_tokens(D.bundled_val_glob(), "val", limit=4097), D.load_tokenizer()
+    nbytes = int(D.build_byte_lut(sp, 1024).target_bytes(val[:-1], val[1:]).sum())
+    v = summary["val"]
+    assert (v["tokens"], v["bytes"]) == (4096, nbytes)
+    assert v["bpb"] == pytest.approx(v["loss"] * 4096 / math.log(2) / nbytes, rel=1e-12)
+    assert summary["cache"]["bpb_model"] == pytest.approx(v["bpb"], rel=1e-12)
     assert "unigram" in r.stdout and "val bpb" in r.stdout
     assert "with the n-gram cache" in r.stdout and "audit: PASS" in r.stdout
     assert summary["cache"]["audit_passed"] and summary["cache"]["gain"] > 0
     assert (run_dir / "model.int6").exists() and "of 16,000,000 bytes: OK" in r.stdout
     events = [json.loads(line)["event"] for line in (run_dir / "log.jsonl").open()]
     assert events[0] == "config" and "step" in events and events[-1] == "final"
+
+
+def test_plot_of_the_run(smoke_run, tmp_path):
+    pytest.importorskip("matplotlib", reason="proteus plot needs matplotlib (pip install .[test])")
+    run_dir, _ = smoke_run
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").open()]
+    vals = [r for r in records if r["event"] == "val"]
+    assert [v["step"] for v in vals] == [3, 6] and all(v["train_s"] > 0 for v in vals)
+    r = run_cli("plot", str(run_dir), "--out", str(tmp_path / "t.png"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "6 step records, 3 validation points" in r.stdout
+    assert (tmp_path / "t.png").read_bytes().startswith(b"\x89PNG")
+    r = run_cli("plot", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no log.jsonl" in r.stderr
 
 
 def test_eval_of_checkpoint_reproduces_train_bpb(smoke_run):
@@ -134,3 +158,125 @@ def test_lr_schedule_step_based_and_wallclock_aware():
     tc.max_wallclock_s = 10.0  # 100 ms/step, 5 s used -> 50 steps left -> half way down
     assert lr_scale(10, tc, 100.0, 5000.0) == pytest.approx(0.5)
     assert lr_scale(10, tc, 100.0, 10_000.0) == 0.0
+
+
+def _tc(**over):
+    tc = _TC()
+    for k, v in over.items():
+        setattr(tc, k, v)
+    return tc
+
+
+def test_lr_schedule_at_its_boundaries():
+    # warm-down over the last 100 of 1000 steps: full until step 900, then (1000 - step) / 100
+    tc = _tc()
+    assert [lr_scale(s, tc, 0, 0) for s in (0, 899, 900, 901, 999, 1000, 1001)] == [
+        1.0, 1.0, 1.0, 0.99, 0.01, 0.0, 0.0]
+    # ramp-up over 4 steps: (step + 1) / 4, times the warm-down factor
+    tc = _tc(lr_warmup_steps=4, iterations=10, warmdown_steps=8)
+    assert [lr_scale(s, tc, 0, 0) for s in range(5)] == [0.25, 0.5, 0.75, 0.875, 0.75]
+    # no warm-down: the ramp alone, whatever the clock says
+    tc = _tc(lr_warmup_steps=2, warmdown_steps=0, max_wallclock_s=1.0)
+    assert [lr_scale(s, tc, 500.0, 5000.0) for s in (0, 1, 999)] == [0.5, 1.0, 1.0]
+    # the clock: steps left = min(steps by count, time left / step time)
+    tc = _tc(max_wallclock_s=10.0)
+    assert lr_scale(0, tc, 100.0, 0.0) == 1.0  # 100 steps of time left: the top of the ramp
+    assert lr_scale(0, tc, 100.0, 1000.0) == 0.9  # 9 s left = 90 steps
+    assert lr_scale(0, tc, 100.0, 9990.0) == pytest.approx(0.001)
+    assert lr_scale(950, tc, 1.0, 0.0) == 0.5  # time is plentiful: the step count decides
+    assert lr_scale(0, tc, 100.0, 20_000.0) == 0.0  # past the cap: never negative
+    assert lr_scale(0, tc, 0.0, 9990.0) == 1.0  # no step time measured yet: by count
+    tc = _tc(max_wallclock_s=0.0)
+    assert lr_scale(0, tc, 100.0, 1e9) == 1.0  # no cap: the clock is ignored
+    # small values are values: a half-second cap, a sub-millisecond step, a 1-step warm-down
+    assert lr_scale(0, _tc(max_wallclock_s=0.5), 10.0, 0.0) == 0.5  # 50 steps of time left
+    assert lr_scale(0, _tc(max_wallclock_s=10.0), 0.5, 9975.0) == 0.5
+    assert lr_scale(0, _tc(warmdown_steps=1, max_wallclock_s=10.0), 100.0, 9950.0) == 0.5
+
+
+def test_muon_momentum_warmup():
+    tc = _tc(muon_momentum=0.99, muon_momentum_start=0.85, muon_momentum_warmup=300)
+    assert muon_momentum(0, tc) == 0.85
+    assert muon_momentum(150, tc) == pytest.approx(0.92)
+    assert muon_momentum(299, tc) == pytest.approx(0.85 + 0.14 * 299 / 300)
+    assert muon_momentum(300, tc) == pytest.approx(0.99) and muon_momentum(5000, tc) == 0.99
+    tc.muon_momentum_warmup = 1  # one step of warm-up: step 0 still starts at the start
+    assert (muon_momentum(0, tc), muon_momentum(1, tc)) == (0.85, 0.99)
+    tc.muon_momentum_warmup = 0
+    assert muon_momentum(0, tc) == 0.99
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2, 3))
+        self.register_buffer("b", torch.zeros(3, dtype=torch.float64))
+
+
+def _set(net, w, b):
+    with torch.no_grad():
+        net.w.fill_(w)
+        net.b.fill_(b)
+
+
+def test_weight_averages_against_arithmetic():
+    # EMA e <- d e + (1 - d) w, starting from the initial weights; SWA = the mean of the EMA's
+    # snapshots; final: SWA if any snapshot, else EMA, else the raw weights
+    net = _Net()
+    _set(net, 2.0, -1.0)
+    avg = WeightAverages(net, _tc(ema_decay=0.75))
+    e = 2.0
+    snaps = []
+    for step, w in enumerate([4.0, 0.0, 8.0, -4.0]):
+        _set(net, w, 10.0 * w)
+        avg.update_ema(net)
+        e = 0.75 * e + 0.25 * w
+        assert torch.allclose(avg.ema["w"], torch.full((2, 3), e), rtol=0, atol=1e-6)
+        if step % 2:
+            avg.snapshot(net)
+            snaps.append(e)
+    state, which = avg.final_state(net)
+    assert which == "swa(2)" and avg.swa_count == 2
+    assert torch.allclose(state["w"], torch.full((2, 3), sum(snaps) / 2), atol=1e-6)
+    assert state["w"].dtype == torch.float32 and state["b"].dtype == torch.float64
+    eb = [-1.0]
+    for w in (4.0, 0.0, 8.0, -4.0):
+        eb.append(0.75 * eb[-1] + 0.25 * 10.0 * w)
+    assert torch.allclose(state["b"], torch.full((3,), (eb[2] + eb[4]) / 2, dtype=torch.float64))
+
+
+def test_weight_averages_without_ema_or_snapshots():
+    net = _Net()
+    _set(net, 1.0, 0.0)
+    raw = WeightAverages(net, _tc(ema_decay=0.0))
+    raw.update_ema(net)  # no EMA: a no-op
+    assert raw.ema is None
+    state, which = raw.final_state(net)
+    assert which == "raw" and torch.equal(state["w"], torch.ones(2, 3))
+    for w in (3.0, 5.0, 10.0):  # SWA of the raw weights
+        _set(net, w, 0.0)
+        raw.snapshot(net)
+    state, which = raw.final_state(net)
+    assert which == "swa(3)" and torch.allclose(state["w"], torch.full((2, 3), 6.0))
+    ema = WeightAverages(net, _tc(ema_decay=0.5))
+    _set(net, 0.0, 0.0)  # 10 -> 5 -> 2.5
+    ema.update_ema(net)
+    ema.update_ema(net)
+    state, which = ema.final_state(net)
+    assert which == "ema" and torch.allclose(state["w"], torch.full((2, 3), 2.5))
+    assert torch.equal(net.w, torch.zeros(2, 3))  # the model itself is left alone
+
+
+def test_swa_snapshots_in_the_loop_follow_the_schedule():
+    # 8 steps, warm-down over all 8: lr scale (8 - step) / 8 at step 0..7; a snapshot after
+    # every 2nd step (steps 1, 3, 5, 7) whose scale is below 3/8: step 7 only (step 5's scale is
+    # 3/8 itself) -> swa(1)
+    from proteus.config import build_config
+    from proteus.train import train
+
+    cfg = build_config("smoke", {"train.iterations": 8, "train.warmdown_steps": 8,
+                                 "train.max_wallclock_s": 0.0, "train.swa_every": 2,
+                                 "train.swa_lr_below": 0.375, "train.warmup_steps": 0,
+                                 "train.seq_len": 32, "train.batch_tokens": 64}, environ={})
+    stats = train(cfg).stats
+    assert stats["final_weights"] == "swa(1)" and stats["steps"] == 8

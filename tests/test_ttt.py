@@ -90,18 +90,25 @@ def test_named_parameters_train_only_what_they_name(case):
     assert r.trained_params == sum(p.numel() for p in params)
 
 
-def test_ttt_on_the_int6_artifact_trains_adapters_over_the_dequantised_weights(case, tmp_path):
+def test_ttt_on_the_int6_artifact(case, tmp_path):
     from proteus.artifact import write_artifact
 
     cfg, model, tokens, lut = case
     path = str(tmp_path / "m.int6")
     write_artifact(path, quantize_state_dict(model.state_dict()), {"run_config": cfg.to_dict()})
     qmodel = load_model(path, "ref")[0]
-    r = T.ttt_score(qmodel, tokens, lut, SEQ, cfg.eval)
     wins = [w for c in T.chunk_windows(tokens.numel() - 1, SEQ, STRIDE, CHUNK) for w in c]
     plain = score_windows(qmodel, tokens, wins, 8)  # through the packed int6 weights
+    # LoRA beside the packed layers: chunk 0 exactly as the artifact scores it, then learning
+    r = T.ttt_score(qmodel, tokens, lut, SEQ, cfg.eval)
+    assert torch.equal(r.scores.logp[:CHUNK], plain[:CHUNK])
+    assert r.scores.logp[CHUNK:].sum() > plain[CHUNK:].sum()
+    # every parameter: the int6 layers become their exact dequantised matrices and train too
+    ec = dataclasses.replace(cfg.eval, ttt_params="*", ttt_lr=0.003)
+    r = T.ttt_score(qmodel, tokens, lut, SEQ, ec)
     assert torch.allclose(r.scores.logp[:CHUNK], plain[:CHUNK], rtol=0, atol=1e-5)
     assert r.scores.logp[CHUNK:].sum() > plain[CHUNK:].sum()
+    assert r.trained_params > sum(p.numel() for p in qmodel.parameters())  # + block matrices
 
 
 def test_audit_passes_score_first_ttt_with_the_cache(case):
