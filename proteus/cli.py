@@ -1,5 +1,5 @@
-"""``proteus`` command line: train, eval, audit, artifact inspect, kernels report, bench,
-plot, pack.
+"""``proteus`` command line: train, eval, audit, tune-cache, artifact inspect, kernels report,
+bench, plot, pack.
 
 The top of the layers: argument parsing, printing and exit codes. Every model/train/eval option
 is generated from the config dataclasses (see ``proteus/config.py``). Bad input — unknown preset,
@@ -65,6 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="audit the n-gram cache's distributions (sum to 1, causal)")
     a.add_argument("path", help="model.ckpt or artifact file")
     add_config_arguments(a, sections=("eval",))
+
+
+    tc = sub.add_parser("tune-cache", help="fit the n-gram cache's parameters on held-out "
+                        "training tokens", description="Fit the cache's confidence parameters "
+                        "on the scores of training tokens the checkpoint never trained on "
+                        "(never on validation tokens) and write them as JSON, for "
+                        "`proteus eval --cache-params`.")
+    tc.add_argument("path", help="model.ckpt or artifact file")
+    tc.add_argument("--tune-files", default="", help="glob of training shards the checkpoint "
+                    "never trained on (default: the bundled train shards it did not train on)")
+    tc.add_argument("--tune-tokens", type=int, default=0,
+                    help="fit on the first N tokens of them (0 = all)")
+    tc.add_argument("--out", default="", help="JSON file to write (default: cache_params.json "
+                    "next to the checkpoint)")
+    tc.add_argument("--iterations", type=int, default=200, help="L-BFGS iterations")
+    add_config_arguments(tc, sections=("eval",))
 
     art = sub.add_parser("artifact", help="artifact tools")
     art_sub = art.add_subparsers(dest="artifact_command", metavar="ACTION", parser_class=_Parser)
@@ -210,6 +226,13 @@ def _dispatch(parser, args) -> int:
 
         fn = main_eval if args.command == "eval" else main_audit
         return fn(args.path, values)
+    if args.command == "tune-cache":
+        from proteus.commands import main_tune_cache
+
+        if args.tune_tokens < 0 or args.iterations < 1:
+            raise ConfigError("--tune-tokens must be >= 0 and --iterations >= 1")
+        return main_tune_cache(args.path, values, args.tune_files, args.tune_tokens,
+                               args.out, args.iterations)
     if args.command == "artifact" and args.artifact_command == "inspect":
         from proteus.commands import main_inspect
 

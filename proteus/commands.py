@@ -11,16 +11,30 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from proteus import data as D
 from proteus.artifact import ARTIFACT_LIMIT, inspect_artifact
 from proteus.checkpoint import load_model, load_train_state
 from proteus.config import ConfigError, RunConfig, RunInterrupted, eval_overrides, resume_config
 from proteus.device import pick_device
 from proteus.dist import close_process_group, collective_timeout, env_rank, setup_dist
-from proteus.evaluate import evaluate_bpb, format_bpb, run_audit, sliding_and_cache
+from proteus.evaluate import (
+    evaluate_bpb,
+    format_bpb,
+    held_out_files,
+    load_eval_tokens,
+    ngram_config,
+    run_audit,
+    score_tokens,
+    sliding_and_cache,
+)
+from proteus.files import atomic_write_json
+from proteus.ngram import cache_params_dict, fit_cache_params
 from proteus.pack import pack, source_bytes
 from proteus.run import check_inputs, find_resume, open_run_dir, run
 from proteus.train import StopSignal
+from proteus.ttt import check_ttt_fits, run_ttt_audit, ttt_report
 
 
 def main_train(cfg: RunConfig, resume: tuple[Path, dict | None] | None = None) -> int:
@@ -90,34 +104,113 @@ def _eval(path: str, cli: dict, rank: int, world: int) -> int:
     ec = eval_overrides(cfg.eval, cli)
     val_files = cli.get("train.val_files") or cfg.train.val_files or D.bundled_val_glob()
     lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
-    tokens = D.load_tokens(val_files, "val", limit=ec.val_tokens + 1 if ec.val_tokens else 0,
-                           vocab_size=cfg.model.vocab_size)
-    if tokens.numel() < 2:
-        raise D.DataError("the validation shards hold fewer than 2 tokens; nothing to score")
+    tokens, first = load_eval_tokens(val_files, ec, cfg.model.vocab_size)
     seq = ec.eval_seq_len or cfg.train.seq_len
+    if ec.cache == "ngram":
+        ngram_config(ec, cfg.model.vocab_size)  # a bad parameter file fails before any work
+    if ec.ttt:
+        check_ttt_fits(ec, tokens.numel() - 1, seq, model)
     say(f"proteus eval: {path} ({info['source']}), kernels={model.ops.name}, "
-        f"{tokens.numel() - 1:,} targets, window {seq}, {world} process(es)")
+        f"{tokens.numel() - 1:,} targets (validation tokens {first:,}.."
+        f"{first + tokens.numel() - 1:,}), window {seq}, {world} process(es)")
     if info.get("float_bpb") is not None:
         say(f"  bpb before quantisation (recorded at training): {format_bpb(info['float_bpb'])}")
     r = evaluate_bpb(model, tokens, lut, seq, 0, ec.eval_batch_seqs)
     say(f"  val bpb {format_bpb(r['bpb'])} (plain, loss {r['loss']:.4f})")
     rep = sliding_and_cache(model, cfg, ec, tokens, lut, seq, rank, world)
+    if ec.ttt:
+        rep["ttt"] = ttt_report(model, cfg, ec, tokens, lut, seq, rank, world,
+                                progress=True)
+    if ec.stride or ec.ttt:
+        for line in summary_lines(r, rep, ec, seq):
+            say(line)
     if rank == 0 and "cache" in rep and not rep["cache"]["audit_passed"]:
         return 1
     return 0
 
 
+def summary_lines(plain: dict, rep: dict, ec, seq: int) -> list[str]:
+    """The evaluation's bpb side by side, with the seconds each method takes (scoring passes)
+    and adds (the cache over the scores it blends)."""
+    rows = [(f"plain (windows of {seq})", plain["bpb"], f"{plain['seconds']:.1f}")]
+    name = f"sliding window, stride {ec.stride}" if ec.stride else "the same windows"
+    if "val_sliding" in rep:
+        rows.append((name, rep["val_sliding"]["bpb"], f"{rep['val_sliding']['seconds']:.1f}"))
+    if "cache" in rep:
+        c = rep["cache"]
+        rows.append(("  + n-gram cache", c["bpb_cache"], f"+{c['seconds']:.1f}"))
+    if "ttt" in rep:
+        t = rep["ttt"]
+        rows.append((f"score-first TTT ({t['chunks']} chunks)", t["bpb"],
+                     f"{t['score_seconds'] + t['train_seconds']:.1f} (scoring "
+                     f"{t['score_seconds']:.1f} + training {t['train_seconds']:.1f})"))
+        if "cache" in t:
+            rows.append(("  + n-gram cache", t["cache"]["bpb_cache"],
+                         f"+{t['cache']['seconds']:.1f}"))
+    out = ["  summary:                                 bpb     seconds"]
+    out += [f"    {label:<36} {format_bpb(b)}  {secs}" for label, b, secs in rows]
+    return out
+
+
 def main_audit(path: str, cli: dict) -> int:
-    """``proteus audit``: our cache must pass, the record's hashed cache must be flagged."""
+    """``proteus audit``: our cache must pass, the record's hashed cache must be flagged; with
+    ``--ttt`` also the score-first TTT audit (over the cache too when it is on)."""
     model, cfg, _ = load_model(path, None)
     ec = eval_overrides(cfg.eval, cli)
-    tokens = D.load_tokens(cfg.train.val_files or D.bundled_val_glob(), "val",
-                           limit=ec.val_tokens + 1 if ec.val_tokens else 0,
-                           vocab_size=cfg.model.vocab_size)
+    tokens, first = load_eval_tokens(cfg.train.val_files or D.bundled_val_glob(), ec,
+                                     cfg.model.vocab_size)
     if tokens.numel() < 4:
         raise D.DataError(f"the audit needs at least 4 validation tokens, got {tokens.numel()}")
-    print(f"proteus audit: {path}, {ec.audit_positions} positions of {tokens.numel():,} tokens")
-    return 0 if run_audit(model, cfg, ec, tokens, hashed=True) else 1
+    print(f"proteus audit: {path}, validation tokens {first:,}..{first + tokens.numel():,}")
+    ok = run_audit(model, cfg, ec, tokens, hashed=True,
+                   chunks=(ec.ttt_chunk,) if ec.ttt else ())
+    if ec.ttt:
+        lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
+        ok = run_ttt_audit(model, cfg, ec, tokens, lut, ec.eval_seq_len or cfg.train.seq_len) \
+            and ok
+    return 0 if ok else 1
+
+
+def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int = 0,
+                    out: str = "", iterations: int = 200) -> int:
+    """``proteus tune-cache``: fit the cache's parameters on training tokens the checkpoint
+    never trained on; write them (with what they were fitted on) as JSON."""
+    model, cfg, _ = load_model(path, None)
+    ec = eval_overrides(cfg.eval, cli)
+    files = held_out_files(cfg, tune_files)
+    tokens = _load_files(files, tune_tokens)
+    lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
+    seq = ec.eval_seq_len or cfg.train.seq_len
+    start = ngram_config(ec, cfg.model.vocab_size)
+    print(f"proteus tune-cache: {path}, {tokens.numel() - 1:,} held-out training targets from "
+          f"{', '.join(os.path.basename(f) for f in files)}, window {seq}, stride {ec.stride}")
+    scores = score_tokens(model, tokens, lut, seq, ec.stride, ec.eval_batch_seqs, progress=True)
+    fitted, info = fit_cache_params(tokens, scores.logp, scores.nbytes, start, iterations)
+    dest = Path(out) if out else Path(path).with_name("cache_params.json")
+    meta = dict(fitted_on=dict(checkpoint=path,
+                               files=[os.path.basename(f) for f in files],
+                               targets=info["targets"], bytes=info["bytes"], stride=ec.stride,
+                               seq_len=seq),
+                bpb=dict(model=info["bpb_model"], start=info["bpb_start"],
+                         fitted=info["bpb_fitted"]))
+    try:
+        atomic_write_json(dest, cache_params_dict(fitted, cfg.model.vocab_size, **meta))
+    except OSError as e:
+        raise ConfigError(f"cannot write {dest}: {e.strerror}") from None
+    print(f"  held-out bpb: model {format_bpb(info['bpb_model'])}, with the starting parameters "
+          f"{format_bpb(info['bpb_start'])}, fitted {format_bpb(info['bpb_fitted'])}")
+    print(f"  weight {fitted.weight}, k {list(fitted.k[: fitted.order - 1])}, a "
+          f"{list(fitted.a[: fitted.order - 1])}")
+    if fitted.doc:
+        print(f"  doc_weight {fitted.doc_weight}, doc_k {list(fitted.doc_k[: fitted.order - 1])}, "
+              f"doc_a {list(fitted.doc_a[: fitted.order - 1])}")
+    print(f"  wrote {dest} (use it with: proteus eval CKPT --cache ngram --cache-params {dest})")
+    return 0
+
+
+def _load_files(files: list[str], limit: int) -> torch.Tensor:
+    tokens = torch.cat([D.load_tokens(f, "tune") for f in files])
+    return tokens[: limit + 1] if limit else tokens
 
 
 def main_inspect(path: str) -> int:

@@ -323,6 +323,9 @@ class EvalConfig:
         default=0, metadata={"help": "score the first N validation tokens (0 = all)",
                              "range": "[0, 2**48]"}
     )
+    val_start: int = field(default=0, metadata={
+        "help": "skip the validation tokens before this one: the scored stream starts at the "
+                "first document start (BOS) at or after it", "range": "[0, 2**48]"})
     eval_seq_len: int = field(default=0, metadata={"help": "eval window (0 = training seq_len)",
                                                    "range": "[0, 2**20]"})
     stride: int = field(
@@ -341,14 +344,39 @@ class EvalConfig:
         default="auto", metadata={"help": "cache counts: auto, numpy, triton or ref",
                                   "choices": ("auto", *NGRAM_BACKENDS)}
     )
-    audit_positions: int = field(default=32, metadata={"help": "positions the audit samples",
-                                                       "range": "[1, 10000000]"})
+    cache_params: str = field(default="", metadata={
+        "help": "n-gram cache parameters: a JSON file written by `proteus tune-cache` ('' = the "
+                "shipped ones)", "range": "a file path"})
+    audit_positions: int = field(default=32, metadata={
+        "help": "random positions the audit samples (besides BOS targets, first tokens after "
+                "BOS, chunk and shard edges and repeated contexts, which it always visits)",
+        "range": "[1, 10000000]"})
+    ttt: bool = field(default=False, metadata={
+        "help": "score-first test-time training: score each chunk of the stream, then train on "
+                "it (one pass, nothing rescored)"})
+    ttt_chunk: int = field(default=32768, metadata={
+        "help": "targets per test-time-training chunk (a multiple of the sequence length)",
+        "range": "[1, 2**30]"})
+    ttt_steps: int = field(default=1, metadata={
+        "help": "optimiser steps on each chunk after it is scored (each over the whole chunk)",
+        "range": "[1, 100000]"})
+    ttt_lr: float = field(default=0.001, metadata={"help": "test-time-training learning rate "
+                                                   "(Adam)", "range": "(0, 100]"})
+    ttt_params: str = field(default="*", metadata={
+        "help": "what test-time training updates: 'lora' (adapters on the attention and MLP "
+                "projections) or comma-separated parameter-name patterns, e.g. 'blocks.*.mlp.*' "
+                "('*': every parameter)", "range": "lora or name patterns"})
+    ttt_rank: int = field(default=4, metadata={"help": "rank of the LoRA adapters",
+                                               "range": "[1, 4096]"})
 
     def validate(self) -> None:
         check_fields(self)
         if self.val_tokens == 1:
             raise ConfigError("val_tokens 1 (--val-tokens) scores nothing: pass 0 (all) or at "
                               "least 2 (a context token and a target)")
+        if not [p for p in self.ttt_params.split(",") if p.strip()]:
+            raise ConfigError("ttt_params (--ttt-params) must be 'lora' or parameter-name "
+                              "patterns, got ''")
 
 
 @dataclass(frozen=True)
@@ -448,7 +476,9 @@ PRESETS: dict[str, dict[str, dict]] = {
             device="cpu",
             log_every=100,
         ),
-        "eval": dict(val_tokens=131072, eval_batch_seqs=32, stride=64, cache="ngram"),
+        # ttt_*: chosen on held-out training tokens (README, "Score-first test-time training")
+        "eval": dict(val_tokens=131072, eval_batch_seqs=32, stride=64, cache="ngram",
+                     ttt_chunk=4096),
     },
     # Seconds, for tests and smoke runs: proves the plumbing, learns little.
     "smoke": {
@@ -477,7 +507,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             device="cpu",
             log_every=1,
         ),
-        "eval": dict(val_tokens=4096, eval_batch_seqs=8),
+        "eval": dict(val_tokens=4096, eval_batch_seqs=8, ttt_chunk=1024),
     },
 }
 
@@ -612,9 +642,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections=("model", "tr
                 f.metadata.get("range")
             helptext = (f"{f.metadata.get('help', '')} [default {f.default!r}"
                         + (f"; {rng}" if rng else "") + f"; env {env}]")
+            bare = dict(nargs="?", const=True) if kind is bool else {}  # a bare --flag: true
             group.add_argument(flag, dest=f"{section}.{f.name}", default=None,
                                type=_arg_type(kind, f), metavar=kind.__name__.upper(),
-                               help=helptext.replace("%", "%%"))
+                               help=helptext.replace("%", "%%"), **bare)
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, dict]:
@@ -641,6 +672,7 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, dict]:
 COMMAND_ENV = {
     "eval": ("eval.*", "train.kernels", "train.val_files"),
     "audit": ("eval.*",),
+    "tune-cache": ("eval.*",),
 }
 
 

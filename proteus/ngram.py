@@ -26,11 +26,12 @@ many different tokens followed it (a context that was always followed by the sam
 trusted most); it depends on the context's counts only, never on the target (the document of
 t is decided by x_<t: a BOS at t itself changes nothing at t). The document-level counts add
 recency: a phrase repeated within the current document is trusted more than one seen somewhere
-in the history (about +0.09 bpb of gain on the validation sample). The 2 + 2·2·(N-1)
-parameters were fitted (by gradient descent on the dumped model scores, with the counts fixed)
-on validation tokens 131,072-262,143, disjoint from the first 131,072 on which results are
-reported, for the cpu-tiny model of 2026-11-25; per-order k_n and a_n gave +0.0025 bpb on the
-reported tokens over a shared k and a with geometric weights.
+in the history. The 2 + 2·2·(N-1) parameters are fitted by ``fit_cache_params`` (``proteus
+tune-cache``: L-BFGS on the bits per byte, counts fixed) on the scores of training tokens the
+model never trained on, never on validation tokens. The shipped values (``NgramConfig``'s
+defaults) are that command's output for the cpu-tiny model trained 3,000 steps without
+training shard 000001, fitted on that shard; its record, with what it was fitted on, is
+``docs/cache_params_cpu_tiny.json``.
 
 Order-exact semantics: the score at t uses counts of positions < t and nothing else. A shard
 [start, end) is scored by counting everything before ``start`` first (for the document-level
@@ -46,15 +47,17 @@ same device) for the triton backend, and from ``doc_counts_ref`` (a dictionary l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from proteus.config import NGRAM_BACKENDS
+from proteus.config import NGRAM_BACKENDS, ConfigError
 from proteus.data import BOS_ID
 from proteus.kernels._backend import kernel_device
 from proteus.kernels._keys import MAX_ORDER, VOCAB_BITS
@@ -71,16 +74,18 @@ def _pow_table(k: float, a: float, device: torch.device) -> torch.Tensor:
 @dataclass(frozen=True)
 class NgramConfig:
     order: int = 5  # highest n-gram order N (orders 2..N are mixed over the model)
-    # Confidence of order n (tuples indexed by n = 2..MAX_ORDER; tuned for n <= 5, the n = 6
-    # entries repeat n = 5): λ_n = weight · ctx / (ctx + k_n · types^a_n). A context trusted
-    # after few sightings has a small k_n; a large a_n distrusts contexts with many followers.
-    weight: float = 0.95  # the largest mixing weight of the whole-history counts
-    k: tuple[float, ...] = (100.0, 28.0, 19.0, 10.0, 10.0)
-    a: tuple[float, ...] = (1.1, 1.35, 1.95, 2.25, 2.25)
+    # Confidence of order n (tuples indexed by n = 2..MAX_ORDER; fitted for n <= 5 by
+    # `proteus tune-cache` on held-out training tokens, see docs/cache_params_cpu_tiny.json; the
+    # n = 6 entries repeat n = 5): λ_n = weight · ctx / (ctx + k_n · types^a_n). A context
+    # trusted after few sightings has a small k_n; a large a_n distrusts contexts with many
+    # followers.
+    weight: float = 1.0  # the largest mixing weight of the whole-history counts
+    k: tuple[float, ...] = (17.82, 14.05, 11.86, 10.3, 10.3)
+    a: tuple[float, ...] = (1.226, 1.211, 1.565, 1.723, 1.723)
     doc: bool = True  # also mix in the counts of the current document alone (recency)
     doc_weight: float = 1.0  # the same parameters for the document's counts
-    doc_k: tuple[float, ...] = (11.0, 3.3, 4.3, 7.4, 7.4)
-    doc_a: tuple[float, ...] = (1.03, 1.75, 2.6, 1.03, 1.03)
+    doc_k: tuple[float, ...] = (11.38, 3.92, 4.952, 4.664, 4.664)
+    doc_a: tuple[float, ...] = (1.016, 1.538, 4.155, 1.327, 1.327)
     chunk: int = 4096  # positions per step of the triton backend
 
     def validate(self) -> None:
@@ -189,17 +194,20 @@ def _earlier_in_runs(srt: torch.Tensor, start: torch.Tensor, w: torch.Tensor | N
     return out
 
 
-def _followers(prev_srt: torch.Tensor, prev_start: torch.Tensor, cnt: torch.Tensor, n: int
-               ) -> torch.Tensor:
+def _followers(prev_srt: torch.Tensor, prev_start: torch.Tensor, cnt: torch.Tensor, n: int,
+               streams: int = 1) -> torch.Tensor:
     """types of order n per position: within each context group (the (n-1)-gram ending at
     t-1, in position order: order n-1's runs shifted by one), the earlier first occurrences,
-    i.e. positions whose order-n count ``cnt`` is 0. Positions t < n-1 get 0."""
-    end = cnt.numel()
+    i.e. positions whose order-n count ``cnt`` is 0. Positions t < n-1 get 0. ``cnt`` may hold
+    ``streams`` streams of equal length one after another (positions within each stream)."""
     first = torch.zeros_like(cnt)  # first[j]: x_{j+1} is new after j
-    first[n - 2 : end - 1] = cnt[n - 1 :] == 0
+    first[:-1] = cnt[1:] == 0
+    f2 = first.view(streams, -1)
+    f2[:, : max(n - 2, 0)] = 0
+    f2[:, f2.shape[1] - 1 :] = 0  # a stream's last position has no successor in it
     types = torch.zeros_like(cnt)
     types[1:] = _earlier_in_runs(prev_srt, prev_start, first)[:-1]
-    types[: n - 1] = 0
+    types.view(streams, -1)[:, : n - 1] = 0
     return types
 
 
@@ -213,50 +221,67 @@ def earlier_counts_numpy(tokens: torch.Tensor, end: int, order: int,
     positions in order, and the document label of a position s, ``L(s)`` = the number of BOS
     among x_<s, never decreases, so the occurrences inside the current document of t (those
     s < t with L(s) = L(t), see ``DocCounts``) are the stretch of t's run that shares L(t).
-    Splitting each run where L changes gives the document counts without sorting again."""
-    tok = tokens[:end].to(torch.int64)
-    occ = torch.zeros((order, end), dtype=torch.int64)
-    types = torch.zeros((order - 1, end), dtype=torch.int64)
+    Splitting each run where L changes gives the document counts without sorting again.
+
+    ``tokens`` may also be a batch of streams (B, T), each counted on its own: they are
+    flattened into one array and the order-1 key carries the stream's index, so every n-gram
+    key does and no run crosses streams. Counts then have a batch axis after the order axis.
+    One stream is the batch of one (the same code path; the audit scores every candidate
+    target of a position as a batch of streams)."""
+    batched = tokens.dim() == 2
+    tok2 = (tokens if batched else tokens[None])[:, :end].to(torch.int64)
+    nb = tok2.shape[0]
+    tok = tok2.reshape(-1)
+    m = tok.numel()
+    occ = torch.zeros((order, m), dtype=torch.int64)
+    types = torch.zeros((order - 1, m), dtype=torch.int64)
     with_doc = doc_start is not None
     if with_doc:
         is_bos = (tok == BOS_ID).to(torch.int64)
-        label = torch.cumsum(is_bos, 0) - is_bos  # L(s)
-        doc_out = [torch.zeros((order - 1, end - doc_start), dtype=torch.int64)
+        label = torch.cumsum(is_bos, 0) - is_bos  # L(s); runs never cross streams
+        doc_out = [torch.zeros((order - 1, nb, end - doc_start), dtype=torch.int64)
                    for _ in range(3)]
     ids = tok  # ids[t]: dense id of the n-gram ending at t (-1 if incomplete); order 1: tokens
     prev = None  # (sort permutation, run starts) of order n-1
     prev_doc = None  # (sort permutation, document-run starts, document counts) of order n-1
     for n in range(1, order + 1):
         if n > 1:
-            key = torch.full((end,), -1, dtype=torch.int64)
-            key[n - 1 :] = (ids[n - 2 : end - 1] << VOCAB_BITS) | tok[n - 1 :]
+            key = torch.full((m,), -1, dtype=torch.int64)
+            key[1:] = (ids[:-1] << VOCAB_BITS) | tok[1:]
+            key.view(nb, end)[:, : n - 1] = -1  # incomplete n-grams (and no crossing streams)
         else:
-            key = tok
+            key = tok | (torch.arange(nb).repeat_interleave(end) << VOCAB_BITS)
         srt, new, start = _sort_runs(key)
         cnt = _earlier_in_runs(srt, start)
-        cnt[: n - 1] = 0
+        cnt.view(nb, end)[:, : n - 1] = 0
         occ[n - 1] = cnt
         if n > 1 and end > 1:
-            types[n - 2] = _followers(*prev, cnt, n)
+            types[n - 2] = _followers(*prev, cnt, n, nb)
         if with_doc:
             ls = label[srt]
             dnew = new.clone()
             dnew[1:] |= ls[1:] != ls[:-1]
             dstart = _run_starts(dnew)
             dcnt = _earlier_in_runs(srt, dstart)
-            dcnt[: n - 1] = 0
+            dcnt.view(nb, end)[:, : n - 1] = 0
             if n > 1 and end > 1:
                 p_srt, p_start, p_cnt = prev_doc
                 dctx = torch.zeros_like(dcnt)
                 dctx[1:] = p_cnt[:-1]
-                for o, v in zip(doc_out, (dcnt, dctx, _followers(p_srt, p_start, dcnt, n)),
+                dctx.view(nb, end)[:, 0] = 0
+                for o, v in zip(doc_out, (dcnt, dctx, _followers(p_srt, p_start, dcnt, n, nb)),
                                 strict=True):
-                    o[n - 2] = v[doc_start:]
+                    o[n - 2] = v.view(nb, end)[:, doc_start:]
             prev_doc = (srt, dstart, dcnt)
         ids = torch.empty_like(cnt)
         ids[srt] = torch.cumsum(new, 0) - 1
-        ids[: n - 1] = -1
+        ids.view(nb, end)[:, : n - 1] = -1
         prev = (srt, start)
+    occ, types = occ.view(order, nb, end), types.view(order - 1, nb, end)
+    if not batched:
+        occ, types = occ[:, 0], types[:, 0]
+        if with_doc:
+            doc_out = [o[:, 0] for o in doc_out]
     counts = NgramCounts(occ, types)
     return (counts, DocCounts(*doc_out)) if with_doc else counts
 
@@ -341,36 +366,45 @@ def _counts(tokens: torch.Tensor, end: int, order: int, backend: str, chunk: int
     """Whole-history counts for positions [0, end) and, with ``doc_start``, document-level
     counts for targets [doc_start, end): the numpy backend takes both from one set of sorts;
     the triton backend counts the documents with torch sorts on its device; ``ref`` walks
-    dictionaries."""
+    dictionaries. A batch of streams (B, T) gets counts with a batch axis after the order axis
+    (numpy: one set of sorts for the batch; the others: one stream at a time)."""
     _check_tokens(tokens, end, order)
     tokens = tokens.cpu().to(torch.int64)
     if backend == "numpy":
         if doc_start is None:
             return earlier_counts_numpy(tokens, end, order), None
         return earlier_counts_numpy(tokens, end, order, doc_start)
+    if backend not in NGRAM_BACKENDS:
+        raise ValueError(f"ngram backend must be one of {NGRAM_BACKENDS}, got {backend!r}")
+    if tokens.dim() == 2:
+        parts = [_counts(row, end, order, backend, chunk, doc_start) for row in tokens]
+        c = NgramCounts(*(torch.stack([getattr(p[0], f) for p in parts], 1)
+                          for f in ("occ", "types")))
+        d = None if doc_start is None else DocCounts(
+            *(torch.stack([getattr(p[1], f) for p in parts], 1) for f in ("tgt", "ctx", "types")))
+        return c, d
     if backend == "triton":
         c = earlier_counts_triton(tokens, end, order, chunk)
         doc = doc_counts if doc_start is not None else None
         dev = c.occ.device
-    elif backend == "ref":
+    else:
         c = earlier_counts_ref(tokens, end, order)
         doc = doc_counts_ref if doc_start is not None else None
         dev = tokens.device
-    else:
-        raise ValueError(f"ngram backend must be one of {NGRAM_BACKENDS}, got {backend!r}")
     return c, (doc(tokens.to(dev), doc_start, end, order) if doc else None)
 
 
 def _check_tokens(tokens: torch.Tensor, end: int, order: int) -> None:
-    if tokens.dim() != 1 or tokens.dtype not in (torch.int64, torch.int32, torch.int16,
-                                                 torch.uint16):
-        raise ValueError(f"ngram: tokens must be a 1-D integer tensor, got {tuple(tokens.shape)} "
-                         f"{tokens.dtype}")
-    if not 0 <= end <= tokens.numel():
-        raise ValueError(f"ngram: end must be in [0, {tokens.numel()}], got {end}")
+    if tokens.dim() not in (1, 2) or tokens.dtype not in (torch.int64, torch.int32, torch.int16,
+                                                          torch.uint16):
+        raise ValueError(f"ngram: tokens must be a 1-D integer tensor (or a 2-D batch of "
+                         f"streams), got {tuple(tokens.shape)} {tokens.dtype}")
+    if not 0 <= end <= tokens.shape[-1]:
+        raise ValueError(f"ngram: end must be in [0, {tokens.shape[-1]}], got {end}")
     if not 1 <= order <= MAX_ORDER:
         raise ValueError(f"ngram order must be in [1, {MAX_ORDER}], got {order}")
-    if end and (int(tokens[:end].min()) < 0 or int(tokens[:end].max()) >= 1 << VOCAB_BITS):
+    if end and tokens.numel() and (int(tokens[..., :end].min()) < 0
+                                   or int(tokens[..., :end].max()) >= 1 << VOCAB_BITS):
         raise ValueError(f"ngram: token ids must be in [0, {1 << VOCAB_BITS}) (10-bit keys); "
                          "a larger vocabulary needs wider keys")
 
@@ -494,24 +528,158 @@ def ngram_blend_logprobs(tokens: torch.Tensor, start: int, end: int,
 
     ``model_logp_target[i]`` is the model's log-probability of x_{start+i}. Counts cover every
     position before ``end``, so the result for a position never depends on where the shard,
-    the chunk or the batch boundaries lie."""
+    the chunk or the batch boundaries lie. ``tokens`` may be a batch of streams (B, T) with
+    ``model_logp_target`` (B, end - start): each stream is scored on its own."""
     cfg.validate()
-    if not 1 <= start <= end <= tokens.numel():
-        raise ValueError(f"ngram_blend_logprobs: need 1 <= start <= end <= {tokens.numel()}, "
+    length = tokens.shape[-1]
+    if not 1 <= start <= end <= length:
+        raise ValueError(f"ngram_blend_logprobs: need 1 <= start <= end <= {length}, "
                          f"got [{start}, {end})")
-    if model_logp_target.numel() != end - start:
-        raise ValueError(f"ngram_blend_logprobs: model_logp_target must have end - start = "
-                         f"{end - start} entries, got {model_logp_target.numel()}")
+    want = (*tokens.shape[:-1], end - start)
+    if tuple(model_logp_target.shape) != want:
+        raise ValueError(f"ngram_blend_logprobs: model_logp_target must have shape {want} "
+                         f"(end - start = {end - start} per stream), got "
+                         f"{tuple(model_logp_target.shape)}")
     c, d = _counts(tokens, end, cfg.order, backend, cfg.chunk, start if cfg.doc else None)
     dev = c.occ.device  # the blend runs where the counts are (the GPU for ``triton``)
     o = cfg.order
-    c_tgt = c.occ[1:o, start:end]  # count_n(ctx, x_t)
-    c_ctx = c.occ[: o - 1, start - 1 : end - 1]  # ctx_n
-    p_model = model_logp_target.to(dev, torch.float64).exp()[:, None]
-    p = _mix(p_model, c_tgt[..., None], c_ctx, c.types[: o - 1, start:end], cfg)
+    c_tgt = c.occ[1:o, ..., start:end]  # count_n(ctx, x_t)
+    c_ctx = c.occ[: o - 1, ..., start - 1 : end - 1]  # ctx_n
+    p_model = model_logp_target.to(dev, torch.float64).exp()[..., None]
+    p = _mix(p_model, c_tgt[..., None], c_ctx, c.types[: o - 1, ..., start:end], cfg)
     if d is not None:
         p = _mix(p, d.tgt[..., None], d.ctx, d.types, cfg, doc=True)
-    return torch.log(p[:, 0]).to(model_logp_target.device)
+    return torch.log(p[..., 0]).to(model_logp_target.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting the parameters (``proteus tune-cache``) and the file that carries them
+
+CACHE_PARAMS_FORMAT = "proteus-cache-params-1"
+_FIELDS = ("weight", "k", "a", "doc_weight", "doc_k", "doc_a")
+
+
+def cache_params_dict(cfg: NgramConfig, vocab_size: int, **meta) -> dict:
+    """The JSON form of ``cfg``'s parameters, with what they fit (order, vocabulary)."""
+    out = {"format": CACHE_PARAMS_FORMAT, "order": cfg.order, "doc": cfg.doc,
+           "vocab_size": vocab_size}
+    out.update({f: list(v) if isinstance(v, tuple) else v
+                for f in _FIELDS for v in [getattr(cfg, f)]})
+    out.update(meta)
+    return out
+
+
+def load_cache_params(path: str, order: int, doc: bool, vocab_size: int) -> NgramConfig:
+    """An ``NgramConfig`` from a file of :func:`cache_params_dict`, refused (``ConfigError``,
+    one line) when it does not fit the evaluation: another order, document switch or
+    vocabulary, or not such a file at all."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cache parameters {path}: {e.strerror}; pass a file written by "
+                          "`proteus tune-cache`") from None
+    except ValueError:
+        raise ConfigError(f"cache parameters {path} are not JSON; pass a file written by "
+                          "`proteus tune-cache`") from None
+    if not isinstance(d, dict) or d.get("format") != CACHE_PARAMS_FORMAT:
+        raise ConfigError(f"cache parameters {path} are not a `proteus tune-cache` file "
+                          f"(format tag {CACHE_PARAMS_FORMAT!r} missing)")
+    for key, want in (("order", order), ("doc", doc), ("vocab_size", vocab_size)):
+        if d.get(key) != want:
+            raise ConfigError(f"cache parameters {path} were fitted for {key} {d.get(key)!r}, "
+                              f"this evaluation has {want!r}; refit with `proteus tune-cache` "
+                              "for this model and cache, or drop --cache-params")
+    try:
+        cfg = NgramConfig(order=order, doc=doc, **{
+            f: tuple(float(x) for x in d[f]) if isinstance(d[f], list) else float(d[f])
+            for f in _FIELDS})
+        cfg.validate()
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"cache parameters {path} are damaged: {e}") from None
+    return cfg
+
+
+def _round(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def fit_cache_params(tokens: torch.Tensor, model_logp_target: torch.Tensor,
+                     nbytes: torch.Tensor, cfg: NgramConfig = NgramConfig(),
+                     iterations: int = 200) -> tuple[NgramConfig, dict]:
+    """Fit ``cfg``'s confidence parameters (``weight``, ``k_n``, ``a_n`` for n = 2..order, and
+    the document-level ones) to the targets [1, len) of ``tokens``: minimise the bits per byte
+    of the blend, counts held fixed, by L-BFGS in float64 over unconstrained forms (weight =
+    sigmoid, k and a = exp). The result is rounded to 4 significant digits; entries of orders
+    above ``cfg.order`` repeat the highest fitted one. Returns it with the bits per byte of the
+    model alone, of the blend with ``cfg`` and with the fitted parameters, each computed by
+    ``ngram_blend_logprobs`` itself (not by the fit's copy of the blend)."""
+    cfg.validate()
+    n = tokens.numel()
+    if model_logp_target.shape != (n - 1,) or nbytes.shape != (n - 1,):
+        raise ValueError(f"fit_cache_params: model_logp_target and nbytes must have one entry per "
+                         f"target ({n - 1}), got {tuple(model_logp_target.shape)} and "
+                         f"{tuple(nbytes.shape)}")
+    o = cfg.order
+    c, d = _counts(tokens, n, o, "numpy", cfg.chunk, 1 if cfg.doc else None)
+    parts = [(c.occ[1:o, 1:n].double(), c.occ[: o - 1, : n - 1].double(), c.types[: o - 1, 1:n])]
+    if d is not None:
+        parts.append((d.tgt.double(), d.ctx.double(), d.types))
+    kinds = [(parts[0], ("weight", "k", "a"))]
+    if d is not None:
+        kinds.append((parts[1], ("doc_weight", "doc_k", "doc_a")))
+    p_model = model_logp_target.double().exp()
+    scale = 1.0 / (math.log(2) * float(nbytes.sum()))
+
+    def unpack(theta):
+        out, i = [], 0
+        for _ in kinds:
+            out.append((torch.sigmoid(theta[i]), theta[i + 1 : i + o].exp(),
+                        theta[i + o : i + 2 * o - 1].exp()))
+            i += 2 * o - 1
+        return out
+
+    def bpb(theta):
+        p = p_model
+        for ((c_tgt, c_ctx, types), _), (w, k, a) in zip(kinds, unpack(theta), strict=True):
+            tt = types.clamp(min=1).double()
+            for j in range(o - 1):
+                lam = w * c_ctx[j] / (c_ctx[j] + k[j] * tt[j] ** a[j])
+                p = p + lam * (c_tgt[j] / c_ctx[j].clamp(min=1) - p)
+        return -torch.log(p).sum() * scale
+
+    init = []
+    for _, (fw, fk, fa) in kinds:
+        w = min(getattr(cfg, fw), 0.999)
+        init += [math.log(w / (1 - w)), *(math.log(x) for x in getattr(cfg, fk)[: o - 1]),
+                 *(math.log(max(x, 1e-3)) for x in getattr(cfg, fa)[: o - 1])]
+    theta = torch.tensor(init, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=iterations, tolerance_grad=1e-10,
+                            tolerance_change=1e-13, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = bpb(theta)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    fitted = {}
+    for (_, names), (w, k, a) in zip(kinds, unpack(theta.detach()), strict=True):
+        pad = MAX_ORDER - o  # orders above the fitted one repeat the highest fitted order
+        fitted[names[0]] = _round(float(w))
+        fitted[names[1]] = tuple(_round(float(x)) for x in (*k, *[k[-1]] * pad))
+        fitted[names[2]] = tuple(_round(float(x)) for x in (*a, *[a[-1]] * pad))
+    new = dataclasses.replace(cfg, **fitted)
+    new.validate()
+
+    def score(cf):
+        return float(-ngram_blend_logprobs(tokens, 1, n, model_logp_target, cf).sum() * scale)
+
+    info = dict(bpb_model=float(-model_logp_target.sum() * scale), bpb_start=score(cfg),
+                bpb_fitted=score(new), targets=n - 1, bytes=int(nbytes.sum()))
+    return new, info
 
 
 def _scan_counts(tok: np.ndarray, t: int, order: int, v: int, after: int
@@ -637,6 +805,82 @@ def hashed_numpy_cache_logprobs(tokens: np.ndarray, model_logp: np.ndarray, orde
 # ---------------------------------------------------------------------------------------------
 # The audit
 
+AUDIT_CLASSES = ("bos_target", "after_bos", "chunk_edge", "shard_edge", "repeated_context",
+                 "random")
+AUDIT_WORLDS = (2, 3, 8)  # the splits over ranks whose shard edges the audit visits
+MATERIALISE_ELEMENTS = 1 << 22  # tokens per batch when scoring every candidate of a position
+MAX_BOS_POSITIONS = 256  # BOS targets are rare (~1 per 1,150 tokens here): audit all of them
+
+
+def _spread(cands: torch.Tensor, k: int) -> list[int]:
+    """Up to ``k`` of the sorted candidates, evenly spaced, the first and the last included."""
+    cands = cands.unique()
+    if cands.numel() <= k:
+        return cands.tolist()
+    return cands[torch.linspace(0, cands.numel() - 1, k).round().long()].unique().tolist()
+
+
+def audit_positions(tokens: torch.Tensor, cfg: NgramConfig, n_random: int,
+                    chunks: tuple[int, ...] = (), worlds: tuple[int, ...] = AUDIT_WORLDS,
+                    per_class: int = 4, seed: int = 0) -> dict[str, list[int]]:
+    """Target positions t (1 <= t < len) of every kind where a fast path could go wrong:
+    ``bos_target`` (x_t is BOS), ``after_bos`` (x_{t-1} is BOS: an empty document),
+    ``chunk_edge`` (the last and first targets of the device table's chunks and of any extra
+    ``chunks``, e.g. test-time training's), ``shard_edge`` (the last and first targets of each
+    rank's shard for ``worlds`` processes), ``repeated_context`` (the highest order's context
+    seen at least twice before) and ``random``: every BOS target (up to
+    ``MAX_BOS_POSITIONS``, spread over the stream), up to ``per_class`` of the other kinds
+    (``n_random`` random ones)."""
+    n = tokens.numel()
+    if n < 2:
+        raise ValueError(f"audit_positions: need at least 2 tokens, got {n}")
+    tok = tokens.cpu().to(torch.int64)
+    out = {"bos_target": _spread(torch.nonzero(tok[1:] == BOS_ID)[:, 0] + 1, MAX_BOS_POSITIONS),
+           "after_bos": _spread(torch.nonzero(tok[:-1] == BOS_ID)[:, 0] + 1, per_class)}
+    edges = []
+    for c in (cfg.chunk, *chunks):
+        for k in _spread(torch.arange(c, max(c, n), c), per_class):
+            edges += [k - 1, k, k + 1]
+    out["chunk_edge"] = sorted({t for t in edges if 1 <= t < n})
+    shard = []
+    for w in worlds:
+        for r in range(1, w):
+            lo = 1 + (n - 1) * r // w
+            shard += [lo - 1, lo]
+    out["shard_edge"] = sorted({t for t in shard if 1 <= t < n})
+    ctx = earlier_counts_numpy(tok, n, cfg.order).occ[cfg.order - 2]
+    out["repeated_context"] = _spread(torch.nonzero(ctx[:-1] >= 2)[:, 0] + 1, per_class)
+    g = torch.Generator().manual_seed(seed)
+    out["random"] = sorted(set(torch.randint(1, n, (n_random,), generator=g).tolist()))
+    return out
+
+
+def fast_distribution(tokens: torch.Tensor, t: int, model_logp: torch.Tensor,
+                      cfg: NgramConfig, backend: str = "numpy", start: int = 1) -> torch.Tensor:
+    """The fast scorer's own distribution at t: ``ngram_blend_logprobs`` run on the stream
+    x_<t, v for every candidate v of the vocabulary (a batch of streams, as a shard [start,
+    t+1)), with the model's log-probability ``model_logp[v]`` of each; (V,) float64."""
+    v = model_logp.numel()
+    if not 1 <= start <= t < tokens.numel():
+        raise ValueError(f"fast_distribution: need 1 <= start <= t < {tokens.numel()}, got "
+                         f"start {start}, t {t}")
+    group = max(1, MATERIALISE_ELEMENTS // (t + 1))
+    prefix = tokens[: t + 1].cpu().to(torch.int64)
+    fill = torch.full((t - start,), -math.log(v), dtype=torch.float64)
+    out = []
+    for lo in range(0, v, group):
+        cand = torch.arange(lo, min(v, lo + group))
+        streams = prefix.repeat(cand.numel(), 1)
+        streams[:, t] = cand
+        lp = torch.cat((fill.expand(cand.numel(), -1), model_logp[cand].double()[:, None]), 1)
+        out.append(ngram_blend_logprobs(streams, start, t + 1, lp, cfg, backend)[:, -1])
+    return torch.cat(out).exp()
+
+
+def yes_no(x: bool | None) -> str:
+    """An audit check's verdict as the reports print it."""
+    return "n/a" if x is None else "yes" if x else "NO"
+
 
 @dataclass
 class AuditReport:
@@ -647,51 +891,153 @@ class AuditReport:
     min_prob: float
     max_sum: float
     causal: bool
-    consistent: bool | None  # audited p_t(target) == what the fast scorer used (None: n/a)
+    consistent: bool | None  # the fast scores equal the reference at every position (None: n/a)
+    classes: dict[str, int] = field(default_factory=dict)  # positions audited per kind
+    materialised: int = 0  # positions where the fast scorer's whole distribution was compared
+    fast_max_error: float | None = None  # max relative |p_fast - p_ref| over those
+    fast_max_sum_error: float | None = None  # max |sum p_fast - 1| over those
+    edits: int = 0  # edited streams (every token from a point on) whose earlier scores held
+    edits_ok: bool | None = None
+    splits_ok: bool | None = None  # the scores split over 2, 3, 8 shards equal the whole
 
     def __str__(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
-        return (f"{verdict} ({self.scheme}, {self.positions} positions): max |sum p - 1| = "
-                f"{self.max_sum_error:.2e}, largest sum {self.max_sum:.6g}, min p = "
-                f"{self.min_prob:.2e}, causal={'yes' if self.causal else 'NO'}, "
-                f"scores match the distribution="
-                f"{'n/a' if self.consistent is None else 'yes' if self.consistent else 'NO'}")
+        verdict, yn = "PASS" if self.passed else "FAIL", yes_no
+        kinds = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.classes.items() if v)
+        text = (f"{verdict} ({self.scheme}, {self.positions} positions"
+                f"{': ' + kinds if kinds else ''}): max |sum p - 1| = {self.max_sum_error:.2e}, "
+                f"largest sum {self.max_sum:.6g}, min p = {self.min_prob:.2e}, "
+                f"causal={yn(self.causal)}, fast scores match the reference="
+                f"{yn(self.consistent)}")
+        if self.materialised:
+            text += (f"; the fast scorer's own distribution at {self.materialised} positions: "
+                     f"max rel |p_fast - p_ref| = {self.fast_max_error:.1e}, max |sum - 1| = "
+                     f"{self.fast_max_sum_error:.1e}")
+        if self.edits_ok is not None:
+            text += (f"; {self.edits} edited streams, earlier scores bit-identical="
+                     f"{yn(self.edits_ok)}; split over {'/'.join(map(str, AUDIT_WORLDS))} "
+                     f"shards identical={yn(self.splits_ok)}")
+        return text
 
 
-def audit(tokens: torch.Tensor, positions: torch.Tensor,
+def _edit_after(tokens: torch.Tensor, e: int, g: torch.Generator, vocab: int) -> torch.Tensor:
+    """``tokens`` with every token from e on replaced at random (every 61st by a BOS, so the
+    edited part holds document starts too)."""
+    other = tokens.clone()
+    other[e:] = torch.randint(0, vocab, (tokens.numel() - e,), generator=g)
+    other[e::61] = BOS_ID
+    return other
+
+
+def _shards(n: int, world: int) -> list[tuple[int, int]]:
+    """The target ranges [lo, hi) that ``world`` ranks score (as the evaluator splits them)."""
+    return [(1 + (n - 1) * r // world, 1 + (n - 1) * (r + 1) // world) for r in range(world)]
+
+
+def audit(tokens: torch.Tensor, positions: torch.Tensor | dict[str, list[int]],
           model_logprobs_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
           cfg: NgramConfig = NgramConfig(), scheme: HashedTwoTableCache | None = None,
-          tol: float = 1e-6) -> AuditReport:
-    """Materialise p_t over the vocabulary at ``positions``; check sums, signs and causality."""
-    positions = positions.to(torch.int64)
-    if positions.numel() == 0 or int(positions.min()) < 1 or int(positions.max()) >= tokens.numel():
-        raise ValueError(f"audit: need at least one position, each in [1, {tokens.numel()})")
-    model_lp = model_logprobs_fn(tokens, positions).double()
+          tol: float = 1e-6, backend: str = "numpy", materialise: int = 6,
+          edits: int = 8) -> AuditReport:
+    """Audit the cache at ``positions`` (a tensor, or the classes of ``audit_positions``).
+
+    1. Reference: materialise p_t over the vocabulary by direct scans of x_<t
+       (``cache_distribution``); its sum must be 1 within ``tol``, p >= 0, and p_t must not move
+       when the target and every later token change.
+    2. The fast scorer (``ngram_blend_logprobs`` on ``backend``, the whole stream in one call,
+       as one process scores it) must give each audited target exactly the reference's
+       p_t(x_t) (relative 1e-9).
+    3. Its whole distribution: at ``materialise`` positions (the earliest of each class first,
+       where scoring all V candidates is cheapest), every candidate target v is scored through
+       the fast path (``fast_distribution``, alternately as a shard starting at t); it must
+       equal the reference's p_t(v) for every v and sum to 1.
+    4. ``edits`` times, every token from an audited position e on is replaced (BOS included)
+       and the whole stream rescored: every score of a target before e must stay bit-identical.
+    5. Split into 2, 3 and 8 shards (as that many ranks score it), the scores must equal the
+       whole stream's bit for bit.
+
+    With ``scheme`` (the record's hashed cache) only step 1 applies: it has no fast scorer of
+    ours to compare."""
+    classes = positions if isinstance(positions, dict) else None
+    pos_t = (torch.tensor(sorted({t for v in classes.values() for t in v}), dtype=torch.int64)
+             if classes is not None else positions.to(torch.int64))
+    n = tokens.numel()
+    if pos_t.numel() == 0 or int(pos_t.min()) < 1 or int(pos_t.max()) >= n:
+        raise ValueError(f"audit: need at least one position, each in [1, {n})")
+    model_lp = model_logprobs_fn(tokens, pos_t).double()
+    vocab = model_lp.shape[1]
+    at = {t: i for i, t in enumerate(pos_t.tolist())}
 
     def dist(toks, t, lp):
         return scheme.distribution(toks, t, lp) if scheme else cache_distribution(toks, t, lp, cfg)
 
-    sums, mins, causal, consistent = [], [], True, True
+    sums, mins, causal = [], [], True
+    refs = []
     g = torch.Generator().manual_seed(1234)
-    for i, t in enumerate(positions.tolist()):
+    for i, t in enumerate(pos_t.tolist()):
         p = dist(tokens, t, model_lp[i])
+        refs.append(p)
         sums.append(p.sum().item())
         mins.append(p.min().item())
-        # change the target and every later token: p_t must not move
-        other = tokens.clone()
-        other[t:] = torch.randint(0, model_lp.shape[1], (tokens.numel() - t,), generator=g)
+        other = tokens.clone()  # change the target and every later token: p_t must not move
+        other[t:] = torch.randint(0, vocab, (n - t,), generator=g)
         lp2 = model_logprobs_fn(other, torch.tensor([t]))[0].double()
         if not torch.equal(dist(other, t, lp2), p):
             causal = False
-        if scheme is None:
-            # the fast scorer's probability of the actual target must be this distribution's
-            tgt = int(tokens[t])
-            fast = ngram_blend_logprobs(tokens, t, t + 1, model_lp[i, tgt].reshape(1), cfg)
-            if not math.isclose(fast.exp().item(), p[tgt].item(), rel_tol=1e-9, abs_tol=1e-15):
-                consistent = False
     err = max(abs(s - 1.0) for s in sums)
+    counts = {k: len(v) for k, v in classes.items()} if classes else {}
+    rep = AuditReport(False, "", len(sums), err, min(mins), max(sums), causal, None, counts)
     if scheme is not None:
-        consistent = None
-    passed = err <= tol and min(mins) >= 0.0 and causal and consistent is not False
-    name = "hashed two-table cache (the original record)" if scheme else f"ngram order {cfg.order}"
-    return AuditReport(passed, name, len(sums), err, min(mins), max(sums), causal, consistent)
+        rep.scheme = "hashed two-table cache (the original record)"
+        rep.passed = err <= tol and min(mins) >= 0.0 and causal
+        return rep
+    rep.scheme = f"ngram order {cfg.order}, {backend} scorer"
+
+    # 2. the fast scores of the whole stream; the model's input at an audited target is the
+    # reference's, elsewhere a constant (the blend of a target reads its own model score only)
+    stream_lp = torch.full((n - 1,), -math.log(vocab), dtype=torch.float64)
+    tgt = tokens[pos_t].long()
+    stream_lp[pos_t - 1] = model_lp[torch.arange(pos_t.numel()), tgt]
+    fast = ngram_blend_logprobs(tokens, 1, n, stream_lp, cfg, backend)
+    want = torch.stack([refs[i][int(tokens[t])] for t, i in at.items()])
+    got = fast[pos_t - 1].exp()
+    rep.consistent = bool(torch.all((got - want).abs() <= 1e-9 * want + 1e-15))
+
+    # 3. the fast scorer's whole distribution: of each class first the earliest position
+    # whose context both count kinds have seen (where every part of the blend is at work)
+    c, d = earlier_counts_numpy(tokens.cpu().to(torch.int64), n, cfg.order, doc_start=1)
+    busy = c.occ[0, :-1] > 0
+    if d is not None and cfg.doc:
+        busy &= d.ctx[0] > 0
+    lists = list(classes.values()) if classes else []
+    order = [min([t for t in v if busy[t - 1]] or v) for v in lists if v] + sorted(
+        pos_t.tolist(), key=lambda t: (not bool(busy[t - 1]), t))
+    chosen = list(dict.fromkeys(order))[:materialise]
+    f_err, f_sum = 0.0, 0.0
+    for j, t in enumerate(chosen):
+        pf = fast_distribution(tokens, t, model_lp[at[t]], cfg, backend,
+                               start=t if j % 2 else 1)
+        pr = refs[at[t]]
+        f_err = max(f_err, ((pf - pr).abs() / pr.clamp(min=1e-300)).max().item())
+        f_sum = max(f_sum, abs(pf.sum().item() - 1.0))
+    rep.materialised, rep.fast_max_error, rep.fast_max_sum_error = len(chosen), f_err, f_sum
+
+    # 4. edit every token from e on: the scores of targets before e must not move
+    e_pts = list(dict.fromkeys([min(v) for v in lists if v] + pos_t.tolist()))[:edits]
+    ok = True
+    for e in e_pts:
+        other = _edit_after(tokens, e, g, vocab)
+        lp2 = stream_lp.clone()
+        lp2[e - 1 :] -= 0.5  # the model's scores of the changed targets change too
+        got2 = ngram_blend_logprobs(other, 1, n, lp2, cfg, backend)
+        ok = ok and torch.equal(got2[: e - 1], fast[: e - 1])
+    rep.edits, rep.edits_ok = len(e_pts), ok
+
+    # 5. the same scores from the shards that 2, 3 and 8 ranks would score
+    rep.splits_ok = all(
+        torch.equal(torch.cat([ngram_blend_logprobs(tokens, lo, hi, stream_lp[lo - 1 : hi - 1],
+                                                    cfg, backend)
+                               for lo, hi in _shards(n, w)]), fast)
+        for w in AUDIT_WORLDS)
+    rep.passed = (err <= tol and min(mins) >= 0.0 and causal and rep.consistent
+                  and f_err <= 1e-9 and f_sum <= tol and ok and rep.splits_ok)
+    return rep

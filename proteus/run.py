@@ -5,7 +5,8 @@
                 returns the model with its final weights, checked finite
     save        model.ckpt, before any evaluation: an error or a signal during evaluation
                 does not lose the trained model
-    evaluate    plain bpb, sliding-window bpb, the n-gram cache and its audit
+    evaluate    plain bpb, sliding-window bpb, the n-gram cache and its audit, score-first
+                test-time training (``--ttt``)
     save        the int6 artifact (quantise, write, evaluate the quantised model) and the
                 16,000,000-byte budget check; summary.json last (a run directory with
                 summary.json is a finished run)
@@ -54,12 +55,19 @@ from proteus.dist import (
     heartbeat,
     rank_world,
 )
-from proteus.evaluate import evaluate_bpb, format_bpb, sliding_and_cache
+from proteus.evaluate import (
+    evaluate_bpb,
+    format_bpb,
+    load_eval_tokens,
+    ngram_config,
+    sliding_and_cache,
+)
 from proteus.files import OutputError, atomic_write_json
-from proteus.model import GPT
+from proteus.model import GPT, build_model
 from proteus.pack import packed_code_bytes
 from proteus.quant import QuantizedState, quantize_state_dict
 from proteus.train import StopSignal, batch_layout, train
+from proteus.ttt import check_ttt_fits, ttt_report
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,8 @@ def check_inputs(cfg: RunConfig) -> None:
     val = D.resolve_files(tc.val_files or D.bundled_val_glob(), "val")
     if sum(D.read_shard_header(path) for path in val) < 2:
         raise D.DataError("the validation shards hold fewer than 2 tokens; nothing to score")
+    if cfg.eval.cache_params:  # a bad parameter file fails before any training
+        ngram_config(cfg.eval, cfg.model.vocab_size)
 
 
 def open_run_dir(cfg: RunConfig, resume: str | Path | None = None) -> Path:
@@ -168,11 +178,10 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
     try:
         # Data and tokenizer first: bad paths fail before any work.
         lut = D.build_byte_lut(D.load_tokenizer(tc.tokenizer), mc.vocab_size)
-        val = D.load_tokens(tc.val_files or D.bundled_val_glob(), "val",
-                            limit=ec.val_tokens + 1 if ec.val_tokens else 0,
-                            vocab_size=mc.vocab_size)
-        if val.numel() < 2:
-            raise D.DataError("the validation shards hold fewer than 2 tokens; nothing to score")
+        val, _ = load_eval_tokens(tc.val_files or D.bundled_val_glob(), ec, mc.vocab_size)
+        if ec.ttt:
+            check_ttt_fits(ec, val.numel() - 1, ec.eval_seq_len or tc.seq_len,
+                           build_model(cfg, "ref"))
 
         trained = train(cfg, dd=dd, device=device, val=val, lut=lut, jlog=jlog,
                         run_dir=run_dir, resume=resume, stop=stop)
@@ -198,6 +207,9 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
                     if dd.main else ""))
         results.update(sliding_and_cache(model, cfg, ec, val, lut, seq, dd.rank, dd.world,
                                          device, trained.autocast, progress=True))
+        if ec.ttt:
+            results["ttt"] = ttt_report(model, cfg, ec, val, lut, seq, dd.rank, dd.world, device,
+                                        trained.autocast, progress=True)
         jlog.write(event="final", **results)
 
         if run_dir:

@@ -37,6 +37,8 @@ DESCRIBED = {
     "out_dir": [""],
     "run_name": ["a/b", ".."],
     "value_embed_layers": ["x", "2", "1,1", "-1"],  # smoke has 2 blocks
+    "cache_params": ["/nope.json"],
+    "ttt_params": [""],
 }
 
 
@@ -230,7 +232,7 @@ def _typed(kind: type, raw: str):
 
 
 @pytest.mark.parametrize("section, name, value", [  # a missing path is found when opened
-    c for c in CASES if c[1] not in ("train_files", "val_files", "tokenizer")])
+    c for c in CASES if c[1] not in ("train_files", "val_files", "tokenizer", "cache_params")])
 def test_every_bad_value_in_a_saved_config_is_refused(section, name, value):
     """A checkpoint's or run's saved config goes through the same checks as the CLI."""
     kind = typing.get_type_hints(C.SECTIONS[section])[name]

@@ -27,7 +27,7 @@ LAYERS = [
     ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.artifact",
      "proteus.ngram"],
     ["proteus.checkpoint"],
-    ["proteus.evaluate"],
+    ["proteus.evaluate", "proteus.ttt"],
     ["proteus.train", "proteus.run", "proteus.submit"],
     ["proteus.plot", "proteus.bench", "proteus.commands", "proteus.cli", "proteus.__main__"],
 ]

@@ -8,17 +8,25 @@ import numpy as np
 import pytest
 import torch
 
+import proteus.ngram as ng
 from proteus import data as D
+from proteus.config import ConfigError
 from proteus.ngram import (
+    AUDIT_CLASSES,
     HashedTwoTableCache,
     NgramConfig,
     audit,
+    audit_positions,
     cache_distribution,
+    cache_params_dict,
     doc_counts,
     doc_counts_ref,
     earlier_counts,
     earlier_counts_numpy,
+    fast_distribution,
+    fit_cache_params,
     hashed_numpy_cache_logprobs,
+    load_cache_params,
     ngram_blend_logprobs,
 )
 
@@ -200,20 +208,97 @@ def test_cache_helps_on_real_text():
 
 def test_audit_passes_ours_and_flags_the_hashed_scheme():
     tok, _, _ = _real_case(3000)
-    positions = torch.tensor([50, 900, 1800, 2500, 2998])
-    ours = audit(tok, positions, _model_logp, NgramConfig())
+    positions = audit_positions(tok, NgramConfig(chunk=512), n_random=4, per_class=2)
+    assert all(positions[k] for k in AUDIT_CLASSES), positions  # every kind is present
+    assert all(tok[t - 1] == D.BOS_ID for t in positions["after_bos"])
+    assert all(tok[t] == D.BOS_ID for t in positions["bos_target"])
+    ours = audit(tok, positions, _model_logp, NgramConfig(chunk=512), materialise=3, edits=4)
     assert ours.passed and ours.causal and ours.consistent
-    assert ours.max_sum_error < 1e-12
+    assert ours.max_sum_error < 1e-12 and ours.fast_max_sum_error < 1e-12
+    assert ours.materialised == 3 and ours.edits_ok and ours.splits_ok
     bad = audit(tok, positions, _model_logp, scheme=HashedTwoTableCache())
     assert not bad.passed
     assert bad.max_sum > 2.0  # the record's "distribution" sums far above one
     assert "FAIL" in str(bad) and "PASS" in str(ours)
 
 
+def _bos_target_starts_a_document(monkeypatch):
+    """The review's fast-path bug: a BOS *target* is taken as the start of a new document, so
+    the document counts of that target are empty (sum of p = 1.00074 on the review's model)."""
+    real = ng._counts
+
+    def buggy(tokens, end, order, backend, chunk, doc_start=None):
+        c, d = real(tokens, end, order, backend, chunk, doc_start)
+        if d is not None:
+            bos = tokens[..., doc_start:end] == D.BOS_ID
+            for a in (d.tgt, d.ctx, d.types):
+                a[:, bos] = 0
+        return c, d
+
+    monkeypatch.setattr(ng, "_counts", buggy)
+
+
+def test_audit_fails_the_bos_target_bug(monkeypatch):
+    tok, _, _ = _real_case(2500)
+    cfg = NgramConfig()
+    positions = audit_positions(tok, cfg, n_random=1, per_class=1, worlds=(2,))
+    _bos_target_starts_a_document(monkeypatch)  # (without it this audit passes: test above)
+    rep = audit(tok, positions, _model_logp, cfg, materialise=2, edits=1)
+    assert not rep.passed and "FAIL" in str(rep)
+    assert rep.consistent is False  # the BOS targets' fast scores differ from the reference
+    assert rep.fast_max_sum_error > 1e-6  # and p_fast(BOS) breaks the sum everywhere
+    # the old audit's blind spot: random positions only, the actual target only
+    far = torch.tensor([t for t in range(700, 2400, 157) if tok[t] != D.BOS_ID])
+    blind = audit(tok, far, _model_logp, cfg, materialise=0, edits=0)
+    assert blind.consistent and blind.max_sum_error < 1e-12
+    # ... which the fast scorer's own distribution at any one of those positions closes
+    assert not audit(tok, far, _model_logp, cfg, materialise=1, edits=0).passed
+
+
+def test_audit_catches_a_fast_path_that_reads_the_next_position(monkeypatch):
+    tok, _, _ = _real_case(1500)
+    real = ng._counts
+
+    def ahead(tokens, end, order, backend, chunk, doc_start=None):
+        c, d = real(tokens, end, order, backend, chunk, doc_start)
+        c.occ[..., :-1] = c.occ[..., 1:].clone()  # each position reads the next one's counts
+        return c, d
+
+    monkeypatch.setattr(ng, "_counts", ahead)
+    cfg = NgramConfig()
+    rep = audit(tok, audit_positions(tok, cfg, n_random=4, per_class=2), _model_logp, cfg,
+                materialise=1, edits=4)
+    assert not rep.passed and rep.edits_ok is False
+
+
+def test_batched_streams_are_scored_as_each_alone():
+    g = torch.Generator().manual_seed(11)
+    real = D.load_tokens(D.bundled_val_glob(), "val", limit=900)
+    streams = torch.stack([real, real.flip(0), torch.randint(0, 4, (900,), generator=g),
+                           torch.full((900,), D.BOS_ID)])
+    lp = -torch.rand(4, 700, generator=g, dtype=torch.float64) * 5
+    for backend in ("numpy", "ref"):
+        for cfg in (NgramConfig(), NgramConfig(order=3, doc=False)):
+            both = ngram_blend_logprobs(streams, 200, 900, lp, cfg, backend)
+            for i in range(4):
+                alone = ngram_blend_logprobs(streams[i], 200, 900, lp[i], cfg, backend)
+                assert torch.equal(both[i], alone)
+
+
+def test_fast_distribution_equals_the_reference_at_every_kind_of_position():
+    tok, lp_all, _ = _real_case(1200)
+    cfg = NgramConfig(order=4)
+    positions = audit_positions(tok, cfg, n_random=1, per_class=1, worlds=(3,))
+    for i, t in enumerate(sorted({v[0] for v in positions.values() if v})):
+        ref = cache_distribution(tok, t, lp_all[t - 1], cfg)
+        for start in ((1, t) if i == 0 else (1 + t % 2 * (t - 1),)):
+            fast = fast_distribution(tok, t, lp_all[t - 1], cfg, start=start)
+            assert torch.allclose(fast, ref, rtol=1e-12, atol=0), t
+            assert abs(fast.sum().item() - 1.0) < 1e-12
+
+
 def test_audit_catches_a_peeking_cache(monkeypatch):
     """Break causality on purpose: the audit must say so."""
-    import proteus.ngram as ng
-
     tok, _, _ = _real_case(1000)
     real = ng.cache_distribution
 
@@ -413,3 +498,46 @@ def test_the_eval_switch_turns_the_document_counts_off():
     hist = -ngram_blend_logprobs(tok, 1, tok.numel(), lp, NgramConfig(doc=False)).sum().item()
     assert on == pytest.approx(doc, rel=1e-12) and off == pytest.approx(hist, rel=1e-12)
     assert on < off
+
+
+def test_fit_lowers_the_bpb_it_fits_and_reports_the_real_blend():
+    tok, _, lp = _real_case(6000)
+    nbytes = torch.ones(lp.numel(), dtype=torch.int64) * 3
+    start = NgramConfig(k=(50.0,) * 5, a=(1.0,) * 5, doc_k=(50.0,) * 5, doc_a=(1.0,) * 5)
+    fitted, info = fit_cache_params(tok, lp, nbytes, start, iterations=30)
+    assert info["bpb_fitted"] < info["bpb_start"] - 0.01 < info["bpb_model"]
+    real = -ngram_blend_logprobs(tok, 1, tok.numel(), lp, fitted).sum().item()
+    assert info["bpb_fitted"] == pytest.approx(real / math.log(2) / nbytes.sum().item(),
+                                               rel=1e-12)
+    for v in (fitted.weight, *fitted.k, *fitted.doc_a):
+        assert v == float(f"{v:.4g}")  # shipped as 4 significant digits
+    assert fitted.k[4] == fitted.k[3] and fitted.a[4] == fitted.a[3]  # order 6 repeats order 5
+
+
+def test_cache_params_file_round_trips_and_refuses_what_does_not_fit(tmp_path):
+    import json
+
+    cfg = NgramConfig(weight=0.9, k=(1.0, 2.0, 3.0, 4.0, 4.0))
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(cache_params_dict(cfg, 1024, fitted_on={"files": ["x"]})))
+    assert load_cache_params(str(f), 5, True, 1024) == cfg
+    for args, needle in (((6, True, 1024), "order 5"), ((5, False, 1024), "doc True"),
+                         ((5, True, 2048), "vocab_size 1024")):
+        with pytest.raises(ConfigError, match=needle):
+            load_cache_params(str(f), *args)
+    bad = tmp_path / "bad.json"
+    for text, needle in (("{", "not JSON"), ('{"format": "x"}', "format tag"),
+                         (json.dumps({**cache_params_dict(cfg, 1024), "k": [1.0]}), "damaged")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=needle):
+            load_cache_params(str(bad), 5, True, 1024)
+    with pytest.raises(ConfigError, match="tune-cache"):
+        load_cache_params(str(tmp_path / "none.json"), 5, True, 1024)
+
+
+def test_the_shipped_parameters_are_the_tune_cache_record():
+    import os
+
+    record = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                          "cache_params_cpu_tiny.json")
+    assert load_cache_params(record, 5, True, V) == NgramConfig()
