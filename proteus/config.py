@@ -155,9 +155,6 @@ class ModelConfig:
                 f"mlp_mult {self.mlp_mult} gives an MLP of {self.mlp_hidden} hidden units at "
                 f"model_dim {self.model_dim}; it needs at least 1"
             )
-        if self.attn_window < 0:
-            raise ConfigError(f"attn_window must be >= 1 keys, or 0 for none; got "
-                              f"{self.attn_window}")
         layers = self.value_embed_set
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:

@@ -91,7 +91,8 @@ def test_a_saved_model_evaluates_with_the_masks_it_was_trained_with(tmp_path):
 
 
 def test_config_checks_the_window():
-    with pytest.raises(ConfigError, match="attn_window must be >= 1 keys, or 0 for none"):
+    with pytest.raises(ConfigError,
+                       match=r"attn_window .*expected an integer in \[0, 2\*\*30\], got -4"):
         build_config("smoke", {"model.attn_window": -4}, environ={})
     cfg = build_config("smoke", environ={"PROTEUS_ATTN_DOCS": "true", "PROTEUS_ATTN_WINDOW": "64"})
     assert cfg.model.attn_docs and cfg.model.attn_window == 64

@@ -421,12 +421,15 @@ def test_bad_input_is_a_clear_error():
 
 def test_blend_by_hand():
     # tokens 5 6 5 7 5 6 (no BOS: the document is the whole stream), a uniform model, order 3,
-    # the shipped parameters (whole history: weight 0.95, k = 100, 28; a = 1.1, 1.35;
+    # parameters given here (whole history: weight 0.95, k = 100, 28; a = 1.1, 1.35;
     # document: weight 1, k = 11, 3.3; a = 1.03, 1.75). λ = w · ctx / (ctx + k · types^a).
+    cfg = NgramConfig(order=3, weight=0.95, k=(100.0, 28.0, 19.0, 10.0, 10.0),
+                      a=(1.1, 1.35, 1.95, 2.25, 2.25), doc_weight=1.0,
+                      doc_k=(11.0, 3.3, 4.3, 7.4, 7.4), doc_a=(1.03, 1.75, 2.6, 1.03, 1.03))
     tok = torch.tensor([5, 6, 5, 7, 5, 6])
     u = 1 / 1024
     lu = torch.tensor(math.log(u), dtype=torch.float64)
-    got = ngram_blend_logprobs(tok, 1, 6, lu.repeat(5), NgramConfig(order=3))
+    got = ngram_blend_logprobs(tok, 1, 6, lu.repeat(5), cfg)
 
     def step(p, lam, q):
         return (1 - lam) * p + lam * q
@@ -443,8 +446,7 @@ def test_blend_by_hand():
                                atol=0)
     # order 3 at work: 5 6 5 6 5 -> at t=4 (5 after "5 6"), "6" and "5 6" were each followed
     # once, by 5
-    got = ngram_blend_logprobs(torch.tensor([5, 6, 5, 6, 5]), 4, 5, lu.reshape(1),
-                               NgramConfig(order=3))
+    got = ngram_blend_logprobs(torch.tensor([5, 6, 5, 6, 5]), 4, 5, lu.reshape(1), cfg)
     p = step(step(u, 0.95 / 101, 1.0), 0.95 / 29, 1.0)
     p = step(step(p, 1 / 12, 1.0), 1 / 4.3, 1.0)
     assert got.exp().item() == pytest.approx(p, rel=1e-14)
