@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a stopped run from its newest checkpoint (or from a "
                    "RUN_DIR/checkpoints/step-N.ckpt), with its own config")
+    t.add_argument("--seeds", default=None, metavar="LIST|N",
+                   help="run the configuration once per seed (e.g. 1337,42,2025; a single "
+                   "number N means N seeds from --seed up) and print mean, spread and a Welch "
+                   "test; run directories RUN_NAME-seedS and RUN_NAME-seeds.json")
+    t.add_argument("--baseline", action="append", default=None, metavar="VALUES|RUN_DIR",
+                   help="with --seeds: the previous best to test against, as bpb numbers "
+                   "(1.2244,1.2250) or earlier run directories (repeatable)")
     add_config_arguments(t)
 
     e = sub.add_parser("eval", help="re-evaluate a checkpoint or an int6 artifact",
@@ -122,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "step and wall time from RUN_DIR/log.jsonl (needs matplotlib).")
     pl.add_argument("run_dir", help="a run directory written by proteus train")
     pl.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/training.png)")
+
+    sb = sub.add_parser("submit", help="check the challenge's rules over several seeds' runs and "
+                        "write a records folder", description="Validate run directories of one "
+                        "configuration (one per seed) against the challenge's rules and write "
+                        "README.md, submission.json, train_gpt.py (the packed code) and one log "
+                        "per seed into a new folder.")
+    sb.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    sb.add_argument("--out", required=True, help="the records folder to create")
+    sb.add_argument("--name", default="PROTEUS", help="the submission's name")
+    sb.add_argument("--author", default="", help="author, for submission.json")
+    sb.add_argument("--github-id", default="", help="GitHub id, for submission.json")
+    sb.add_argument("--blurb", default="PROTEUS: fused Triton kernels, Muon, int6 rANS artifact.",
+                    help="one-paragraph summary")
+    sb.add_argument("--baseline", action="append", default=None, metavar="VALUES|RUN_DIR",
+                    help="the previous best: bpb numbers or run directories (repeatable)")
 
     pk = sub.add_parser("pack", help="write the code a submission ships: one compressed, "
                         "self-extracting script (python SCRIPT train ... runs like proteus)",
@@ -204,18 +226,48 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _seeds(text: str | None, resume: str | None) -> list[int] | None:
+    """``--seeds``: a comma-separated list of seeds, or a count (a single number)."""
+    if text is None:
+        return None
+    if resume:
+        raise ConfigError("--seeds starts new runs; --resume continues one: pass one of them")
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds expects seeds like 1337,42,2025 or a count, got "
+                          f"{text!r}") from None
+    if not values or ("," not in text and not 1 <= values[0] <= 100):
+        raise ConfigError(f"--seeds expects seeds like 1337,42,2025 or a count in [1, 100], "
+                          f"got {text!r}")
+    if any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise ConfigError(f"--seeds must be distinct non-negative integers, got {text!r}")
+    return values
+
+
 def _dispatch(parser, args) -> int:
     # Each subcommand imports what it runs only when it runs: `proteus --help` and the light
     # commands stay fast, and no command pays for another's imports (torch.compile, triton's
     # compiler). These are the only function-local imports of the package.
     if args.command == "train":
+        seeds = _seeds(args.seeds, args.resume)
+        if args.baseline and not seeds:
+            raise ConfigError("--baseline goes with --seeds (a test needs several runs)")
         if args.resume:
             from proteus.commands import main_resume
 
             return main_resume(args.resume, {**_cli_values(args), "train.preset": args.preset})
         from proteus.commands import main_train
 
-        return main_train(build_config(args.preset or "cpu-tiny", _cli_values(args)))
+        cfg = build_config(args.preset or "cpu-tiny", _cli_values(args))
+        if seeds and len(seeds) == 1 and "," not in args.seeds:  # a count
+            seeds = [cfg.train.seed + i for i in range(seeds[0])]
+        return main_train(cfg, seeds=seeds, baseline=args.baseline)
+    if args.command == "submit":
+        from proteus.commands import main_submit
+
+        return main_submit(args.run_dirs, args.out, args.name, args.author, args.github_id,
+                           args.blurb, args.baseline)
     if args.command is None:
         parser.print_help()
         return 2

@@ -6,9 +6,11 @@ it (see the comment in ``cli._dispatch``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -33,37 +35,89 @@ from proteus.files import atomic_write_json
 from proteus.ngram import cache_params_dict, fit_cache_params
 from proteus.pack import pack, source_bytes
 from proteus.run import check_inputs, find_resume, open_run_dir, run
+from proteus.submit import (
+    baseline_values,
+    format_summary,
+    load_run,
+    summarize,
+    write_records,
+)
 from proteus.train import StopSignal
 from proteus.ttt import check_ttt_fits, run_ttt_audit, ttt_report
 
 
-def main_train(cfg: RunConfig, resume: tuple[Path, dict | None] | None = None) -> int:
-    """``proteus train``: the run, then the run directory and the budget verdict. ``resume``:
-    (run directory, training state or None) of the run to continue. SIGTERM and SIGINT save a
+def main_train(cfg: RunConfig, resume: tuple[Path, dict | None] | None = None,
+               seeds: list[int] | None = None, baseline: list[str] | None = None) -> int:
+    """``proteus train``: the run (or one run per seed), then the run directories and the budget
+    verdict. ``resume``: (run directory, training state or None) of the run to continue.
+    ``seeds``: run the same configuration once per seed, one after another, and summarise them
+    (mean, spread, and a one-sided Welch test against ``baseline``). SIGTERM and SIGINT save a
     resumable state and end with one line saying how to continue."""
     check_inputs(cfg)
+    base_values = baseline_values(baseline) if baseline else None  # bad input before any work
+    base = cfg.train.run_name or f"{cfg.train.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfgs = [cfg] if not seeds else [seed_config(cfg, s, base) for s in seeds]
     device = pick_device(cfg.train)
     setup_dist(collective_timeout(cfg.train), device.type)  # the group outlives run()
-    failed, run_dir = True, None
+    failed, done = True, []
     with StopSignal() as stop:
         try:
-            run_dir = open_run_dir(cfg, resume[0] if resume else None)
-            results = run(cfg, run_dir, resume=resume[1] if resume else None, stop=stop)
+            for c in cfgs:
+                run_dir = None
+                try:
+                    run_dir = open_run_dir(c, resume[0] if resume else None)
+                    done.append((run_dir, run(c, run_dir, resume=resume[1] if resume else None,
+                                              stop=stop)))
+                except RunInterrupted as e:
+                    if run_dir is None:
+                        raise
+                    raise RunInterrupted(f"{e}; continue with: proteus train --resume {run_dir}",
+                                         e.signum) from None
             failed = False
-        except RunInterrupted as e:
-            if run_dir is None:
-                raise
-            raise RunInterrupted(f"{e}; continue with: proteus train --resume {run_dir}",
-                                 e.signum) from None
         finally:
             close_process_group(failed)
-    if env_rank() == 0:
+    if env_rank() != 0:
+        return 0
+    code = 0
+    for run_dir, results in done:
         print(f"run directory: {run_dir}")
         art = results.get("artifact")
         if art and not art.get("within_limit", True):
             print(f"BUDGET CHECK FAILED: {art['total_bytes']:,} bytes > {ARTIFACT_LIMIT:,}",
                   file=sys.stderr)
-            return 1
+            code = 1
+    if seeds:
+        s = summarize([load_run(d) for d, _ in done], base_values)
+        path = done[0][0].parent / f"{base}-seeds.json"
+        atomic_write_json(path, s)
+        print(format_summary(s))
+        print(f"seed summary: {path}")
+    return code
+
+
+def seed_config(cfg: RunConfig, seed: int, base: str) -> RunConfig:
+    """``cfg`` for one seed of a multi-seed run: its own seed and run directory ``base-seedS``."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, seed=seed, run_name=f"{base}-seed{seed}"))
+
+
+def main_submit(run_dirs: list[str], out: str, name: str, author: str, github_id: str,
+                blurb: str, baseline: list[str] | None) -> int:
+    """``proteus submit``: check the rules over the seeds' run directories and write the
+    records folder; every broken rule is one line naming the seed and the number (exit 2)."""
+    runs = [load_run(p) for p in run_dirs]
+    base = baseline_values(baseline) if baseline else None
+    dest = Path(out)
+    if dest.exists():
+        raise ConfigError(f"{dest} already exists; pass a new --out folder")
+    folder, failures = write_records(runs, dest, name=name, author=author, github_id=github_id,
+                                     blurb=blurb, baseline=base)
+    if failures:
+        for line in failures:
+            print(f"proteus: rule failed: {line}", file=sys.stderr)
+        return 2
+    print(format_summary(summarize(runs, base)))
+    print(f"records folder: {folder} (README.md, submission.json, train_gpt.py, one log per seed)")
     return 0
 
 

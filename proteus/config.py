@@ -348,6 +348,10 @@ class EvalConfig:
         "help": "random positions the audit samples (besides BOS targets, first tokens after "
                 "BOS, chunk and shard edges and repeated contexts, which it always visits)",
         "range": "[1, 10000000]"})
+    artifact_eval: str = field(default="plain", metadata={
+        "help": "how the run scores its int6 artifact: plain (non-overlapping windows), or full "
+                "(also the sliding window, the cache and TTT as configured: the numbers a "
+                "submission claims)", "choices": ("plain", "full")})
     ttt: bool = field(default=False, metadata={
         "help": "score-first test-time training: score each chunk of the stream, then train on "
                 "it (one pass, nothing rescored)"})
@@ -431,7 +435,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             device="cuda",
             log_every=50,
         ),
-        "eval": dict(stride=64, eval_batch_seqs=32),
+        "eval": dict(stride=64, eval_batch_seqs=32, artifact_eval="full"),
     },
     # A small model that learns real text in about three minutes on two CPU cores.
     "cpu-tiny": {

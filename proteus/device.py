@@ -9,6 +9,7 @@ measured on such a host), so ``auto`` picks fp32 there.
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 
@@ -77,3 +78,18 @@ def require_memory(nbytes: int, device: torch.device, what: str) -> None:
     if avail is not None and nbytes > avail:
         raise ConfigError(f"{what} needs {nbytes / 2**30:,.1f} GiB of memory; the "
                           f"{device.type} has {avail / 2**30:,.1f} GiB available")
+
+
+def device_name(device: torch.device) -> str:
+    """The hardware a run used, as its log records it (the challenge's limits are for 8xH100)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"CPU {model or platform.processor() or platform.machine()} " \
+           f"({torch.get_num_threads()} threads)"

@@ -46,7 +46,7 @@ from proteus.checkpoint import (
     state_paths,
 )
 from proteus.config import ConfigError, RunConfig, RunInterrupted
-from proteus.device import pick_device
+from proteus.device import device_name, pick_device
 from proteus.dist import (
     Dist,
     broadcast_text,
@@ -72,6 +72,7 @@ from proteus.ttt import check_ttt_fits, ttt_report
 log = logging.getLogger(__name__)
 
 ARTIFACT_NAME = "model.int6"
+TRAIN_LOG = "train.log"
 
 
 SUMMARY_NAME = "summary.json"
@@ -174,6 +175,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
     device = pick_device(tc)
     dd = Dist(device.type, collective_timeout(tc))
     jlog = JsonLog(run_dir / "log.jsonl" if (run_dir and dd.main) else None)
+    text_log = _text_log(run_dir / TRAIN_LOG if (run_dir and dd.main) else None)
     failed, ckpt = True, None
     try:
         # Data and tokenizer first: bad paths fail before any work.
@@ -194,6 +196,8 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
         heartbeat("evaluation")
 
         seq = ec.eval_seq_len or tc.seq_len
+        t_eval = time.perf_counter()
+        results["hardware"] = f"{dd.world}x {device_name(device)}"
         if dd.main:
             train_tokens = D.load_tokens(tc.train_files or D.bundled_train_glob(), "train",
                                          vocab_size=mc.vocab_size)
@@ -210,13 +214,16 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
         if ec.ttt:
             results["ttt"] = ttt_report(model, cfg, ec, val, lut, seq, dd.rank, dd.world, device,
                                         trained.autocast, progress=True)
+        results["eval_seconds"] = time.perf_counter() - t_eval
         jlog.write(event="final", **results)
 
         if run_dir:
             heartbeat("the artifact")
             # every rank takes part: the quantised model's evaluation is shared across ranks
-            results["artifact"] = write_run_artifact(model, cfg, run_dir, val, lut,
-                                                     results["val"]["bpb"], rank=dd.rank)
+            results["artifact"] = write_run_artifact(
+                model, cfg, run_dir, val, lut, results["val"]["bpb"], rank=dd.rank,
+                world=dd.world, device=device, autocast=trained.autocast)
+            results["eval_seconds"] += results["artifact"].get("eval_seconds", 0.0)
             if dd.main:
                 atomic_write_json(run_dir / SUMMARY_NAME, results)
         failed = False
@@ -228,7 +235,25 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
                              f"(evaluate it with `proteus eval {ckpt}`)", e.signum) from None
     finally:
         jlog.close()
+        if text_log:
+            logging.getLogger("proteus").removeHandler(text_log)
+            text_log.close()
         dd.close(failed)
+
+
+def _text_log(path: Path | None) -> logging.Handler | None:
+    """The run's progress lines, also in ``train.log`` beside ``log.jsonl`` (the training log a
+    submission ships; a resumed run appends to it)."""
+    if path is None:
+        return None
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("proteus")
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:  # a library caller that configured nothing
+        logger.setLevel(logging.INFO)
+    return handler
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,8 +262,11 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
 
 def write_run_artifact(model: GPT, cfg: RunConfig, run_dir: Path, val: torch.Tensor | None = None,
                        lut: D.ByteLUT | None = None, float_bpb: float | None = None,
-                       rank: int = 0) -> dict:
-    """Quantise ``model``, write ``run_dir/model.int6``, report sizes and the budget check.
+                       rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
+                       autocast: bool = False) -> dict:
+    """Quantise ``model``, write ``run_dir/model.int6``, report sizes and the budget check, and
+    score the artifact: plain windows, and with ``eval.artifact_eval = full`` also the sliding
+    window, the n-gram cache and TTT as configured (``scores``: what a submission claims).
 
     Under torch.distributed every rank calls this: rank 0 writes the file, and the quantised
     model's evaluation is shared by all ranks (rank 0 reads the artifact back from disk, the
@@ -252,14 +280,32 @@ def write_run_artifact(model: GPT, cfg: RunConfig, run_dir: Path, val: torch.Ten
         meta = {"run_config": cfg.to_dict(), "float_bpb": float_bpb}
         out.update(_sizes(write_artifact(str(path), qstate, meta), qstate))
     if val is not None and lut is not None:
+        ec, t0 = cfg.eval, time.perf_counter()
+        seq = ec.eval_seq_len or cfg.train.seq_len
         qmodel = load_model(str(path), cfg.train.kernels)[0] if rank == 0 else int6_model(
             cfg, qstate)
-        r = evaluate_bpb(qmodel, val, lut, cfg.eval.eval_seq_len or cfg.train.seq_len, 0,
-                         cfg.eval.eval_batch_seqs)
+        qmodel = qmodel.to(device)
+        r = evaluate_bpb(qmodel, val, lut, seq, 0, ec.eval_batch_seqs, device, autocast)
         out["quantized_bpb"] = r["bpb"]
+        out["scores"] = {"int6 plain": r["bpb"]}
         if float_bpb is not None:
             log.info(f"  int6 round trip: val bpb {r['bpb']:.4f} (float {float_bpb:.4f}, "
                      f"{r['bpb'] - float_bpb:+.4f})")
+        if ec.artifact_eval == "full":
+            log.info("  the int6 artifact, evaluated as a submission claims it:")
+            rep = sliding_and_cache(qmodel, cfg, ec, val, lut, seq, rank, world, device,
+                                    autocast)
+            if "val_sliding" in rep:
+                out["scores"][f"int6 sliding {ec.stride}"] = rep["val_sliding"]["bpb"]
+            if "cache" in rep:
+                out["scores"]["int6 + cache"] = rep["cache"]["bpb_cache"]
+                out["audit_passed"] = rep["cache"].get("audit_passed")
+            if ec.ttt:
+                t = ttt_report(qmodel, cfg, ec, val, lut, seq, rank, world, device, autocast)
+                out["scores"]["int6 TTT"] = t["bpb"]
+                if "cache" in t:
+                    out["scores"]["int6 TTT + cache"] = t["cache"]["bpb_cache"]
+        out["eval_seconds"] = time.perf_counter() - t0
     return out
 
 

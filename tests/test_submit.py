@@ -108,3 +108,58 @@ def test_summary_mean_spread_and_welch(tmp_path):
     # 0.005 nats per token at 1000 tokens / 2400 bytes
     assert s["welch_record"]["margin_bpb"] == pytest.approx(0.005 / math.log(2) * 1000 / 2400)
     assert s["welch_record"]["p"] > s["welch"]["p"]
+
+
+def test_seeds_then_submit_end_to_end(tmp_path, capsys, monkeypatch):
+    """Two smoke seeds through `proteus train --seeds`, then `proteus submit` of their runs."""
+    from proteus import cli
+
+    for k in [k for k in __import__("os").environ if k.startswith("PROTEUS_")]:
+        monkeypatch.delenv(k)
+    out = tmp_path / "runs"
+    args = ["train", "--preset", "smoke", "--seeds", "7,8", "--iterations", "2",
+            "--warmup-steps", "0", "--val-tokens", "1024", "--stride", "32", "--out-dir",
+            str(out), "--run-name", "s", "--baseline", "9.9,9.8"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "mean " in text and "one-sided Welch" in text
+    summary = json.loads((out / "s-seeds.json").read_text())
+    assert [r["seed"] for r in summary["seeds"]] == [7, 8]
+    for s in (7, 8):
+        d = out / f"s-seed{s}"
+        assert (d / "train.log").read_text().count("step") >= 2
+        assert json.loads((d / "summary.json").read_text())["eval_seconds"] > 0
+    rec = tmp_path / "rec"
+    assert cli.main(["submit", str(out / "s-seed7"), str(out / "s-seed8"), "--out",
+                     str(rec)]) == 0
+    assert (rec / "train_seed8.log").is_file() and (rec / "train_gpt.py").is_file()
+    # a rule broken on purpose: a 1-second evaluation limit is not the challenge's, so break
+    # the budget instead by claiming a huge artifact for one seed
+    s8 = out / "s-seed8" / "summary.json"
+    d = json.loads(s8.read_text())
+    d["artifact"]["artifact_bytes"] = 16_000_000
+    s8.write_text(json.dumps(d))
+    capsys.readouterr()
+    assert cli.main(["submit", str(out / "s-seed7"), str(out / "s-seed8"), "--out",
+                     str(tmp_path / "rec2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "seed 8" in err[0] and "> 16,000,000" in err[0]
+    assert not (tmp_path / "rec2").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--preset", "smoke", "--seeds", "abc"], "--seeds expects"),
+    (["train", "--preset", "smoke", "--seeds", "0"], "count in [1, 100]"),
+    (["train", "--preset", "smoke", "--seeds", "1,1"], "distinct"),
+    (["train", "--preset", "smoke", "--baseline", "1.2,1.3"], "--baseline goes with --seeds"),
+    (["train", "--preset", "smoke", "--seeds", "1,2", "--baseline", "1.2"], "at least 2 values"),
+    (["submit", "/nope", "--out", "/tmp/never"], "incomplete"),
+])
+def test_bad_seed_and_submit_input_is_one_line_exit_2(tmp_path, capsys, argv, needle):
+    from proteus import cli
+
+    argv = argv + (["--out-dir", str(tmp_path)] if argv[0] == "train" else [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not list(tmp_path.iterdir())
