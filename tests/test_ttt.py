@@ -195,6 +195,7 @@ def _torchrun(nproc: int, out: str, ckpt: str) -> list[dict]:
     return [json.load(open(os.path.join(out, f"rank{i}.json"))) for i in range(nproc)]
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_give_the_same_ttt_bpb(ckpt, tmp_path):
     one = _torchrun(1, str(tmp_path / "one"), ckpt)
     two = _torchrun(2, str(tmp_path / "two"), ckpt)

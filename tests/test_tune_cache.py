@@ -83,8 +83,9 @@ def test_tune_cache_writes_parameters_that_eval_uses(held_out, tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    ([], "every bundled train shard"),
-    (["--tune-files", "proteus/data/fineweb_val_*.bin"], "validation shard"),
+    pytest.param([], "every bundled train shard", marks=pytest.mark.slow),
+    pytest.param(["--tune-files", "proteus/data/fineweb_val_*.bin"], "validation shard",
+                 marks=pytest.mark.slow),
     (["--tune-files", SHARD.format(1)], "trained on"),
 ])
 def test_tune_cache_refuses_trained_and_validation_tokens(tmp_path, args, needle):
