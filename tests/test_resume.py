@@ -267,5 +267,5 @@ def test_full_disk_is_one_line_and_nothing_final_is_half_written(clean_env, caps
                                "--run-name", "full"])
     run_dir = tmp_path / "full"
     assert code == 2 and f"cannot write {run_dir / 'model.int6'}: No space left" in err, err
-    assert sorted(p.name for p in run_dir.iterdir()) == [
-        "checkpoints", "config.json", "log.jsonl", "model.ckpt", "train.log"]  # no artifact, no summary
+    assert sorted(p.name for p in run_dir.iterdir()) == [  # no artifact, no summary
+        "checkpoints", "config.json", "log.jsonl", "model.ckpt", "train.log"]

@@ -20,6 +20,7 @@ import torch
 import proteus.ttt as T
 from proteus import data as D
 from proteus.checkpoint import load_model, save_checkpoint
+from proteus.cli import main
 from proteus.config import ConfigError, build_config
 from proteus.evaluate import score_windows, windows
 from proteus.model import build_model
@@ -177,11 +178,14 @@ def test_eval_and_audit_commands_with_ttt(ckpt):
     (["--ttt", "--ttt-params", "nope.*"], "match no parameter"),
     (["--cache", "ngram", "--cache-params", "/nope.json"], "cache parameters /nope.json"),
 ])
-def test_bad_ttt_and_cache_input_is_one_line_exit_2(ckpt, args, needle):
-    r = _cli("eval", ckpt, "--val-tokens", "1024", *args)
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert needle in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+def test_bad_ttt_and_cache_input_is_one_line_exit_2(ckpt, monkeypatch, capsys, args, needle):
+    for k in [k for k in os.environ if k.startswith("PROTEUS_")]:
+        monkeypatch.delenv(k)
+    code = main(["eval", ckpt, "--val-tokens", "1024", *args])  # in-process: no 3 s of imports
+    err = capsys.readouterr().err
+    assert code == 2, (code, err[-2000:])
+    assert needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def _torchrun(nproc: int, out: str, ckpt: str) -> list[dict]:
