@@ -57,18 +57,19 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     assert events[0] == "config" and "step" in events and events[-1] == "final"
 
 
-def test_plot_of_the_run(smoke_run, tmp_path):
+def test_plot_of_the_run(smoke_run, tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="proteus plot needs matplotlib (pip install .[test])")
     run_dir, _ = smoke_run
     records = [json.loads(line) for line in (run_dir / "log.jsonl").open()]
     vals = [r for r in records if r["event"] == "val"]
     assert [v["step"] for v in vals] == [3, 6] and all(v["train_s"] > 0 for v in vals)
-    r = run_cli("plot", str(run_dir), "--out", str(tmp_path / "t.png"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "6 step records, 3 validation points" in r.stdout
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "t.png")]) == 0  # in-process
+    out = capsys.readouterr()
+    assert "6 step records, 3 validation points" in out.out, out.err[-2000:]
     assert (tmp_path / "t.png").read_bytes().startswith(b"\x89PNG")
-    r = run_cli("plot", str(tmp_path))
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no log.jsonl" in r.stderr
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no log.jsonl" in err
 
 
 def test_eval_of_checkpoint_reproduces_train_bpb(smoke_run):
@@ -95,7 +96,8 @@ def test_artifact_eval_triton_equals_ref_to_4_decimals(smoke_run):
 
 def test_audit_command_passes_ours_and_flags_the_record(smoke_run):
     run_dir, _ = smoke_run
-    r = run_cli("audit", str(run_dir / "model.ckpt"), "--audit-positions", "8")
+    r = run_cli("audit", str(run_dir / "model.ckpt"), "--audit-positions", "8",
+                "--val-tokens", "1024")  # holds a BOS target and one after it
     assert r.returncode == 0, r.stderr[-3000:]
     assert "audit: PASS" in r.stdout and "negative example: FAIL" in r.stdout
 
