@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 
 import pytest
 
@@ -12,6 +14,9 @@ from proteus.config import (
     ModelConfig,
     RunConfig,
     TrainConfig,
+    _field_problem,
+    _field_type,
+    _interval,
     add_config_arguments,
     build_config,
     env_overrides,
@@ -68,6 +73,47 @@ def test_model_validation_messages():
         ModelConfig(num_heads=6, num_kv_heads=4, model_dim=384).validate()
     with pytest.raises(ConfigError, match="rope_dims"):
         ModelConfig(rope_dims=100).validate()
+
+
+def test_model_accepts_the_ends_of_its_cross_field_ranges():
+    # validation that is too strict is a bug too (mutants rejecting block 0 or 0 XSA blocks
+    # survived the first mutation run); the values just outside are refused
+    n, head_dim = 3, 16
+    base = dict(num_layers=n, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=1,
+                value_embed_layers="1")
+
+    def model(**kw):
+        return ModelConfig(**{**base, **kw})
+    for ok in (dict(xsa_last_n=0), dict(xsa_last_n=n), dict(value_embed_layers=""),
+               dict(value_embed_layers="0"), dict(value_embed_layers=f"0,{n - 1}"),
+               dict(rope_dims=0), dict(rope_dims=head_dim)):
+        model(**ok).validate()
+    for bad, needle in ((dict(xsa_last_n=n + 1), "xsa_last_n"),
+                        (dict(value_embed_layers=str(n)), "out of range"),
+                        (dict(value_embed_layers="-1"), "value_embed_layers"),
+                        (dict(rope_dims=head_dim + 2), "rope_dims")):
+        with pytest.raises(ConfigError, match=needle):
+            model(**bad).validate()
+
+
+def test_every_numeric_field_accepts_the_closed_ends_of_its_range():
+    # each field alone (cross-field rules are tested above); the open ends and the values just
+    # outside are refused, so a bound checked with < for <= (or the other way) fails here
+    checked = 0
+    for cls in (ModelConfig, TrainConfig, type(RunConfig().eval)):
+        for f in dataclasses.fields(cls):
+            kind, iv = _field_type(cls, f), _interval(f.metadata.get("range", ""))
+            if kind not in (int, float) or not iv:
+                continue
+            lo, hi, lo_open, hi_open = iv
+            step = 1 if kind is int else max(abs(lo), abs(hi), 1.0) * 1e-9
+            for end, is_open, outside in ((lo, lo_open, lo - step), (hi, hi_open, hi + step)):
+                if kind is float and not math.isfinite(end):
+                    continue
+                assert (_field_problem(kind, f, kind(end)) is None) != is_open, (f.name, end)
+                assert _field_problem(kind, f, kind(outside)) is not None, (f.name, outside)
+            checked += 1
+    assert checked > 40
 
 
 def test_every_field_has_a_flag_with_help():
