@@ -271,7 +271,8 @@ def _launch(x2, packed, scale, bias):
     if m and n:
         _grid_launch(_int6_matmul_kernel, _config(m),
                      lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"])),
-                     x2, packed, scale, y, y if bias is None else bias, m, n, g, x2.stride(0),
+                     x2, packed, scale, y, y if bias is None else bias.contiguous(),  # stride 1
+                     m, n, g, x2.stride(0),
                      y.stride(0), HAS_BIAS=bias is not None, IEEE=x2.dtype == torch.float32)
     return y
 

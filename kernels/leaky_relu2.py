@@ -208,7 +208,7 @@ def _launch_matmul(a, b_t_strides, b, m, n, k, pre, out, bias, slope, epilogue):
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _lr2_matmul_kernel[grid](
-        a, b, pre, out, out if bias is None else bias, m, n, k,
+        a, b, pre, out, out if bias is None else bias.contiguous(), m, n, k,  # read at stride 1
         a.stride(0), a.stride(1), b_t_strides[0], b_t_strides[1], out.stride(0), out.stride(1),
         slope, EPILOGUE=epilogue, HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32,
         num_warps=warps, num_stages=stages, **cfg,

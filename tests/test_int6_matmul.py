@@ -110,6 +110,15 @@ def test_weights_are_frozen(device):
     assert dx.shape == x.shape
 
 
+def test_a_strided_bias_is_read_as_its_values(device):
+    # a slice of a larger parameter (stride 2): the kernel reads the bias at stride 1
+    packed, s, x, _ = _int6_case(5, 16, 8)
+    bias = torch.randn(16, device=device)[::2]
+    y = int6_matmul(x.to(device), packed.to(device), s.to(device), bias)
+    assert torch.equal(y, int6_matmul(x.to(device), packed.to(device), s.to(device),
+                                      bias.contiguous()))
+
+
 def test_int6_linear_from_linear_keeps_bias_and_matches_the_reference(device):
     torch.manual_seed(3)
     lin = nn.Linear(64, 40, device=device)

@@ -128,6 +128,17 @@ def test_fused_mlp_leading_dims_and_strided_weights(device):
     torch.testing.assert_close(y, leaky_relu2_mlp_ref(x, wu, wd, 0.5), rtol=1e-5, atol=1e-5)
 
 
+def test_fused_mlp_reads_a_strided_bias_as_its_values(device):
+    # biases sliced from larger parameters (stride 2): the up-projection kernel reads b_up at
+    # stride 1, so a strided one must give what its contiguous copy gives
+    x = torch.randn(5, 16, device=device)
+    wu, wd = torch.randn(32, 16, device=device), torch.randn(16, 32, device=device)
+    bu, bd = torch.randn(64, device=device)[::2], torch.randn(32, device=device)[::2]
+    y = leaky_relu2_mlp(x, wu, wd, 0.5, b_up=bu, b_down=bd)
+    assert torch.equal(y, leaky_relu2_mlp(x, wu, wd, 0.5, b_up=bu.contiguous(),
+                                          b_down=bd.contiguous()))
+
+
 def test_fused_up_projection_epilogue_is_exact_activation(device):
     # h must be the elementwise op applied to the kernel's own pre-activation, bit for bit
     x = torch.randn(50, 32, dtype=torch.bfloat16, device=device)
