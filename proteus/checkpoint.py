@@ -273,27 +273,27 @@ def load_model(path: str, kernels: str | None) -> tuple[GPT, RunConfig, dict]:
         qstate, meta = read_artifact(path, lambda m: _artifact_shapes(m, path))
         cfg = RunConfig.from_dict(meta.get("run_config"), where=f"artifact {path}")
         model = int6_model(cfg, qstate, kernels)
+        bad = first_nonfinite(model.state_dict())
+        if bad:
+            raise CheckpointError(f"{path}: weight {bad} is not finite; it is not evaluated")
         bpb = meta.get("float_bpb")
         info = dict(source="artifact", float_bpb=bpb if isinstance(bpb, float) else None)
     else:
-        cfg, state, extra = load_checkpoint(path)
+        cfg, state, extra = load_checkpoint(path)  # refuses non-finite weights
         shapes = expected_shapes(cfg)
         require_memory(4 * sum(_numel(s) for s in shapes.values()), torch.device("cpu"),
                        f"the model of {path}")
-        model = build_model(cfg, kernels)
         got = {k: tuple(v.shape) for k, v in state.items()}
-        if got != shapes:
+        if got != shapes:  # before building a model for it
             diff = sorted(set(got.items()) ^ set(shapes.items()))[:3]
             raise CheckpointError(f"checkpoint {path} does not match its config: weights "
                                   f"{[k for k, _ in diff]} differ in name or shape")
+        model = build_model(cfg, kernels)
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
             raise ConfigError(f"checkpoint {path} does not match its config: {e}") from None
         info = dict(source="checkpoint", **extra)
-    bad = first_nonfinite(model.state_dict())
-    if bad:
-        raise CheckpointError(f"{path}: weight {bad} is not finite; it is not evaluated")
     return model, cfg, info
 
 

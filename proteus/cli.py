@@ -158,9 +158,6 @@ class _StdoutHandler(logging.StreamHandler):
     a caller that swaps stdout, as pytest's capture does, must not leave us a closed file); a
     closed stdout (``| head``) silences the lines instead of a logging traceback on each."""
 
-    def __init__(self):
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stdout

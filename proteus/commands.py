@@ -247,10 +247,7 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
                                seq_len=seq),
                 bpb=dict(model=info["bpb_model"], start=info["bpb_start"],
                          fitted=info["bpb_fitted"]))
-    try:
-        atomic_write_json(dest, cache_params_dict(fitted, cfg.model.vocab_size, **meta))
-    except OSError as e:
-        raise ConfigError(f"cannot write {dest}: {e.strerror}") from None
+    atomic_write_json(dest, cache_params_dict(fitted, cfg.model.vocab_size, **meta))
     print(f"  held-out bpb: model {format_bpb(info['bpb_model'])}, with the starting parameters "
           f"{format_bpb(info['bpb_start'])}, fitted {format_bpb(info['bpb_fitted'])}")
     print(f"  weight {fitted.weight}, k {list(fitted.k[: fitted.order - 1])}, a "

@@ -171,6 +171,19 @@ def _guarded(op: str, fn: Callable[[], T]) -> T:
     return out
 
 
+def all_reduce_flat(tensors: list[torch.Tensor], divisor: int = 1) -> None:
+    """Sum ``tensors`` over ranks in place (then divide by ``divisor``), in one flat
+    all-reduce; a lost peer is one PeerError line."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    _guarded("gradient all-reduce", lambda: dist.all_reduce(flat))
+    if divisor != 1:
+        flat /= divisor
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 class Dist:
     """Rank/world from torchrun's environment; gloo on CPU, nccl on CUDA. A group this object
     creates is this object's to close; one the caller created is the caller's."""
@@ -190,20 +203,8 @@ class Dist:
 
     def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
         """Average the gradients over ranks in one flat all-reduce."""
-        if not self.enabled:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        _guarded("gradient all-reduce", lambda: dist.all_reduce(flat))
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    def mean(self, value: float) -> float:
-        """The mean of a float over ranks (float64)."""
-        return self.mean_and_any(value, False)[0]
+        if self.enabled:
+            all_reduce_flat([p.grad for p in params if p.grad is not None], self.world)
 
     def mean_and_any(self, value: float, flag: bool) -> tuple[float, bool]:
         """(mean of ``value`` over ranks, whether any rank's ``flag`` is set), in one

@@ -102,6 +102,3 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return out
 
 
-def is_temp(path: str | os.PathLike) -> bool:
-    """True for a temporary file of :func:`atomic_write` (readers skip these)."""
-    return bool(_TEMP.match(Path(path).name))

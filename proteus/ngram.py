@@ -919,7 +919,7 @@ class AuditReport:
         return text
 
 
-def _edit_after(tokens: torch.Tensor, e: int, g: torch.Generator, vocab: int) -> torch.Tensor:
+def edit_after(tokens: torch.Tensor, e: int, g: torch.Generator, vocab: int) -> torch.Tensor:
     """``tokens`` with every token from e on replaced at random (every 61st by a BOS, so the
     edited part holds document starts too)."""
     other = tokens.clone()
@@ -1025,7 +1025,7 @@ def audit(tokens: torch.Tensor, positions: torch.Tensor | dict[str, list[int]],
     e_pts = list(dict.fromkeys([min(v) for v in lists if v] + pos_t.tolist()))[:edits]
     ok = True
     for e in e_pts:
-        other = _edit_after(tokens, e, g, vocab)
+        other = edit_after(tokens, e, g, vocab)
         lp2 = stream_lp.clone()
         lp2[e - 1 :] -= 0.5  # the model's scores of the changed targets change too
         got2 = ngram_blend_logprobs(other, 1, n, lp2, cfg, backend)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import functools
 import importlib.util
 import json
 import lzma
@@ -123,8 +124,10 @@ def _archive_name(module: str, path: Path) -> str:
     return "/".join(parts) + ".py"
 
 
+@functools.cache
 def pack() -> str:
-    """The self-extracting script's text (ASCII)."""
+    """The self-extracting script's text (ASCII); built once per process (every run of a
+    ``--seeds`` series and ``proteus submit`` count the same sources)."""
     files = {_archive_name(m, p): minify(p.read_text())
              for m, p in sorted(needed_modules().items())}
     payload = lzma.compress(json.dumps(files, separators=(",", ":")).encode(),

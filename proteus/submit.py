@@ -29,6 +29,7 @@ from pathlib import Path
 
 from proteus.artifact import ARTIFACT_LIMIT
 from proteus.config import ConfigError
+from proteus.files import atomic_write_json
 from proteus.pack import pack
 from proteus.stats import mean, stdev, welch_one_sided
 
@@ -230,7 +231,8 @@ def write_records(runs: list[SeedRun], out: Path, *, name: str, author: str, git
     failure nothing is written."""
     check_same_config(runs)
     script = pack()
-    failures = rule_failures(runs, len(script.encode()))
+    code_bytes = len(script.encode())
+    failures = rule_failures(runs, code_bytes)
     if failures:
         return out, failures
     s = summarize(runs, baseline)
@@ -245,11 +247,11 @@ def write_records(runs: list[SeedRun], out: Path, *, name: str, author: str, git
     sub = dict(author=author, github_id=github_id, name=name, blurb=blurb,
                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                val_loss=best["loss"], val_bpb=s["mean"],
-               bytes_total=max(r["artifact_bytes"] for r in s["seeds"]) + len(script.encode()),
-               bytes_code=len(script.encode()), seeds=[r["seed"] for r in s["seeds"]],
+               bytes_total=max(r["artifact_bytes"] for r in s["seeds"]) + code_bytes,
+               bytes_code=code_bytes, seeds=[r["seed"] for r in s["seeds"]],
                val_bpb_per_seed=[r["score"] for r in s["seeds"]], val_bpb_std=s["std"])
-    (out / "submission.json").write_text(json.dumps(sub, indent=2) + "\n")
-    (out / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
+    atomic_write_json(out / "submission.json", sub)
+    atomic_write_json(out / "summary.json", s)
     (out / "README.md").write_text(_readme(runs, s, sub))
     return out, []
 

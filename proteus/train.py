@@ -335,9 +335,8 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
         # the global-batch loss, as one process would see it, and whether any rank was asked
         # to stop: one decision for all ranks
         total, stopping = dd.mean_and_any(total, stop is not None and stop.signum is not None)
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0
-                else torch.nn.utils.get_total_norm(grads))
+        norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0 else
+                torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         if not (math.isfinite(total) and bool(torch.isfinite(norm))):
             # before the optimiser applies it: the weights stay those of the last good step
             what = f"loss {total}" if not math.isfinite(total) else f"gradient norm {norm}"

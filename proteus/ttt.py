@@ -52,14 +52,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
 from proteus import data as D
 from proteus.config import ConfigError, EvalConfig, RunConfig
 from proteus.data import ByteLUT
-from proteus.dist import gather_ordered, rank_world
+from proteus.dist import all_reduce_flat, gather_ordered, rank_world
 from proteus.evaluate import (
     TokenScores,
     cache_report,
@@ -72,7 +71,13 @@ from proteus.evaluate import (
 )
 from proteus.kernels import dequantize_int6
 from proteus.model import GPT, Linear
-from proteus.ngram import NgramConfig, cache_distribution, ngram_blend_logprobs, yes_no
+from proteus.ngram import (
+    NgramConfig,
+    cache_distribution,
+    edit_after,
+    ngram_blend_logprobs,
+    yes_no,
+)
 from proteus.quant import Int6Linear
 
 log = logging.getLogger(__name__)
@@ -246,12 +251,7 @@ def _train_chunk(model: GPT, params: list[nn.Parameter], opt: torch.optim.Optimi
                 loss = model(x, y)
             (loss * ((hi - lo) / rows)).backward()
         if world > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            dist.all_reduce(flat)
-            i = 0
-            for p in params:
-                p.grad.copy_(flat[i : i + p.numel()].view_as(p))
-                i += p.numel()
+            all_reduce_flat([p.grad for p in params])
         opt.step()
     model.train(was_training)
 
@@ -382,9 +382,7 @@ def audit_ttt(model: GPT, tokens: torch.Tensor, lut: ByteLUT, seq: int, ec: Eval
     edits = sorted({k * c + 1 for k in range(1, n_ch)} | {e for e in mids if e < n})
     edits_ok, changed, cache_ok = True, True, True
     for e in edits:
-        other = tokens.clone()
-        other[e:] = torch.randint(0, lut.vocab_size, (n - e,), generator=g)
-        other[e::61] = D.BOS_ID
+        other = edit_after(tokens, e, g, lut.vocab_size)
         got = ttt_score(model, other, lut, seq, ec, device, autocast).scores.logp
         edits_ok = edits_ok and torch.equal(got[: e - 1], base[: e - 1])
         changed = changed and not torch.equal(got[e - 1 :], base[e - 1 :])
