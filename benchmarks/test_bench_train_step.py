@@ -21,10 +21,10 @@ import dataclasses
 import pytest
 import torch
 
-from proteus.config import build_config
 from proteus.data import TokenStream, bundled_train_glob
 from proteus.model import GPT
 from proteus.optim import build_optimizers
+from proteus.options import build_config
 
 from .conftest import Case, run_timed
 from .plain_gpt import PlainGPT

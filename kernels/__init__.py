@@ -4,7 +4,9 @@ One op per file: ``leaky_relu2``, ``xsa_attention``, ``int6_matmul``, ``ngram_ta
 public surface is re-exported here (``from proteus.kernels import xsa_attention``). Each op has
 three surfaces under one name: the function (``leaky_relu2_mlp``), its differentiable custom op
 with fake, autograd and autocast registrations (``leaky_relu2_mlp_op``, also
-``torch.ops.proteus.leaky_relu2_mlp``) and an ``nn.Module`` (``FusedLeakyReLU2MLP``).
+``torch.ops.proteus.leaky_relu2_mlp``) and an ``nn.Module`` (``FusedLeakyReLU2MLP``). Also
+public: where kernels run in this process (``kernel_device``, ``interpreting``) and the n-gram
+table's key format (``MAX_ORDER`` tokens of ``VOCAB_BITS`` bits each).
 
 Import-time side effect (documented, and the only one): importing this package runs
 ``proteus.kernels._backend.configure()``, which decides how this process runs Triton kernels —
@@ -15,6 +17,8 @@ decorator below, which is why it happens at import.
 """
 
 from . import _backend  # noqa: F401  (first: kernel modules below are decorated in its mode)
+from ._backend import interpreting, kernel_device
+from ._keys import MAX_ORDER, VOCAB_BITS
 from .int6_matmul import (
     Int6Linear,
     dequantize_int6,
@@ -50,6 +54,10 @@ from .xsa_attention import (
 )
 
 __all__ = [
+    "MAX_ORDER",
+    "VOCAB_BITS",
+    "interpreting",
+    "kernel_device",
     "FusedLeakyReLU2MLP",
     "Int6Linear",
     "LeakyReLU2",

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from proteus.config import ProteusError
 from proteus.device import require_memory
+from proteus.errors import ProteusError
 from proteus.files import atomic_write
 from proteus.quant import ArtifactError, QTensor, QuantizedState
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from proteus import plot
-from proteus.config import ConfigError
+from proteus.errors import ConfigError
 from proteus.files import atomic_write, atomic_write_json
 from proteus.kernels._aot import format_table, problems
 

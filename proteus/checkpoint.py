@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from proteus.artifact import read_artifact
-from proteus.config import ConfigError, ProteusError, RunConfig, RunFailed
+from proteus.config import RunConfig
 from proteus.device import require_memory
+from proteus.errors import ConfigError, ProteusError, RunFailed
 from proteus.files import OutputError, atomic_write, remove_stale_temps
 from proteus.model import GPT, build_model
 from proteus.quant import QuantizedState, apply_int6

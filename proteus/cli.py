@@ -18,15 +18,9 @@ import logging
 import os
 import sys
 
-from proteus.config import (
-    PRESETS,
-    ConfigError,
-    ProteusError,
-    RunInterrupted,
-    add_config_arguments,
-    build_config,
-    command_env,
-)
+from proteus.errors import ConfigError, ProteusError, RunInterrupted
+from proteus.options import add_config_arguments, build_config, command_env
+from proteus.presets import PRESETS
 
 
 class _Parser(argparse.ArgumentParser):

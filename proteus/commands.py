@@ -18,9 +18,10 @@ import torch
 from proteus import data as D
 from proteus.artifact import ARTIFACT_LIMIT, inspect_artifact
 from proteus.checkpoint import load_model, load_train_state
-from proteus.config import ConfigError, RunConfig, RunInterrupted, eval_overrides, resume_config
+from proteus.config import RunConfig
 from proteus.device import pick_device
 from proteus.dist import close_process_group, collective_timeout, env_rank, setup_dist
+from proteus.errors import ConfigError, RunInterrupted
 from proteus.evaluate import (
     evaluate_bpb,
     format_bpb,
@@ -33,6 +34,7 @@ from proteus.evaluate import (
 )
 from proteus.files import atomic_write_json
 from proteus.ngram import cache_params_dict, fit_cache_params
+from proteus.options import eval_overrides, resume_config
 from proteus.pack import pack, source_bytes
 from proteus.run import check_inputs, find_resume, open_run_dir, run
 from proteus.submit import (

@@ -1,16 +1,20 @@
-"""Every knob in one place: frozen dataclasses, presets, and the CLI/env layer generated from them.
+"""Every knob in one place: one frozen dataclass per concern, each field with its help and range.
 
 Three concerns, one dataclass each: :class:`ModelConfig` (the network), :class:`TrainConfig`
-(optimiser, schedule, data, run) and :class:`EvalConfig` (scoring, n-gram cache). A run is
-``preset -> PROTEUS_* environment -> command-line flags``, later layers winning. Flag and
-variable names are derived from field names (``model_dim`` -> ``--model-dim`` and
-``PROTEUS_MODEL_DIM``), so documentation and parsing cannot drift apart. An unknown
-``PROTEUS_*`` variable is an error, not a silent no-op.
+(optimiser, schedule, data, run) and :class:`EvalConfig` (scoring, n-gram cache), gathered in
+:class:`RunConfig`. A field's metadata (``help``, ``range`` or ``choices``, ``resume``) is the
+single source of its documentation and its checks: :func:`check_fields` validates a value
+against it here, and ``proteus/options.py`` generates the command-line flags and ``PROTEUS_*``
+variables from it (``model_dim`` -> ``--model-dim`` and ``PROTEUS_MODEL_DIM``), so
+documentation and parsing cannot drift apart. The presets are in ``proteus/presets.py``, the
+error classes in ``proteus/errors.py``.
+
+Importing this module imports neither torch nor Triton nor the kernels (``proteus --help`` and
+config checks stay fast).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
@@ -19,37 +23,18 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from proteus.kernels._keys import MAX_ORDER
+from proteus.errors import ConfigError, ProteusError, RunFailed, RunInterrupted
+from proteus.presets import PRESETS
+
+__all__ = ["NGRAM_BACKENDS", "MAX_ORDER", "ModelConfig", "TrainConfig", "EvalConfig", "RunConfig",
+           "SECTIONS", "check_fields", "ConfigError", "ProteusError", "RunFailed",
+           "RunInterrupted", "PRESETS"]
 
 NGRAM_BACKENDS = ("numpy", "triton", "ref")  # how the n-gram cache counts (proteus.ngram)
-
-
-class ProteusError(ValueError):
-    """Bad input a user can fix (an option, a file, a checkpoint): the command line prints the
-    message on one line and exits with ``exit_code`` (2)."""
-
-    exit_code = 2
-
-
-class ConfigError(ProteusError):
-    """A bad preset, option or value."""
-
-
-class RunFailed(ProteusError):
-    """A run that cannot go on (diverged, lost a peer, cannot write its files): one line, exit
-    code 1, and nothing final written."""
-
-    exit_code = 1
-
-
-class RunInterrupted(ProteusError):
-    """SIGTERM or SIGINT: the message says what was saved and how to resume; the exit code is
-    the shell's for that signal (128 + signal number)."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-        self.exit_code = 128 + signum
+# The longest n-gram the n-gram table's 64-bit key holds (proteus.kernels.MAX_ORDER; stated
+# here so that reading a config does not import the kernels; tests/test_config.py checks both
+# agree).
+MAX_ORDER = 6
 
 
 @dataclass(frozen=True)
@@ -417,101 +402,6 @@ class RunConfig:
         return cfg
 
 
-# Presets: overrides on top of the defaults, per section.
-PRESETS: dict[str, dict[str, dict]] = {
-    # The record of SPEC.md: 8 GPUs, 600 s, 786k-token batches of 2048-token sequences.
-    "h100": {
-        "model": {},
-        "train": dict(
-            seq_len=2048,
-            batch_tokens=786432,
-            micro_batch_seqs=48,
-            iterations=20000,
-            max_wallclock_s=600.0,
-            warmdown_steps=3500,
-            val_every=1000,
-            kernels="triton",
-            compile=True,
-            device="cuda",
-            log_every=50,
-        ),
-        "eval": dict(stride=64, eval_batch_seqs=32, artifact_eval="full"),
-    },
-    # A small model that learns real text in about three minutes on two CPU cores.
-    "cpu-tiny": {
-        "model": dict(
-            num_layers=4,
-            model_dim=128,
-            num_heads=4,
-            num_kv_heads=2,
-            rope_dims=8,
-            xsa_last_n=2,
-            bigram_buckets=2048,
-            bigram_dim=64,
-            value_embed_layers="2,3",
-            value_embed_dim=64,
-        ),
-        "train": dict(
-            seq_len=256,
-            batch_tokens=2048,
-            iterations=100000,
-            max_wallclock_s=170.0,
-            warmup_steps=3,
-            lr_warmup_steps=0,
-            warmdown_steps=1200,
-            matrix_lr=0.04,
-            embed_lr=0.02,
-            scalar_lr=0.04,
-            muon_momentum=0.95,
-            muon_momentum_start=0.85,
-            muon_momentum_warmup=300,
-            muon_wd=0.0,
-            adam_wd=0.0,
-            ema_decay=0.0,
-            swa_every=0,
-            compile=True,
-            # bf16 where the CPU has native bf16 (AMX/AVX512-BF16), fp32 where it would be
-            # emulated (AVX2-only hosts: ~17x slower per step); see proteus/device.py
-            autocast_bf16="auto",
-            muon_ns_dtype="auto",
-            device="cpu",
-            log_every=100,
-        ),
-        # ttt_*: chosen on held-out training tokens (README, "Score-first test-time training")
-        "eval": dict(val_tokens=131072, eval_batch_seqs=32, stride=64, cache="ngram",
-                     ttt_chunk=4096),
-    },
-    # Seconds, for tests and smoke runs: proves the plumbing, learns little.
-    "smoke": {
-        "model": dict(
-            num_layers=2,
-            model_dim=64,
-            num_heads=2,
-            num_kv_heads=1,
-            rope_dims=8,
-            xsa_last_n=1,
-            bigram_buckets=256,
-            bigram_dim=32,
-            value_embed_layers="1",
-            value_embed_dim=32,
-        ),
-        "train": dict(
-            seq_len=64,
-            batch_tokens=512,
-            iterations=6,
-            max_wallclock_s=60.0,
-            warmup_steps=1,
-            warmdown_steps=3,
-            swa_every=2,
-            swa_lr_below=0.9,
-            ema_decay=0.9,
-            device="cpu",
-            log_every=1,
-        ),
-        "eval": dict(val_tokens=4096, eval_batch_seqs=8, ttt_chunk=1024),
-    },
-}
-
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
@@ -584,172 +474,3 @@ def check_fields(obj) -> None:
         if problem:
             raise ConfigError(f"{f.name} ({_names(f)}): {problem}")
 
-
-def _convert(kind: type, f, raw: str):
-    """Text from the command line or the environment -> a value of field ``f``; ValueError with
-    "expected ..., got ..." otherwise."""
-    value: object = raw
-    if kind is bool:
-        low = raw.strip().lower()
-        value = {"1": True, "true": True, "yes": True, "on": True,
-                 "0": False, "false": False, "no": False, "off": False}.get(low, raw)
-    elif kind in (int, float):
-        try:
-            value = kind(raw)
-        except ValueError:
-            pass
-    problem = _field_problem(kind, f, value)
-    if problem:
-        raise ValueError(problem.rsplit(", got", 1)[0] + f", got {raw!r}")
-    return value
-
-
-def _parse_value(kind: type, f, raw: str, where: str):
-    try:
-        return _convert(kind, f, raw)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _arg_type(kind: type, f):
-    def parse(raw: str):
-        try:
-            return _convert(kind, f, raw)
-        except ValueError as e:  # argparse prints "argument --flag: <this message>"
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    parse.__name__ = _KIND_NAMES[kind]
-    return parse
-
-
-def _all_fields():
-    for section, cls in SECTIONS.items():
-        for f in fields(cls):
-            yield section, cls, f
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, sections=("model", "train", "eval")):
-    """One ``--flag`` per config field (default None: 'not given'), grouped by section."""
-    for section in sections:
-        cls = SECTIONS[section]
-        group = parser.add_argument_group(f"{section} options ({cls.__name__})")
-        for f in fields(cls):
-            if section == "train" and f.name == "preset":
-                continue
-            kind = _field_type(cls, f)
-            flag = "--" + f.name.replace("_", "-")
-            env = "PROTEUS_" + f.name.upper()
-            rng = f.metadata.get("choices") and "|".join(f.metadata["choices"]) or \
-                f.metadata.get("range")
-            helptext = (f"{f.metadata.get('help', '')} [default {f.default!r}"
-                        + (f"; {rng}" if rng else "") + f"; env {env}]")
-            bare = dict(nargs="?", const=True) if kind is bool else {}  # a bare --flag: true
-            group.add_argument(flag, dest=f"{section}.{f.name}", default=None,
-                               type=_arg_type(kind, f), metavar=kind.__name__.upper(),
-                               help=helptext.replace("%", "%%"), **bare)
-
-
-def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, dict]:
-    """``PROTEUS_*`` variables as section overrides; unknown names are an error."""
-    environ = os.environ if environ is None else environ
-    known = {"PROTEUS_" + f.name.upper(): (section, cls, f) for section, cls, f in _all_fields()}
-    out: dict[str, dict] = {s: {} for s in SECTIONS}
-    for name, raw in environ.items():
-        if not name.startswith("PROTEUS_"):
-            continue
-        if name not in known:
-            raise ConfigError(
-                f"unknown environment variable {name}; PROTEUS_* names must be config options "
-                "(see `proteus train --help`); unset it"
-            )
-        section, cls, f = known[name]
-        out[section][f.name] = _parse_value(_field_type(cls, f), f, raw, name)
-    return out
-
-
-# What the commands other than `train` read from PROTEUS_* variables: `eval` and `audit` start
-# from the config their checkpoint or artifact was trained with and take only these options;
-# the other commands take none. A variable a command does not read is refused, not ignored.
-COMMAND_ENV = {
-    "eval": ("eval.*", "train.kernels", "train.val_files"),
-    "audit": ("eval.*",),
-    "tune-cache": ("eval.*",),
-}
-
-
-def command_env(command: str, environ: Mapping[str, str] | None = None) -> dict[str, object]:
-    """``PROTEUS_*`` values a command other than ``train`` reads, as ``{"section.field": v}``;
-    unknown names, bad values, and names the command does not read are errors."""
-    allowed = COMMAND_ENV.get(command, ())
-    out = {}
-    for section, values in env_overrides(environ).items():
-        for name, value in values.items():
-            key = f"{section}.{name}"
-            if key not in allowed and f"{section}.*" not in allowed:
-                raise ConfigError(
-                    f"environment variable PROTEUS_{name.upper()} does not apply to `proteus "
-                    f"{command}`" + (" (the model and training options come from the "
-                                     "checkpoint)" if command in COMMAND_ENV else "")
-                    + "; unset it")
-            out[key] = value
-    return out
-
-
-def eval_overrides(ec: EvalConfig, cli: Mapping[str, object]) -> EvalConfig:
-    """``ec`` with the ``eval.*`` values given (``PROTEUS_*`` variables and flags, as
-    :func:`command_env` and the parser give them), validated (the evaluation commands start
-    from the config a checkpoint or artifact was trained with)."""
-    over = {k.split(".", 1)[1]: v for k, v in cli.items()
-            if k.startswith("eval.") and v is not None}
-    out = dataclasses.replace(ec, **over)
-    out.validate()
-    return out
-
-
-def resume_config(saved: RunConfig, cli: Mapping[str, object] | None = None,
-                  environ: Mapping[str, str] | None = None, where: str = "the run") -> RunConfig:
-    """The config a resumed run continues with: its own (``saved``), plus the ``PROTEUS_*`` and
-    flag values that do not change what is trained (fields marked ``resume``: threads, logs,
-    checkpoints, timeouts, compile, kernels, device; and every evaluation option). Any other
-    value that differs from the run's is refused: a resumed run is the same run."""
-    layers = saved.to_dict()
-    given = {f"{s}.{k}": v for s, vals in env_overrides(environ).items() for k, v in vals.items()}
-    given.update({k: v for k, v in (cli or {}).items() if v is not None})
-    changed = []
-    for key, value in given.items():
-        section, name = key.split(".", 1)
-        f = SECTIONS[section].__dataclass_fields__[name]
-        if value != layers[section][name] and section != "eval" and not f.metadata.get("resume"):
-            changed.append(f"{name} ({layers[section][name]!r} -> {value!r})")
-        layers[section][name] = value
-    if changed:
-        raise ConfigError(
-            f"{where} is resumed with its own config; these options differ from it: "
-            f"{', '.join(changed)}; drop them, or start a new run")
-    cfg = RunConfig(**{s: cls(**layers[s]) for s, cls in SECTIONS.items()})
-    cfg.validate()
-    return cfg
-
-
-def build_config(
-    preset: str, cli: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None
-) -> RunConfig:
-    """preset -> PROTEUS_* environment -> CLI flags (``{"section.field": value}``), validated."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    layers = {s: dict(PRESETS[preset].get(s, {})) for s in SECTIONS}
-    layers["train"]["preset"] = preset
-    for section, values in env_overrides(environ).items():
-        layers[section].update(values)
-    for key, value in (cli or {}).items():
-        if value is None:
-            continue
-        section, name = key.split(".", 1)
-        layers[section][name] = value
-    cfg = RunConfig(
-        model=ModelConfig(**layers["model"]),
-        train=TrainConfig(**layers["train"]),
-        eval=EvalConfig(**layers["eval"]),
-    )
-    cfg.validate()
-    return cfg

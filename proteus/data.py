@@ -22,7 +22,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from proteus.config import ProteusError
+from proteus.errors import ProteusError
 from proteus.files import atomic_write
 
 SHARD_MAGIC = 20240520

@@ -13,8 +13,8 @@ import platform
 
 import torch
 
-from proteus.config import ConfigError
 from proteus.dist import local_rank
+from proteus.errors import ConfigError
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -22,7 +22,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from proteus.config import ConfigError, RunFailed
+from proteus.errors import ConfigError, RunFailed
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo; used when a run has no time cap

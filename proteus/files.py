@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from proteus.config import ProteusError
+from proteus.errors import ProteusError
 
 
 class OutputError(ProteusError):

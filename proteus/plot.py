@@ -26,7 +26,7 @@ import os
 import re
 from pathlib import Path
 
-from proteus.config import ConfigError
+from proteus.errors import ConfigError
 from proteus.files import atomic_write
 
 try:  # optional: the package and every command but the charts work without it

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from proteus.config import ProteusError, RunFailed
+from proteus.errors import ProteusError, RunFailed
 from proteus.kernels.int6_matmul import CLIP_PERCENTILES, QMAX, Int6Linear, quantize_rows
 
 __all__ = ["CLIP_PERCENTILES", "INT8_MIN_NUMEL", "ArtifactError", "Int6Linear", "QTensor",

@@ -45,7 +45,7 @@ from proteus.checkpoint import (
     state_dir,
     state_paths,
 )
-from proteus.config import ConfigError, RunConfig, RunInterrupted
+from proteus.config import RunConfig
 from proteus.device import device_name, pick_device
 from proteus.dist import (
     Dist,
@@ -55,6 +55,7 @@ from proteus.dist import (
     heartbeat,
     rank_world,
 )
+from proteus.errors import ConfigError, RunInterrupted
 from proteus.evaluate import (
     evaluate_bpb,
     format_bpb,

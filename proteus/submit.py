@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proteus.artifact import ARTIFACT_LIMIT
-from proteus.config import ConfigError
+from proteus.errors import ConfigError
 from proteus.files import atomic_write_json
 from proteus.pack import pack
 from proteus.stats import mean, stdev, welch_one_sided

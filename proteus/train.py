@@ -61,9 +61,10 @@ from proteus.checkpoint import (
     load_train_state,
     save_train_state,
 )
-from proteus.config import ConfigError, RunConfig, RunFailed, RunInterrupted
+from proteus.config import RunConfig
 from proteus.device import pick_device, require_memory, use_autocast
 from proteus.dist import Dist, collective_timeout, heartbeat
+from proteus.errors import ConfigError, RunFailed, RunInterrupted
 from proteus.evaluate import evaluate_bpb, format_bpb
 from proteus.model import GPT, build_model
 from proteus.optim import build_optimizers

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from proteus import data as D
-from proteus.config import build_config
 from proteus.dist import close_process_group, reduce_sum, setup_dist
 from proteus.evaluate import TokenScores, cache_scores
+from proteus.options import build_config
 from proteus.run import run
 
 out = sys.argv[1]

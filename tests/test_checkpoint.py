@@ -19,9 +19,10 @@ import torch
 
 from proteus import artifact as A
 from proteus import checkpoint as K
-from proteus.config import ProteusError, RunFailed, build_config
+from proteus.errors import ProteusError, RunFailed
 from proteus.files import OutputError, atomic_write, remove_stale_temps, temp_path
 from proteus.model import build_model
+from proteus.options import build_config
 from proteus.quant import quantize_state_dict
 from proteus.run import write_run_artifact
 

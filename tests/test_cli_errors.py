@@ -22,6 +22,7 @@ import pytest
 
 from proteus import config as C
 from proteus import data as D
+from proteus import options as OPT
 from proteus.cli import main
 from proteus.model import build_model
 from proteus.run import write_run_artifact
@@ -244,13 +245,13 @@ def test_every_bad_value_in_a_saved_config_is_refused(section, name, value):
 
 
 def build_config_dict() -> dict:
-    return C.build_config("smoke", environ={}).to_dict()
+    return OPT.build_config("smoke", environ={}).to_dict()
 
 
 def test_a_closed_stdout_is_ignored(tmp_path):
     """``proteus artifact inspect X | head -0``: the reader is gone before the first line; no
     BrokenPipeError, no traceback, exit 0."""
-    cfg = C.build_config("smoke", environ={})
+    cfg = OPT.build_config("smoke", environ={})
     write_run_artifact(build_model(cfg), cfg, tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROTEUS_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -5,22 +5,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import subprocess
+import sys
 
 import pytest
 
 from proteus.config import (
-    PRESETS,
-    ConfigError,
+    MAX_ORDER,
+    EvalConfig,
     ModelConfig,
     RunConfig,
     TrainConfig,
     _field_problem,
     _field_type,
     _interval,
-    add_config_arguments,
-    build_config,
-    env_overrides,
 )
+from proteus.errors import ConfigError
+from proteus.options import add_config_arguments, build_config, env_overrides
+from proteus.presets import PRESETS
 
 
 def test_presets_build_and_validate():
@@ -150,3 +152,21 @@ def test_defaults_are_the_reference_model_of_the_spec():
     assert (t.batch_tokens, t.seq_len, t.warmup_steps, t.warmdown_steps, t.max_wallclock_s) == (
         786432, 2048, 20, 3500, 600.0)
     assert (t.ema_decay, t.swa_every, t.swa_lr_below) == (0.997, 50, 0.2)
+
+
+def test_reading_a_config_loads_neither_triton_nor_the_kernels():
+    # a fresh process: `proteus --help` and config checks must not pay for Triton
+    code = ("import sys, proteus.config, proteus.options, proteus.presets, proteus.errors; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton' "
+            "or m.startswith('proteus.kernels')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_the_config_and_the_kernels_agree_on_the_longest_ngram():
+    import proteus.kernels as pk
+
+    assert MAX_ORDER == pk.MAX_ORDER
+    f = EvalConfig.__dataclass_fields__["ngram_order"]
+    assert f.metadata["range"] == f"[2, {pk.MAX_ORDER}]"

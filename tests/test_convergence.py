@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 
-from proteus.config import build_config
 from proteus.data import bundled_dir
+from proteus.options import build_config
 from proteus.train import train
 
 pytestmark = pytest.mark.interpret

@@ -18,7 +18,6 @@ import torch
 
 import proteus.evaluate as E
 from proteus import data as D
-from proteus.config import build_config
 from proteus.evaluate import (
     TokenScores,
     cache_report,
@@ -32,6 +31,7 @@ from proteus.evaluate import (
     windows,
 )
 from proteus.ngram import NgramConfig, ngram_blend_logprobs
+from proteus.options import build_config
 
 V = 8
 

@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from proteus.config import build_config
 from proteus.kernels._testing import assert_within_2x_torch_error
 from proteus.model import GPT
 from proteus.ops import get_ops
 from proteus.optim import Muon, newton_schulz5, split_params
+from proteus.options import build_config
 
 
 def small_cfg(**over):

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from proteus.checkpoint import load_model, save_checkpoint
-from proteus.config import ConfigError, build_config
 from proteus.data import BOS_ID
+from proteus.errors import ConfigError
 from proteus.model import GPT
+from proteus.options import build_config
 
 pytestmark = pytest.mark.interpret
 

@@ -10,7 +10,7 @@ import torch
 
 import proteus.ngram as ng
 from proteus import data as D
-from proteus.config import ConfigError
+from proteus.errors import ConfigError
 from proteus.ngram import (
     AUDIT_CLASSES,
     HashedTwoTableCache,
@@ -492,8 +492,8 @@ def test_stable_sort_fast_path_equals_torchs_stable_sort():
 def test_the_eval_switch_turns_the_document_counts_off():
     import dataclasses
 
-    from proteus.config import build_config
     from proteus.evaluate import TokenScores, cache_scores
+    from proteus.options import build_config
 
     tok, _, lp = _real_case(2000)
     scores = TokenScores(1, lp, torch.ones(lp.numel(), dtype=torch.int64))

@@ -14,9 +14,9 @@ import dataclasses
 import pytest
 import torch
 
-from proteus.config import build_config
 from proteus.model import GPT
 from proteus.optim import Muon, build_optimizers, newton_schulz5, ns_torch_dtype, split_params
+from proteus.options import build_config
 
 
 def plain_newton_schulz5(g: torch.Tensor, steps: int = 5) -> torch.Tensor:

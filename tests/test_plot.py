@@ -9,7 +9,7 @@ import pytest
 
 from proteus import plot
 from proteus.bench import peaks, records
-from proteus.config import ConfigError
+from proteus.errors import ConfigError
 
 pytest.importorskip("matplotlib", reason="charts need matplotlib (pip install '.[test]')")
 

@@ -135,8 +135,8 @@ def test_int6_model_computes_with_the_dequantised_weights():
     # a quantised model through Int6Linear layers = the float model holding q*s weights
     import copy
 
-    from proteus.config import build_config
     from proteus.model import GPT
+    from proteus.options import build_config
 
     cfg = build_config("smoke", environ={}).model
     model = GPT(cfg).eval()

@@ -22,7 +22,8 @@ import torch
 
 from proteus import checkpoint as K
 from proteus.cli import main
-from proteus.config import ConfigError, build_config
+from proteus.errors import ConfigError
+from proteus.options import build_config
 from proteus.run import open_run_dir
 
 ROOT = Path(__file__).resolve().parent.parent

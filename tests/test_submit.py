@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from proteus.config import build_config
+from proteus.options import build_config
 from proteus.pack import packed_code_bytes
 from proteus.submit import (
     SubmitError,

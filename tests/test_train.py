@@ -284,7 +284,7 @@ def test_swa_snapshots_in_the_loop_follow_the_schedule():
     # 8 steps, warm-down over all 8: lr scale (8 - step) / 8 at step 0..7; a snapshot after
     # every 2nd step (steps 1, 3, 5, 7) whose scale is below 3/8: step 7 only (step 5's scale is
     # 3/8 itself) -> swa(1)
-    from proteus.config import build_config
+    from proteus.options import build_config
     from proteus.train import train
 
     cfg = build_config("smoke", {"train.iterations": 8, "train.warmdown_steps": 8,

@@ -21,10 +21,11 @@ import proteus.ttt as T
 from proteus import data as D
 from proteus.checkpoint import load_model, save_checkpoint
 from proteus.cli import main
-from proteus.config import ConfigError, build_config
+from proteus.errors import ConfigError
 from proteus.evaluate import score_windows, windows
 from proteus.model import build_model
 from proteus.ngram import NgramConfig
+from proteus.options import build_config
 from proteus.quant import quantize_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,9 +14,9 @@ import torch
 
 from proteus import data as D
 from proteus.checkpoint import save_checkpoint
-from proteus.config import build_config
 from proteus.evaluate import held_out_files, load_eval_tokens
 from proteus.model import build_model
+from proteus.options import build_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD = "proteus/data/fineweb_train_00000{}.bin"

@@ -1,0 +1,103 @@
+"""The presets: named overrides on top of the config dataclasses' defaults, per section.
+
+Plain data (``{preset: {"model" | "train" | "eval": {field: value}}}``), so that
+``proteus/config.py`` can check a preset name and ``proteus/options.py`` can build a config
+from one without either importing the other's layer. A run is ``preset -> PROTEUS_*
+environment -> command-line flags``, later layers winning (:func:`proteus.options.build_config`).
+"""
+
+from __future__ import annotations
+
+PRESETS: dict[str, dict[str, dict]] = {
+    # The record of SPEC.md: 8 GPUs, 600 s, 786k-token batches of 2048-token sequences.
+    "h100": {
+        "model": {},
+        "train": dict(
+            seq_len=2048,
+            batch_tokens=786432,
+            micro_batch_seqs=48,
+            iterations=20000,
+            max_wallclock_s=600.0,
+            warmdown_steps=3500,
+            val_every=1000,
+            kernels="triton",
+            compile=True,
+            device="cuda",
+            log_every=50,
+        ),
+        "eval": dict(stride=64, eval_batch_seqs=32, artifact_eval="full"),
+    },
+    # A small model that learns real text in about three minutes on two CPU cores.
+    "cpu-tiny": {
+        "model": dict(
+            num_layers=4,
+            model_dim=128,
+            num_heads=4,
+            num_kv_heads=2,
+            rope_dims=8,
+            xsa_last_n=2,
+            bigram_buckets=2048,
+            bigram_dim=64,
+            value_embed_layers="2,3",
+            value_embed_dim=64,
+        ),
+        "train": dict(
+            seq_len=256,
+            batch_tokens=2048,
+            iterations=100000,
+            max_wallclock_s=170.0,
+            warmup_steps=3,
+            lr_warmup_steps=0,
+            warmdown_steps=1200,
+            matrix_lr=0.04,
+            embed_lr=0.02,
+            scalar_lr=0.04,
+            muon_momentum=0.95,
+            muon_momentum_start=0.85,
+            muon_momentum_warmup=300,
+            muon_wd=0.0,
+            adam_wd=0.0,
+            ema_decay=0.0,
+            swa_every=0,
+            compile=True,
+            # bf16 where the CPU has native bf16 (AMX/AVX512-BF16), fp32 where it would be
+            # emulated (AVX2-only hosts: ~17x slower per step); see proteus/device.py
+            autocast_bf16="auto",
+            muon_ns_dtype="auto",
+            device="cpu",
+            log_every=100,
+        ),
+        # ttt_*: chosen on held-out training tokens (README, "Score-first test-time training")
+        "eval": dict(val_tokens=131072, eval_batch_seqs=32, stride=64, cache="ngram",
+                     ttt_chunk=4096),
+    },
+    # Seconds, for tests and smoke runs: proves the plumbing, learns little.
+    "smoke": {
+        "model": dict(
+            num_layers=2,
+            model_dim=64,
+            num_heads=2,
+            num_kv_heads=1,
+            rope_dims=8,
+            xsa_last_n=1,
+            bigram_buckets=256,
+            bigram_dim=32,
+            value_embed_layers="1",
+            value_embed_dim=32,
+        ),
+        "train": dict(
+            seq_len=64,
+            batch_tokens=512,
+            iterations=6,
+            max_wallclock_s=60.0,
+            warmup_steps=1,
+            warmdown_steps=3,
+            swa_every=2,
+            swa_lr_below=0.9,
+            ema_decay=0.9,
+            device="cpu",
+            log_every=1,
+        ),
+        "eval": dict(val_tokens=4096, eval_batch_seqs=8, ttt_chunk=1024),
+    },
+}
