@@ -36,7 +36,7 @@ import pytest
 import torch
 
 import proteus.kernels  # noqa: F401  (selects compiled vs interpreter before kernel modules load)
-from proteus.kernels._backend import kernel_device
+from proteus.kernels import kernel_device
 
 ON_GPU = torch.cuda.is_available()
 PROVIDERS = ["triton", "ref", "ref-compile"]

@@ -7,10 +7,8 @@ never checked with ``assert`` and never reaches Triton unvalidated.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import torch
 
@@ -101,20 +99,6 @@ def check_same_dtype(op: str, **tensors: torch.Tensor) -> torch.dtype:
                 f"{op}: {name} is {t.dtype} but {first_name} is {first.dtype}; they must match"
             )
     return first.dtype
-
-
-@dataclasses.dataclass
-class AotSpec:
-    """One production launch of one kernel, as the report compiles it."""
-
-    kernel: str  # report row, e.g. "leaky_relu2.mlp_up_fwd"
-    shape: str  # the production shape in words, e.g. "M=16384 K=512 N=1536 bf16"
-    fn: Any  # the @triton.jit kernel (or its @autotune/@heuristics wrapper)
-    args: tuple  # positional launch arguments, CPU tensors standing in for device ones
-    kwargs: dict  # constexpr keyword arguments (BLOCK sizes ...)
-    num_warps: int = 4
-    num_stages: int = 3
-    matrix: bool = False  # the hot path is a matrix product: wgmma is expected on sm_90
 
 
 # ---------------------------------------------------------------------------------------------

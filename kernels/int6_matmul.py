@@ -55,7 +55,7 @@ import triton.language as tl
 from torch import nn
 
 from ._backend import interpreting
-from ._common import FLOAT_DTYPES, AotSpec, cast_inputs, check_same_device, check_tensor
+from ._common import FLOAT_DTYPES, cast_inputs, check_same_device, check_tensor
 from ._common import register_autocast as _register_autocast
 
 QMAX = 31
@@ -489,36 +489,3 @@ def replace_linear_int6(module: nn.Module, *,
 
     walk(module, "")
     return module
-
-
-# ---------------------------------------------------------------------------------------------
-# sm_90 report: decode (M = 16) and prefill (M = 16384) on the model's two MLP shapes; the dgrad
-# (LoRA / test-time training through frozen int6 weights) at the prefill shape
-
-
-def sm90_specs():
-    specs = []
-    for k, n in ((512, 1536), (1536, 512)):
-        g = k // 4
-        w = torch.empty((n, 3, g), dtype=torch.uint8)
-        s = torch.empty(n, dtype=torch.float16)
-        for m, name in ((16, "decode"), (16384, "prefill")):
-            x = torch.empty((m, k), dtype=torch.bfloat16)
-            y = torch.empty((m, n), dtype=torch.bfloat16)
-            cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_G=64, w=4, s=4) if m <= 16 else dict(
-                BLOCK_M=128, BLOCK_N=128, BLOCK_G=32, w=8, s=3)
-            warps, stages = cfg.pop("w"), cfg.pop("s")
-            specs.append(AotSpec(
-                f"int6_matmul.{name}", f"M={m} K={k} N={n} bf16", _int6_matmul_kernel,
-                (x, w, s, y, y, m, n, g, k, n), dict(HAS_BIAS=False, IEEE=False, **cfg),
-                warps, stages, matrix=m > 16,
-            ))
-        m = 16384
-        dy = torch.empty((m, n), dtype=torch.bfloat16)
-        dx = torch.empty((m, k), dtype=torch.bfloat16)
-        specs.append(AotSpec(
-            "int6_matmul.dgrad", f"M={m} K={k} N={n} bf16", _int6_dgrad_kernel,
-            (dy, w, s, dx, m, n, g, n, k),
-            dict(IEEE=False, BLOCK_M=128, BLOCK_N=64, BLOCK_G=32), 8, 3, matrix=True,
-        ))
-    return specs

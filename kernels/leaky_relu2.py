@@ -63,7 +63,6 @@ from torch import nn
 from ._backend import interpreting
 from ._common import (
     FLOAT_DTYPES,
-    AotSpec,
     cast_inputs,
     check_same_device,
     check_same_dtype,
@@ -500,32 +499,3 @@ def leaky_relu2_mlp_ref(
     """The unfused MLP: ``F.linear(leaky_relu2_ref(F.linear(x, w_up, b_up)), w_down, b_down)``
     (autograd gives the gradients)."""
     return F.linear(leaky_relu2_ref(F.linear(x, w_up, b_up), slope), w_down, b_down)
-
-
-# ---------------------------------------------------------------------------------------------
-# sm_90 report: the production launches (M = 2048 tokens × 8 sequences per GPU, 512 → 1536)
-
-
-def sm90_specs():
-    m, d, hdim = 16384, 512, 1536
-    bf = torch.bfloat16
-    x = torch.empty((m, d), dtype=bf)
-    w_up = torch.empty((hdim, d), dtype=bf)
-    w_down = torch.empty((d, hdim), dtype=bf)
-    pre = torch.empty((m, hdim), dtype=bf)
-    dy = torch.empty((m, d), dtype=bf)
-    big = torch.empty(m * hdim, dtype=bf)
-    mm = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
-    shape = f"M={m} {d}->{hdim} bf16"
-    return [
-        AotSpec("leaky_relu2.fwd", f"n={m * hdim} bf16", _lr2_fwd_kernel,
-                (big, big, big.numel(), 0.9), dict(BLOCK=2048), 4, 3),
-        AotSpec("leaky_relu2.bwd", f"n={m * hdim} bf16", _lr2_bwd_kernel,
-                (big, big, big, big.numel(), 0.9), dict(BLOCK=2048), 4, 3),
-        AotSpec("leaky_relu2.mlp_up", shape, _lr2_matmul_kernel,
-                (x, w_up, pre, pre, pre, m, hdim, d, d, 1, 1, d, hdim, 1, 0.9),
-                dict(EPILOGUE=0, HAS_BIAS=False, IEEE=False, **mm), 8, 3, matrix=True),
-        AotSpec("leaky_relu2.mlp_dgrad", f"M={m} {d}->{hdim} bf16", _lr2_matmul_kernel,
-                (dy, w_down, pre, pre, pre, m, hdim, d, d, 1, hdim, 1, hdim, 1, 0.9),
-                dict(EPILOGUE=1, HAS_BIAS=False, IEEE=False, **mm), 8, 3, matrix=True),
-    ]

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._backend import interpreting
-from ._common import AotSpec, check_same_device, check_tensor
+from ._common import check_same_device, check_tensor
 from ._keys import MAX_ORDER, VOCAB_BITS
 
 EMPTY = -1
@@ -207,19 +207,3 @@ class NgramTableRef:
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
         return torch.tensor([self.table.get(k, 0) for k in keys.tolist()], dtype=torch.int32,
                             device=self.device)
-
-
-def sm90_specs():
-    n, cap = 1 << 20, 1 << 24
-    keys = torch.empty(n, dtype=torch.int64)
-    incs = torch.empty(n, dtype=torch.int32)
-    tkeys = torch.empty(cap, dtype=torch.int64)
-    tcounts = torch.empty(cap, dtype=torch.int32)
-    size = torch.empty(1, dtype=torch.int64)
-    shape = f"{n} keys, capacity {cap}"
-    return [
-        AotSpec("ngram_table.insert", shape, _insert_kernel,
-                (keys, incs, n, tkeys, tcounts, size, cap - 1), dict(BLOCK=1024), 4, 1),
-        AotSpec("ngram_table.lookup", shape, _lookup_kernel,
-                (keys, incs, n, tkeys, tcounts, cap - 1), dict(BLOCK=1024), 4, 1),
-    ]

@@ -75,7 +75,6 @@ from torch import nn
 from ._backend import interpreting
 from ._common import (
     FLOAT_DTYPES,
-    AotSpec,
     autocast_cast,
     cast_inputs,
     check_same_device,
@@ -895,51 +894,3 @@ def mask_tiles(t: int, *, window: int = -1, doc_ids: torch.Tensor | None = None,
     cq, ck = _tile_loops(None, t, -1, block_m, block_n)
     return dict(fwd=int(q_tiles.sum()), dkdv=int(k_tiles.sum()), causal_fwd=rows * int(cq.sum()),
                 causal_dkdv=rows * int(ck.sum()))
-
-
-# ---------------------------------------------------------------------------------------------
-# sm_90 report: B=8 (per-GPU share), H=8, KV=4, T=2048, D=64, bf16, XSA on; with and without
-# document masks (and a window, a runtime value: the same compiled code for every width)
-
-
-def sm90_specs():
-    b, h, kvh, t, d = 8, 8, 4, 2048, 64
-    bf = torch.bfloat16
-    q = torch.empty((b, h, t, d), dtype=bf)
-    k = torch.empty((b, kvh, t, d), dtype=bf)
-    st = torch.empty((b, h, t), dtype=torch.float32)
-    seg = torch.empty((b, t), dtype=torch.int32)
-    dvx = torch.empty((b, h, t, d), dtype=torch.float32)
-    qs, ks = _bht(q), _bht(k)
-    scale = 1 / math.sqrt(d)
-    bl = {"fwd": (128, 64, 8, 3), "bwd": (64, 64, 4, 2)}
-    specs = []
-    bm, bn, w, s = bl["bwd"]
-    shape = f"B={b} H={h} KV={kvh} T={t} D={d} bf16 xsa"
-    specs.append(AotSpec("xsa_attention.bwd_pre", shape, _bwd_pre,
-                         (q, q, k, st, q, st, dvx, t, h, 2, *qs, *ks),
-                         dict(XSA=True, EPS=XSA_EPS, D=d, BLOCK_M=bm), w, 1))
-    for docs in (False, True):
-        name = "xsa_attention." + ("{}_docs" if docs else "{}")
-        label = shape + (" docs+window" if docs else "")
-        sl = seg if docs else st
-        win = 1024 if docs else t
-        mask = dict(HAS_DOCS=docs, COUNT_TILES=False)
-        bm, bn, w, s = bl["fwd"]
-        specs.append(AotSpec(name.format("fwd"), label, _attn_fwd,
-                             (q, k, k, q, st, st, sl, st, t, h, 2, win, scale * LOG2E,
-                              *qs, *ks, *ks, *qs),
-                             dict(XSA=True, **mask, EPS=XSA_EPS, IEEE=False, D=d, BLOCK_M=bm,
-                                  BLOCK_N=bn), w, s, matrix=True))
-        bm, bn, w, s = bl["bwd"]
-        specs.append(AotSpec(name.format("bwd_dkdv"), label, _bwd_dkdv,
-                             (q, k, k, q, st, st, k, k, sl, st, t, h, kvh, 2, win,
-                              scale * LOG2E, scale, *qs, *ks, *ks, *qs, *ks),
-                             dict(**mask, IEEE=False, D=d, BLOCK_M=bm, BLOCK_N=bn), w, s,
-                             matrix=True))
-        specs.append(AotSpec(name.format("bwd_dq"), label, _bwd_dq,
-                             (q, k, k, q, st, st, q, sl, st, t, h, 2, win, scale * LOG2E, scale,
-                              *qs, *ks, *ks, *qs),
-                             dict(**mask, IEEE=False, D=d, BLOCK_M=bm, BLOCK_N=bn), w, s,
-                             matrix=True))
-    return specs

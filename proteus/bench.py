@@ -37,7 +37,7 @@ import torch
 from proteus import plot
 from proteus.errors import ConfigError
 from proteus.files import atomic_write, atomic_write_json
-from proteus.kernels._aot import format_table, problems
+from proteus.tools.aot import format_table, problems
 
 # Dense bf16/fp16 tensor-core FLOP/s and HBM bytes/s, matched on the CUDA device name (first
 # match wins); any other GPU is compared with the H100 SXM, and says so.
@@ -496,7 +496,7 @@ def run_suite(suite: str, out_dir: str | None = None, pytest_args: list[str] | N
 
 def run_report(json_path: str | None = None) -> int:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "proteus.kernels._aot", "--json"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "proteus.tools.aot", "--json"], env=env,
                             stdout=subprocess.PIPE, text=True)
     rows = []
     assert proc.stdout is not None

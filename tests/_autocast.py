@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proteus.kernels._backend import kernel_device
+from proteus.kernels import kernel_device
 
 AUTOCAST_CASES = [
     pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import proteus.kernels  # noqa: F401  (selects compiled vs interpreter before kernel modules load)
-from proteus.kernels._backend import kernel_device
+from proteus.kernels import kernel_device
 
 
 def pytest_collection_modifyitems(config, items):

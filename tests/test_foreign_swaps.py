@@ -23,10 +23,10 @@ import copy
 
 import pytest
 import torch
+from _kernel_checks import assert_within_2x_torch_error
 from foreign_gpt import GPT, GPTConfig
 
 from proteus.kernels import FusedLeakyReLU2MLP, Int6Linear, dequantize_int6, replace_linear_int6
-from proteus.kernels._testing import assert_within_2x_torch_error
 
 pytestmark = pytest.mark.interpret
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _autocast import AUTOCAST_CASES, autocast_device
+from _kernel_checks import assert_within_2x_torch_error
 from torch import nn
 
 from proteus.kernels import (
@@ -18,7 +19,6 @@ from proteus.kernels import (
     replace_linear_int6,
     unpack_int6,
 )
-from proteus.kernels._testing import assert_within_2x_torch_error
 
 pytestmark = pytest.mark.interpret
 

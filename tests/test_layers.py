@@ -1,8 +1,9 @@
 """The package's shape: layers that import only downwards, no hidden cycles, names of our own.
 
-Layers (STYLE.md), lowest first; a module may import from its own layer's earlier modules and
-from any lower layer, never from a later one. Function-local imports are allowed only in
-``proteus/cli.py`` (its lazy per-subcommand imports).
+Layers (the table of docs/architecture.md, which the README links), lowest first; a module may
+import from its own layer's earlier modules and from any lower layer, never from a later one.
+Function-local imports are allowed only in ``proteus/cli.py`` (its lazy per-subcommand imports).
+Outside ``kernels/``, the kernels are used through their public names only.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import ast
 import importlib.metadata
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +31,14 @@ LAYERS = [
     ["proteus.checkpoint"],
     ["proteus.evaluate", "proteus.ttt"],
     ["proteus.train", "proteus.run", "proteus.submit"],
-    ["proteus.plot", "proteus.bench", "proteus.commands", "proteus.cli", "proteus.__main__"],
+    ["proteus.tools.sm90_specs", "proteus.tools.aot", "proteus.plot", "proteus.bench",
+     "proteus.commands", "proteus.cli", "proteus.__main__"],
 ]
 LOCAL_IMPORTS_ALLOWED = {"proteus/cli.py"}
+# modules that still import a private kernels module (proteus.kernels._x); the n-gram cache's
+# move into the evaluation package switches it to the public names (proteus.kernels.kernel_device,
+# MAX_ORDER, VOCAB_BITS)
+PRIVATE_KERNEL_IMPORTS_ALLOWED = {"proteus.ngram"}
 
 
 def _rank(module: str) -> tuple[int, int] | None:
@@ -45,8 +52,8 @@ def _rank(module: str) -> tuple[int, int] | None:
 
 
 def _sources() -> dict[str, Path]:
-    out = {"proteus." + p.stem: p for p in (ROOT / "proteus").glob("*.py")
-           if p.stem != "__init__"}
+    out = {"proteus." + ".".join(p.relative_to(ROOT / "proteus").with_suffix("").parts): p
+           for p in (ROOT / "proteus").rglob("*.py") if p.stem != "__init__"}
     out.update({"proteus.kernels." + p.stem: p for p in (ROOT / "kernels").glob("*.py")})
     return out
 
@@ -105,6 +112,45 @@ def test_no_function_local_imports_outside_the_allowed_places():
         bad += [f"{rel}:{line} imports {name} inside a function"
                 for name, line, top in _imports(path, module) if not top]
     assert not bad, "\n".join(bad)
+
+
+def test_outside_kernels_only_public_kernel_names_are_imported():
+    bad = []
+    for module, path in _sources().items():
+        if module.startswith("proteus.kernels.") or module in PRIVATE_KERNEL_IMPORTS_ALLOWED:
+            continue
+        bad += [f"{path.relative_to(ROOT)}:{line} imports {name}"
+                for name, line, _ in _imports(path, module)
+                if name.startswith("proteus.kernels.") and name.split(".")[2].startswith("_")]
+    for path in [*(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
+        bad += [f"{path.relative_to(ROOT)}:{line} imports {name}"
+                for name, line, _ in _imports(path, "tests.x")
+                if name.startswith("proteus.kernels._")]
+    assert not bad, "use the names proteus.kernels exports:\n" + "\n".join(bad)
+
+
+def test_kernels_holds_ops_only():
+    # the op modules and their shared private helpers; tooling lives in proteus/tools
+    ops = sorted(p.stem for p in (ROOT / "kernels").glob("*.py") if not p.stem.startswith("_"))
+    assert ops == ["int6_matmul", "leaky_relu2", "ngram_table", "xsa_attention"]
+    helpers = sorted(p.stem for p in (ROOT / "kernels").glob("_*.py"))
+    assert helpers == ["__init__", "_backend", "_common", "_keys"], helpers
+
+
+LAYER_TABLES = ["docs/architecture.md"]  # the pages that print the layer table
+
+
+def _table_layers(text: str) -> list[list[str]]:
+    """The modules of each row of a markdown layer table (``| 2 | `config`, `data` | ... |``)."""
+    rows = re.findall(r"^\| (\d+) \| ([^|]*) \|", text, re.M)
+    return [["proteus." + m if m != "proteus.kernels" else m
+             for m in re.findall(r"`([^`]+)`", mods)] for _, mods in rows]
+
+
+@pytest.mark.parametrize("page", LAYER_TABLES)
+def test_the_layer_table_is_the_layer_test(page):
+    assert _table_layers((ROOT / page).read_text()) == LAYERS, (
+        f"{page}'s layer table and LAYERS in {__file__} describe different layers")
 
 
 def test_the_layer_check_catches_an_upward_import(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _autocast import AUTOCAST_CASES, autocast_device
+from _kernel_checks import assert_within_2x_torch_error
 from torch import nn
 
 from proteus.kernels import (
@@ -17,7 +18,6 @@ from proteus.kernels import (
     leaky_relu2_op,
     leaky_relu2_ref,
 )
-from proteus.kernels._testing import assert_within_2x_torch_error
 from proteus.kernels.leaky_relu2 import _bwd_op, leaky_relu2_backward_ref
 
 pytestmark = pytest.mark.interpret

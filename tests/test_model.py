@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import torch
+from _kernel_checks import assert_within_2x_torch_error
 
-from proteus.kernels._testing import assert_within_2x_torch_error
 from proteus.model import GPT
 from proteus.ops import get_ops
 from proteus.optim import Muon, newton_schulz5, split_params

@@ -24,7 +24,7 @@ def test_packed_modules_are_what_training_imports_and_nothing_else():
               "proteus.kernels.xsa_attention", "proteus.kernels.leaky_relu2",
               "proteus.kernels.int6_matmul", "proteus.kernels.ngram_table", "proteus.cli"):
         assert m in mods, m
-    for m in ("proteus.bench", "proteus.kernels._aot", "proteus.kernels._testing"):
+    for m in ("proteus.bench", "proteus.tools.aot", "proteus.tools.sm90_specs"):
         assert m not in mods, m
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _kernel_checks import assert_within_2x_torch_error
 
-from proteus.kernels._testing import assert_within_2x_torch_error
 from proteus.kernels.xsa_attention import xsa_attention, xsa_attention_ref
 
 pytestmark = pytest.mark.interpret

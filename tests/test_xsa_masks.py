@@ -8,9 +8,9 @@ import itertools
 import pytest
 import torch
 import triton
+from _kernel_checks import assert_within_2x_torch_error
 
 from proteus.data import bundled_val_glob, load_tokens
-from proteus.kernels._testing import assert_within_2x_torch_error
 from proteus.kernels.xsa_attention import (
     _launch_bwd,
     _launch_fwd,

@@ -1,11 +1,6 @@
-"""Helpers for kernel tests and benchmarks (error rules, the sm_90 report in a subprocess)."""
+"""The error rule of the kernel tests: the flash-attention rule against a float64 reference."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import torch
 
@@ -29,16 +24,3 @@ def assert_within_2x_torch_error(
         f"{name}: max |ours - fp64| = {e_ours:.3e} > 2 x max |torch - fp64| = {2 * e_ref:.3e}"
         f" (+ floor {floor:.1e})"
     )
-
-
-def run_sm90_report(only: str = "") -> list[dict]:
-    """Run ``python -m proteus.kernels._aot --json`` in a subprocess (compile mode); return its
-    rows."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    cmd = [sys.executable, "-m", "proteus.kernels._aot", "--json"]
-    cmd += ["--only", only] if only else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not rows:
-        raise RuntimeError(f"sm_90 report produced no rows:\n{proc.stderr[-4000:]}")
-    return rows

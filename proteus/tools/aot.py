@@ -1,9 +1,9 @@
 """H100 readiness without a GPU: compile kernels ahead of time for sm_90 and read the result.
 
-Each kernel module exposes ``sm90_specs() -> list[AotSpec]``: its production launch(es)
-described with real (CPU) argument tensors of the production shape and dtype, so the
-compile mirrors what the GPU JIT would specialise (ints equal to 1 become constexprs,
-ints divisible by 16 and 16-byte-aligned pointers get ``tt.divisibility=16``).
+``proteus/tools/sm90_specs.py`` lists every kernel's production launch(es) as ``AotSpec``s: real
+(CPU) argument tensors of the production shape and dtype, so the compile mirrors what the GPU
+JIT would specialise (ints equal to 1 become constexprs, ints divisible by 16 and 16-byte-aligned
+pointers get ``tt.divisibility=16``).
 
 For every spec we run ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (which emits
 sm_90a), re-run the bundled ``ptxas -v`` on the PTX for registers and spills (the driver
@@ -11,14 +11,13 @@ normally fills these in at load time, and there is none here), disassemble the c
 with ``cuobjdump -sass`` to count instructions (HGMMA = wgmma, LDGSTS = cp.async,
 UTMALDG = TMA, LDL/STL = local memory) and compute the occupancy the resources allow.
 
-This module must run with ``TRITON_INTERPRET=0`` (``python -m proteus.kernels._aot``); the
+This module must run with ``TRITON_INTERPRET=0`` (``python -m proteus.tools.aot``); the
 ``proteus kernels report`` command and the tests start it in a subprocess for that reason.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -33,20 +32,13 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from ._common import AotSpec
+from proteus.tools.sm90_specs import AotSpec, all_specs
 
 H100_SMEM_PER_BLOCK = 232448  # 227 KB: the most dynamic shared memory one block may use
 H100_SMEM_PER_SM = 233472  # 228 KB per SM
 H100_REGS_PER_SM = 65536
 H100_MAX_WARPS_PER_SM = 64
 H100_MAX_BLOCKS_PER_SM = 32
-
-KERNEL_MODULES = (
-    "proteus.kernels.leaky_relu2",
-    "proteus.kernels.xsa_attention",
-    "proteus.kernels.int6_matmul",
-    "proteus.kernels.ngram_table",
-)
 
 _SASS_OP = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)", re.M)
 
@@ -57,7 +49,7 @@ def _jit_fn(kernel):
         if not hasattr(fn, "fn"):
             raise RuntimeError(
                 f"{kernel!r} is not a compiled Triton kernel: run the report with "
-                "TRITON_INTERPRET=0 (python -m proteus.kernels._aot)"
+                "TRITON_INTERPRET=0 (python -m proteus.tools.aot)"
             )
         fn = fn.fn
     return fn
@@ -172,20 +164,6 @@ def _config_text(spec: AotSpec) -> str:
     return f"{blocks} w{spec.num_warps} s{spec.num_stages}".strip()
 
 
-def collect_specs(modules=KERNEL_MODULES) -> list[AotSpec]:
-    specs = []
-    for name in modules:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue  # that kernel is not part of this build
-            raise
-        if hasattr(mod, "sm90_specs"):
-            specs.extend(mod.sm90_specs())
-    return specs
-
-
 def problems(row: dict) -> list[str]:
     """What makes a production config unfit for an H100 (a test fails on any)."""
     out = []
@@ -223,18 +201,18 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m proteus.kernels._aot",
+    ap = argparse.ArgumentParser(prog="python -m proteus.tools.aot",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object per config")
     ap.add_argument("--only", default="", help="comma-separated kernel name prefixes")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
-        print("proteus.kernels._aot: run with TRITON_INTERPRET=0", file=sys.stderr)
+        print("proteus.tools.aot: run with TRITON_INTERPRET=0", file=sys.stderr)
         return 2
     os.environ["TRITON_INTERPRET"] = "0"
     only = [s for s in args.only.split(",") if s]
     rows = []
-    for spec in collect_specs():
+    for spec in all_specs():
         if only and not any(spec.kernel.startswith(o) for o in only):
             continue
         try:
@@ -249,6 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         print(format_table(rows))
     return 1 if any(problems(r) for r in rows) else 0
+
+
+def report_rows(only: str = "") -> list[dict]:
+    """Run ``python -m proteus.tools.aot --json`` in a subprocess (compile mode: a process that
+    imported the kernels on the interpreter cannot compile them); return its rows."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    cmd = [sys.executable, "-m", "proteus.tools.aot", "--json"] + (["--only", only] if only else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not rows:
+        raise RuntimeError(f"sm_90 report produced no rows:\n{proc.stderr[-4000:]}")
+    return rows
 
 
 if __name__ == "__main__":
