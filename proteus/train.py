@@ -285,193 +285,270 @@ def train(cfg: RunConfig, *, dd: Dist | None = None, device: torch.device | None
 
 def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonLog,
            run_dir: Path | None, resume, stop: StopSignal | None) -> Trained:
-    tc, ec = cfg.train, cfg.eval
-    torch.manual_seed(tc.seed)
-    autocast = use_autocast(tc, device)
+    loop = _Loop(cfg, dd, device, val, lut, jlog, run_dir, resume, stop)
+    loop.warm_up()
+    loop.resume()
+    loop.run()
+    return loop.finish()
 
-    stream = D.TokenStream(tc.train_files or D.bundled_train_glob(), dd.rank, dd.world,
-                           cfg.model.vocab_size)
-    seqs_per_rank, micro = batch_layout(tc, dd.world)
-    if tc.val_every and (val is None or lut is None):
-        raise ValueError("train: val_every needs the validation tokens and byte table (val, lut)")
-    # a damaged file fails before any work
-    state = resume if isinstance(resume, dict) or resume is None else load_train_state(resume)
 
-    # weights, gradients, optimiser moments, EMA, SWA and the warm-up's copy: ~6 fp32 copies
-    n_params = sum(math.prod(s) for s in expected_shapes(cfg).values())
-    require_memory(24 * n_params, device, f"training the {n_params:,}-parameter model")
-    model = build_model(cfg).to(device)
-    run_model = torch.compile(model, dynamic=False) if tc.compile else model
-    optimizers = build_optimizers(model, tc)
-    params = [p for p in model.parameters()]
+class _Loop:
+    """One training run's state and its steps, in the order :func:`_train` calls them:
+    set up, warm up (discarded), resume (when given a state), run the steps, finish."""
 
-    log.info(f"proteus train: preset {tc.preset}, {model.num_params():,} parameters, "
-             f"{dd.world} process(es) on {device.type}, kernels={tc.kernels}, "
-             f"bf16 autocast={'on' if autocast else 'off'}")
-    log.info(f"  batch {tc.batch_tokens:,} tokens = {dd.world} x {seqs_per_rank} x "
-             f"{tc.seq_len} (micro-batch {micro}); cap {tc.max_wallclock_s:.0f}s / "
-             f"{tc.iterations} steps")
-    if state is None:
-        jlog.write(event="config", config=cfg.to_dict(), world=dd.world,
-                   params=model.num_params())
+    def __init__(self, cfg: RunConfig, dd: Dist, device: torch.device, val, lut,
+                 jlog: JsonLog, run_dir: Path | None, resume, stop: StopSignal | None):
+        self.cfg, self.tc, self.ec = cfg, cfg.train, cfg.eval
+        self.dd, self.device, self.val, self.lut = dd, device, val, lut
+        self.jlog, self.run_dir, self.stop = jlog, run_dir, stop
+        tc = self.tc
+        torch.manual_seed(tc.seed)
+        self.autocast = use_autocast(tc, device)
 
-    def train_step(step: int, scale: float) -> tuple[float, bool]:
+        self.stream = D.TokenStream(tc.train_files or D.bundled_train_glob(), dd.rank, dd.world,
+                                    cfg.model.vocab_size)
+        self.seqs_per_rank, self.micro = batch_layout(tc, dd.world)
+        if tc.val_every and (val is None or lut is None):
+            raise ValueError("train: val_every needs the validation tokens and byte table "
+                             "(val, lut)")
+        # a damaged file fails before any work
+        self.state = (resume if isinstance(resume, dict) or resume is None
+                      else load_train_state(resume))
+
+        # weights, gradients, optimiser moments, EMA, SWA and the warm-up's copy: ~6 fp32 copies
+        n_params = sum(math.prod(s) for s in expected_shapes(cfg).values())
+        require_memory(24 * n_params, device, f"training the {n_params:,}-parameter model")
+        self.model = build_model(cfg).to(device)
+        self.run_model = torch.compile(self.model, dynamic=False) if tc.compile else self.model
+        self.optimizers = build_optimizers(self.model, tc)
+        self.params = [p for p in self.model.parameters()]
+
+        log.info(f"proteus train: preset {tc.preset}, {self.model.num_params():,} parameters, "
+                 f"{dd.world} process(es) on {device.type}, kernels={tc.kernels}, "
+                 f"bf16 autocast={'on' if self.autocast else 'off'}")
+        log.info(f"  batch {tc.batch_tokens:,} tokens = {dd.world} x {self.seqs_per_rank} x "
+                 f"{tc.seq_len} (micro-batch {self.micro}); cap {tc.max_wallclock_s:.0f}s / "
+                 f"{tc.iterations} steps")
+        if self.state is None:
+            jlog.write(event="config", config=cfg.to_dict(), world=dd.world,
+                       params=self.model.num_params())
+        self.last_saved: Path | None = None
+        self.step, self.train_s, self.step_ms, self.last_loss = 0, 0.0, 0.0, float("nan")
+        self.stop_reason = "iterations"
+        self.losses: list[float] = []
+        self.averages: WeightAverages | None = None
+
+    def train_step(self, step: int, scale: float) -> tuple[float, bool]:
+        """One optimiser step at LR multiplier ``scale``: (the global-batch loss, whether any
+        rank was asked to stop). Raises DivergedError before a non-finite update is applied."""
+        tc, dd, model, params = self.tc, self.dd, self.model, self.params
         mom = muon_momentum(step, tc)
-        for opt in optimizers:
+        for opt in self.optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * scale
                 if "momentum" in g:
                     g["momentum"] = mom
-        x, y = stream.next_batch(tc.batch_tokens, tc.seq_len)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        total = 0.0
-        n_micro = seqs_per_rank // micro
-        for i in range(n_micro):
-            xs, ys = x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = run_model(xs, ys)
-            (loss / n_micro).backward()
-            total += loss.detach().float().item() / n_micro
+        total = self._forward_backward()
         dd.all_reduce_grads(params)
         # the global-batch loss, as one process would see it, and whether any rank was asked
         # to stop: one decision for all ranks
+        stop = self.stop
         total, stopping = dd.mean_and_any(total, stop is not None and stop.signum is not None)
         norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0 else
                 torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         if not (math.isfinite(total) and bool(torch.isfinite(norm))):
             # before the optimiser applies it: the weights stay those of the last good step
             what = f"loss {total}" if not math.isfinite(total) else f"gradient norm {norm}"
+            last_saved = self.last_saved
             raise DivergedError(f"training diverged at step {step + 1}: {what}; "
                                 f"{_first_nonfinite_tensor(model)}; nothing final written"
                                 + (f" (last checkpoint: {last_saved})" if last_saved else ""))
-        for opt in optimizers:
+        for opt in self.optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
         return total, stopping
 
-    # Warm-up (compile/allocator warm-up): run real steps, then throw their effects away.
-    last_saved: Path | None = None
-    if tc.warmup_steps > 0:
-        heartbeat("warm-up")
-        init_model = copy.deepcopy(model.state_dict())
-        init_opt = [copy.deepcopy(o.state_dict()) for o in optimizers]
-        stream_state = stream.state()
-        t0 = time.perf_counter()
-        for i in range(tc.warmup_steps):
-            train_step(i, 1.0)
-        model.load_state_dict(init_model)
-        for o, s in zip(optimizers, init_opt, strict=True):
-            o.load_state_dict(s)
-        stream.restore(stream_state)
-        log.info(f"  warm-up: {tc.warmup_steps} steps in {time.perf_counter() - t0:.1f}s "
-                 "(discarded)")
+    def _forward_backward(self) -> float:
+        """This rank's share of the next batch, forward and backward in micro-batches; its
+        mean loss (gradients accumulate in the parameters)."""
+        tc, device, micro = self.tc, self.device, self.micro
+        x, y = self.stream.next_batch(tc.batch_tokens, tc.seq_len)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        total = 0.0
+        n_micro = self.seqs_per_rank // micro
+        for i in range(n_micro):
+            xs, ys = x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro]
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                enabled=self.autocast):
+                loss = self.run_model(xs, ys)
+            (loss / n_micro).backward()
+            total += loss.detach().float().item() / n_micro
+        return total
 
-    averages = WeightAverages(model, tc)
-    step, train_s, step_ms, last_loss = 0, 0.0, 0.0, float("nan")
-    stop_reason = "iterations"
-    losses: list[float] = []
-    if state is not None:
+    def warm_up(self) -> None:
+        """Compile/allocator warm-up: run real steps, then throw their effects away."""
+        tc, model, optimizers, stream = self.tc, self.model, self.optimizers, self.stream
+        if tc.warmup_steps > 0:
+            heartbeat("warm-up")
+            init_model = copy.deepcopy(model.state_dict())
+            init_opt = [copy.deepcopy(o.state_dict()) for o in optimizers]
+            stream_state = stream.state()
+            t0 = time.perf_counter()
+            for i in range(tc.warmup_steps):
+                self.train_step(i, 1.0)
+            model.load_state_dict(init_model)
+            for o, s in zip(optimizers, init_opt, strict=True):
+                o.load_state_dict(s)
+            stream.restore(stream_state)
+            log.info(f"  warm-up: {tc.warmup_steps} steps in {time.perf_counter() - t0:.1f}s "
+                     "(discarded)")
+        # the averages start from the weights the warm-up put back
+        self.averages = WeightAverages(model, tc)
+
+    def resume(self) -> None:
+        """Put a saved training state back (when the run was given one)."""
+        state = self.state
+        if state is None:
+            return
         where = state.get("path", "a training state")
-        step, train_s, step_ms, losses = _restore(state, model, optimizers, averages, stream,
-                                                  dd, device, where)
-        last_loss = losses[-1] if losses else last_loss
-        log.info(f"  resumed from {where}: step {step}, {_fmt_time(train_s)} of the budget "
-                 "used")
-        jlog.write(event="resume", step=step, path=where, world=dd.world)
+        self.step, self.train_s, self.step_ms, self.losses = _restore(
+            state, self.model, self.optimizers, self.averages, self.stream, self.dd,
+            self.device, where)
+        self.last_loss = self.losses[-1] if self.losses else self.last_loss
+        log.info(f"  resumed from {where}: step {self.step}, {_fmt_time(self.train_s)} of the "
+                 "budget used")
+        self.jlog.write(event="resume", step=self.step, path=where, world=self.dd.world)
 
-    def save_state() -> Path | None:
-        if run_dir is None:
+    def run(self) -> None:
+        """Steps until the step budget or the wall-clock cap (or a stop signal), then the end
+        of training's resumable state."""
+        tc, stop, state = self.tc, self.stop, self.state
+        self.last_save_t = time.monotonic()
+        if stop is not None:
+            stop.deferring = True
+        try:
+            while self.step < tc.iterations:
+                if tc.max_wallclock_s > 0 and self.train_s >= tc.max_wallclock_s:
+                    self.stop_reason = "wallclock"
+                    break
+                scale, stopping = self.one_step()
+                if self.step % tc.log_every == 0 or self.step == 1:
+                    self.log_progress(scale)
+                if stopping:
+                    self.stop_now(self.save_state())
+                if tc.val_every and self.step % tc.val_every == 0:
+                    self.validate()
+                self.maybe_checkpoint()
+            # the end of training is a state too: a run killed during its evaluation resumes here
+            if state is None or self.step > int(state["step"]):
+                self.last_saved = self.save_state()
+            # a signal during the last step: every rank learns of it, and the run stops here
+            if self.dd.mean_and_any(0.0, stop is not None and stop.signum is not None)[1]:
+                self.stop_now(self.last_saved or (self.save_state() if self.run_dir else None))
+        finally:
+            if stop is not None:
+                stop.deferring = False
+
+    def one_step(self) -> tuple[float, bool]:
+        """A step of the loop: the LR schedule, the optimiser step, the weight averages and
+        the clock; (the LR multiplier, whether to stop)."""
+        tc, model, averages = self.tc, self.model, self.averages
+        heartbeat(f"step {self.step + 1}")
+        scale = lr_scale(self.step, tc, self.step_ms, self.train_s * 1000.0)
+        t0 = time.perf_counter()
+        self.last_loss, stopping = self.train_step(self.step, scale)
+        self.losses.append(self.last_loss)
+        averages.update_ema(model)
+        if tc.swa_every and scale < tc.swa_lr_below and (self.step + 1) % tc.swa_every == 0:
+            averages.snapshot(model)
+        dt = time.perf_counter() - t0
+        self.train_s += dt
+        self.step += 1
+        # Smooth the step time used by the wall-clock-aware warm-down.
+        self.step_ms = (dt * 1000.0 if self.step_ms == 0
+                        else 0.9 * self.step_ms + 0.1 * dt * 1000.0)
+        return scale, stopping
+
+    def log_progress(self, scale: float) -> None:
+        tc, step, step_ms, train_s = self.tc, self.step, self.step_ms, self.train_s
+        tok_s = tc.batch_tokens / (step_ms / 1000.0)
+        if tc.max_wallclock_s > 0:
+            eta = max(0.0, tc.max_wallclock_s - train_s)
+        else:
+            eta = (tc.iterations - step) * step_ms / 1000
+        log.info(f"step {step:6d}  loss {self.last_loss:.4f}  lr x{scale:.3f}  "
+                 f"{tok_s:,.0f} tok/s  {step_ms:.0f} ms/step  elapsed "
+                 f"{_fmt_time(train_s)}  eta {_fmt_time(eta)}")
+        self.jlog.write(event="step", step=step, loss=self.last_loss, lr_scale=scale,
+                        tok_s=tok_s, step_ms=step_ms, train_s=train_s)
+
+    def validate(self) -> None:
+        """Periodic validation (``val_every``): plain bpb of the current weights."""
+        step, ec = self.step, self.ec
+        heartbeat(f"validation at step {step}")
+        r = evaluate_bpb(self.model, self.val, self.lut, self.tc.seq_len, 0, ec.eval_batch_seqs,
+                         self.device, self.autocast)
+        log.info(f"  val @ step {step}: bpb {format_bpb(r['bpb'])} loss {r['loss']:.4f}")
+        self.jlog.write(event="val", step=step, train_s=self.train_s, **r)
+
+    def maybe_checkpoint(self) -> None:
+        """A resumable state every ``checkpoint_every`` steps or ``checkpoint_every_s``
+        seconds (not after the last step: :meth:`run` saves that one)."""
+        tc, step = self.tc, self.step
+        if self.run_dir is not None and step < tc.iterations and (
+                (tc.checkpoint_every and step % tc.checkpoint_every == 0)
+                or (tc.checkpoint_every_s
+                    and time.monotonic() - self.last_save_t >= tc.checkpoint_every_s)):
+            self.last_saved = self.save_state()
+            self.last_save_t = time.monotonic()
+
+    def save_state(self) -> Path | None:
+        """Rank 0 writes the resumable training state; its path (the run directory on other
+        ranks; None without a run directory)."""
+        if self.run_dir is None:
             return None
-        path = None
+        path, step, model, dd = None, self.step, self.model, self.dd
         if dd.main:
             heartbeat(f"saving a checkpoint after step {step}")
-            path = save_train_state(run_dir, step, dict(
-                config=cfg.to_dict(), step=step, train_s=train_s, step_ms=step_ms,
-                losses=losses, model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                optimizers=[o.state_dict() for o in optimizers],
-                averages=averages.state_dict(), stream=list(stream.state()),
-                shards=stream.shards(), rng=rng_state(), world=dd.world), tc.keep_checkpoints)
-            jlog.write(event="checkpoint", step=step, path=str(path))
-        return path or Path(run_dir)
+            path = save_train_state(self.run_dir, step, dict(
+                config=self.cfg.to_dict(), step=step, train_s=self.train_s,
+                step_ms=self.step_ms, losses=self.losses,
+                model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                optimizers=[o.state_dict() for o in self.optimizers],
+                averages=self.averages.state_dict(), stream=list(self.stream.state()),
+                shards=self.stream.shards(), rng=rng_state(), world=dd.world),
+                self.tc.keep_checkpoints)
+            self.jlog.write(event="checkpoint", step=step, path=str(path))
+        return path or Path(self.run_dir)
 
-    def stop_now(path: Path | None) -> None:
+    def stop_now(self, path: Path | None) -> None:
+        stop = self.stop
         signum = stop.signum if stop is not None and stop.signum else signal.SIGTERM
-        dd.barrier()  # no rank exits (and has torchrun stop the others) mid-save
+        self.dd.barrier()  # no rank exits (and has torchrun stop the others) mid-save
         raise RunInterrupted(
-            f"stopped by {signal.Signals(signum).name} after step {step}: "
-            + (f"training state saved to {path}" if run_dir else "no run directory, nothing "
-               "saved"), signum)
+            f"stopped by {signal.Signals(signum).name} after step {self.step}: "
+            + (f"training state saved to {path}" if self.run_dir else "no run directory, "
+               "nothing saved"), signum)
 
-    last_save_t = time.monotonic()
-    if stop is not None:
-        stop.deferring = True
-    try:
-        while step < tc.iterations:
-            if tc.max_wallclock_s > 0 and train_s >= tc.max_wallclock_s:
-                stop_reason = "wallclock"
-                break
-            heartbeat(f"step {step + 1}")
-            scale = lr_scale(step, tc, step_ms, train_s * 1000.0)
-            t0 = time.perf_counter()
-            last_loss, stopping = train_step(step, scale)
-            losses.append(last_loss)
-            averages.update_ema(model)
-            if tc.swa_every and scale < tc.swa_lr_below and (step + 1) % tc.swa_every == 0:
-                averages.snapshot(model)
-            dt = time.perf_counter() - t0
-            train_s += dt
-            step += 1
-            # Smooth the step time used by the wall-clock-aware warm-down.
-            step_ms = dt * 1000.0 if step_ms == 0 else 0.9 * step_ms + 0.1 * dt * 1000.0
-            if step % tc.log_every == 0 or step == 1:
-                tok_s = tc.batch_tokens / (step_ms / 1000.0)
-                if tc.max_wallclock_s > 0:
-                    eta = max(0.0, tc.max_wallclock_s - train_s)
-                else:
-                    eta = (tc.iterations - step) * step_ms / 1000
-                log.info(f"step {step:6d}  loss {last_loss:.4f}  lr x{scale:.3f}  "
-                         f"{tok_s:,.0f} tok/s  {step_ms:.0f} ms/step  elapsed "
-                         f"{_fmt_time(train_s)}  eta {_fmt_time(eta)}")
-                jlog.write(event="step", step=step, loss=last_loss, lr_scale=scale, tok_s=tok_s,
-                           step_ms=step_ms, train_s=train_s)
-            if stopping:
-                stop_now(save_state())
-            if tc.val_every and step % tc.val_every == 0:
-                heartbeat(f"validation at step {step}")
-                r = evaluate_bpb(model, val, lut, tc.seq_len, 0, ec.eval_batch_seqs, device,
-                                 autocast)
-                log.info(f"  val @ step {step}: bpb {format_bpb(r['bpb'])} loss {r['loss']:.4f}")
-                jlog.write(event="val", step=step, train_s=train_s, **r)
-            if run_dir is not None and step < tc.iterations and (
-                    (tc.checkpoint_every and step % tc.checkpoint_every == 0)
-                    or (tc.checkpoint_every_s
-                        and time.monotonic() - last_save_t >= tc.checkpoint_every_s)):
-                last_saved = save_state()
-                last_save_t = time.monotonic()
-        # the end of training is a state too: a run killed during its evaluation resumes here
-        last_saved = save_state() if state is None or step > int(state["step"]) else last_saved
-        # a signal during the last step: every rank learns of it, and the run stops here
-        if dd.mean_and_any(0.0, stop is not None and stop.signum is not None)[1]:
-            stop_now(last_saved or (save_state() if run_dir else None))
-    finally:
-        if stop is not None:
-            stop.deferring = False
-
-    final_state, which = averages.final_state(model)
-    model.load_state_dict(final_state)
-    bad = first_nonfinite(model.state_dict())
-    if bad:
-        raise DivergedError(f"training diverged: final weight {bad} ({which}) after step "
-                            f"{step}; nothing final written")
-    tokens_seen = step * tc.batch_tokens
-    log.info(f"training done: {step} steps, {tokens_seen:,} tokens in {_fmt_time(train_s)} "
-             f"({tokens_seen / max(train_s, 1e-9):,.0f} tok/s), stopped by {stop_reason}; "
-             f"final weights: {which}")
-    stats = dict(steps=step, train_seconds=train_s, tokens=tokens_seen,
-                 tokens_per_s=tokens_seen / max(train_s, 1e-9), final_loss=last_loss,
-                 final_weights=which, stop_reason=stop_reason, world=dd.world,
-                 losses=losses, param_digest=param_digest(model))
-    return Trained(model, device, autocast, stats)
+    def finish(self) -> Trained:
+        """The final weights (SWA mean, else EMA, else raw) into the model, checked finite,
+        and the run's statistics."""
+        tc, model, step, train_s = self.tc, self.model, self.step, self.train_s
+        final_state, which = self.averages.final_state(model)
+        model.load_state_dict(final_state)
+        bad = first_nonfinite(model.state_dict())
+        if bad:
+            raise DivergedError(f"training diverged: final weight {bad} ({which}) after step "
+                                f"{step}; nothing final written")
+        tokens_seen = step * tc.batch_tokens
+        log.info(f"training done: {step} steps, {tokens_seen:,} tokens in {_fmt_time(train_s)} "
+                 f"({tokens_seen / max(train_s, 1e-9):,.0f} tok/s), stopped by "
+                 f"{self.stop_reason}; final weights: {which}")
+        stats = dict(steps=step, train_seconds=train_s, tokens=tokens_seen,
+                     tokens_per_s=tokens_seen / max(train_s, 1e-9), final_loss=self.last_loss,
+                     final_weights=which, stop_reason=self.stop_reason, world=self.dd.world,
+                     losses=self.losses, param_digest=param_digest(model))
+        return Trained(model, self.device, self.autocast, stats)
 
 
 def _restore(state: dict, model: GPT, optimizers, averages: WeightAverages,
