@@ -3,10 +3,10 @@
 Shard format (little-endian): a 256 x int32 header — ``[0]`` magic 20240520, ``[1]`` version 1,
 ``[2]`` token count — then ``count`` uint16 token ids. Every document starts with BOS (id 1).
 
-Bits per byte (SPEC.md): ``bpb = (loss_nats / ln 2) * (tokens / bytes)``, where a target token's
-bytes are the UTF-8 length of its piece without the leading "▁", plus one if it has a leading
-"▁" and the previous token is not a boundary token (control/unknown/unused), and byte-fallback
-tokens count one.
+Bits per byte, the challenge's scoring rule: ``bpb = (loss_nats / ln 2) * (tokens / bytes)``,
+where a target token's bytes are the UTF-8 length of its piece without the leading "▁", plus
+one if it has a leading "▁" and the previous token is not a boundary token
+(control/unknown/unused), and byte-fallback tokens count one.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def load_tokenizer(path: str = ""):
 
 @dataclass(frozen=True)
 class ByteLUT:
-    """Per-token byte counts for bpb (SPEC.md's rule)."""
+    """Per-token byte counts for bpb (the rule in this module's docstring)."""
 
     base_bytes: torch.Tensor  # int64 (V,): UTF-8 bytes of the piece without its leading "▁"
     has_space: torch.Tensor  # bool (V,): piece starts with "▁"

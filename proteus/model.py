@@ -1,6 +1,7 @@
-"""The GPT of SPEC.md's model table, as plain ``nn.Module``s.
+"""The GPT of the challenge's record submission, as plain ``nn.Module``s.
 
-Every row of the table is a :class:`~proteus.config.ModelConfig` flag. The two hot ops (the
+Every architectural choice is a :class:`~proteus.config.ModelConfig` flag whose default is the
+record's. The two hot ops (the
 LeakyReLU² MLP and the causal GQA attention with XSA) are called through an
 :class:`~proteus.ops.Ops` bundle chosen by ``--kernels``; nothing here imports a kernel.
 

@@ -1,4 +1,4 @@
-"""Muon for the block matrices, AdamW for embeddings and scalars (SPEC.md's optimiser row).
+"""Muon for the block matrices, AdamW for embeddings and scalars (the record's optimiser).
 
 Muon step for a matrix parameter W with gradient G (momentum mu, Nesterov)::
 

@@ -9,7 +9,7 @@ environment -> command-line flags``, later layers winning (:func:`proteus.option
 from __future__ import annotations
 
 PRESETS: dict[str, dict[str, dict]] = {
-    # The record of SPEC.md: 8 GPUs, 600 s, 786k-token batches of 2048-token sequences.
+    # The challenge's record: 8 GPUs, 600 s, 786k-token batches of 2048-token sequences.
     "h100": {
         "model": {},
         "train": dict(

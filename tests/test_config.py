@@ -30,7 +30,7 @@ def test_presets_build_and_validate():
         cfg = build_config(name, environ={})
         assert cfg.train.preset == name
     h = build_config("h100", environ={})
-    # SPEC.md's reference model and schedule
+    # the record submission's model and schedule
     assert (h.model.num_layers, h.model.model_dim, h.model.num_heads, h.model.num_kv_heads) == (
         11, 512, 8, 4)
     assert (h.model.rope_dims, h.model.xsa_last_n, h.model.mlp_hidden) == (16, 4, 1536)
@@ -135,7 +135,7 @@ def test_config_roundtrip_dict():
 
 
 def test_defaults_are_the_reference_model_of_the_spec():
-    # SPEC.md's model, optimiser and schedule rows (presets override them; these are the base)
+    # the record's model, optimiser and schedule (presets override them; these are the base)
     m, t = ModelConfig(), TrainConfig()
     assert (m.vocab_size, m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads) == (
         1024, 11, 512, 8, 4)

@@ -71,7 +71,7 @@ TARGETS = {
                     "'muon or newton or optimizer or optim'"),
     "train": Target("proteus/train.py", "tests/test_train.py -k 'lr_ or momentum or average'",
                     only=("lr_scale", "muon_momentum", "WeightAverages")),
-    # preset values are tuning choices (the h100 preset's are SPEC.md's, pinned by a test)
+    # preset values are tuning choices (the h100 preset's are the record's, pinned by a test)
     "config": Target("proteus/config.py", "tests/test_config.py", skip=("PRESETS",)),
 }
 
