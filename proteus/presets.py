@@ -67,7 +67,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             device="cpu",
             log_every=100,
         ),
-        # ttt_*: chosen on held-out training tokens (README, "Score-first test-time training")
+        # ttt_*: chosen on held-out training tokens (docs/ttt.md, "Choosing the settings")
         "eval": dict(val_tokens=131072, eval_batch_seqs=32, stride=64, cache="ngram",
                      ttt_chunk=4096),
     },

@@ -1,6 +1,6 @@
 """What importing proteus.kernels changes in the process is exactly what kernels/_backend.py and
-the README ("What importing the ops changes") document, and the ops work whatever the import
-order.
+docs/ops.md ("What importing the ops changes in your process") document, and the ops work
+whatever the import order.
 
 Each case runs in a fresh interpreter: it snapshots Triton's switch, the patched classes and the
 environment, imports ``proteus.kernels``, and reports what changed.

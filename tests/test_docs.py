@@ -42,3 +42,40 @@ def test_every_cited_markdown_file_exists():
 def test_the_citation_check_sees_a_missing_file():
     assert _cited("see NOTES.md's table, docs/architecture.md and (README.md)") == {
         "NOTES.md", "docs/architecture.md", "README.md"}
+
+
+README = ROOT / "README.md"
+
+
+def test_the_readme_is_short():
+    n = len(README.read_text().splitlines())
+    assert n <= 300, f"README.md has {n} lines; move detail to a docs/ page and link it"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = set(re.findall(r"\]\((docs/[^)#]+\.md)", README.read_text()))
+    pages = {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}
+    assert pages - linked == set(), f"docs pages the README does not link: {pages - linked}"
+
+
+def test_the_readme_links_resolve():
+    bad = [t for t in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README.read_text())
+           if not (ROOT / t).exists()]
+    assert not bad, bad
+
+
+def _bash_lines(text: str) -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    return [line.split("#")[0].strip() for b in blocks for line in b.splitlines()]
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    ci = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()
+          if line.strip().startswith("pip install")]
+    assert len(ci) == 1, ci
+    assert ci[0] in _bash_lines(README.read_text())
+
+
+def test_the_readme_runs_the_default_job():
+    assert ("pip install torch==2.13.0 && pip install -e . && proteus train --preset cpu-tiny"
+            in _bash_lines(README.read_text()))

@@ -239,10 +239,10 @@ def _foreign(device):
     return model, idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
 
 
-# The documented tolerance (README, "Use the ops in your model"): in fp32 the loss within 1e-6
-# relative and each gradient within 1e-5 of its largest entry (the kernel sums in another order
-# than SDPA; measured: loss identical, gradients 7.3e-7); under bf16 autocast 1e-3 and 3e-2
-# (measured 2.3e-6 and 9.6e-3: bf16 rounding of different sums).
+# The documented tolerance (docs/ops.md, "Attention: layouts, documents, windows"): in fp32 the
+# loss within 1e-6 relative and each gradient within 1e-5 of its largest entry (the kernel sums
+# in another order than SDPA; measured: loss identical, gradients 7.3e-7); under bf16 autocast
+# 1e-3 and 3e-2 (measured 2.3e-6 and 9.6e-3: bf16 rounding of different sums).
 def _assert_match(a, b, loss_rtol=1e-6, grad_rtol=1e-5):
     (la, ga), (lb, gb) = a, b
     torch.testing.assert_close(la, lb, rtol=loss_rtol, atol=0)
