@@ -23,7 +23,7 @@ setup(
     # package; the open range here never asks for a different build once one is present.
     install_requires=["torch>=2.4", "triton>=3.2", "numpy>=1.24", "sentencepiece>=0.2"],
     # plot: the charts of `proteus bench --plot` and `proteus plot` (the tests draw them too)
-    # and docs/plot_gains.py (the README's figure); mutation: tools/mutation.py, run before a
+    # and docs/plot_gains.py (the figure of docs/ngram_cache.md); mutation: tools/mutation.py, run before a
     # release
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.5"],
                     "plot": ["matplotlib>=3.5"],

@@ -3,8 +3,8 @@ training gain, against the strength of the model they are applied to.
 
     pip install -e ".[plot]" && python docs/plot_gains.py
 
-gains.json holds one row per checkpoint, as ``proteus eval`` printed them (see the README's
-"Gains against model strength"): ``steps``, ``sliding`` (the model's bpb), and the bpb with the
+gains.json holds one row per checkpoint, as ``proteus eval`` printed them (see the report's
+table in docs/ngram_cache.md): ``steps``, ``sliding`` (the model's bpb), and the bpb with the
 cache (``cache``), with TTT (``ttt``) and with both (``both``) where measured.
 """
 

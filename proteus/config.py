@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, fields
 from proteus.errors import ConfigError, ProteusError, RunFailed, RunInterrupted
 from proteus.presets import PRESETS
 
+# the error classes and the presets are re-exported: they are imported from here by code that
+# predates proteus/errors.py and proteus/presets.py
 __all__ = ["NGRAM_BACKENDS", "MAX_ORDER", "ModelConfig", "TrainConfig", "EvalConfig", "RunConfig",
            "SECTIONS", "check_fields", "ConfigError", "ProteusError", "RunFailed",
            "RunInterrupted", "PRESETS"]
