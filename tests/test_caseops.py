@@ -7,13 +7,27 @@ The original texts come from the bundled SP1024 validation shard: its tokenizer 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from proteus import data as D
-from proteus.caseops import (ALLCAPS, CAPNEXT, ESC, TITLE, CaseOpsError, decode_caseops,
-                             encode_caseops, token_bytes)
+from proteus.caseops import (
+    ALLCAPS,
+    CAPNEXT,
+    ESC,
+    TITLE,
+    CaseOpsError,
+    decode_caseops,
+    encode_caseops,
+    token_bytes,
+)
+from proteus.config import build_config
+from proteus.evaluate import evaluate_bpb
+from proteus.model import build_model
+from proteus.train import train
 
 CASES = {
     "hello world": "hello world",
@@ -134,3 +148,24 @@ def test_sidecars_are_all_or_none_and_count_their_shard(tmp_path):
 def test_no_bundled_data_for_other_vocabularies_is_one_clear_error():
     with pytest.raises(D.DataError, match="no bundled data for a vocabulary of 4096"):
         D.bundled_val_glob(4096)
+
+
+def test_evaluator_charges_an_sp8192_range_of_whole_documents_their_text_bytes(sp8192_val,
+                                                                              texts):
+    # the evaluator's own path (windows, byte table) over the first 5 documents, BOS excluded
+    tok = sp8192_val[0]
+    starts = torch.nonzero(tok == D.BOS_ID)[:, 0].tolist()
+    cfg = build_config("smoke", {"model.vocab_size": 8192}, environ={})
+    lut = D.build_byte_lut(D.load_tokenizer("", 8192), 8192)
+    r = evaluate_bpb(build_model(cfg, "ref"), tok[: starts[5]], lut, 64)
+    assert r["bytes"] == sum(len(t.encode("utf-8")) for t in texts[:5])
+
+
+def test_the_sp8192_preset_trains_on_the_bundled_caseops_sample():
+    cfg = build_config("cpu-tiny-sp8192", {"train.iterations": 1, "train.compile": False,
+                                           "train.max_wallclock_s": 0, "train.batch_tokens": 128,
+                                           "train.seq_len": 64},
+                       environ={})
+    assert cfg.model.vocab_size == 8192 and cfg.train.tokenizer == ""
+    losses = train(cfg).stats["losses"]
+    assert len(losses) == 1 and abs(losses[0] - math.log(8192)) < 1.0  # 8192-way, near uniform
