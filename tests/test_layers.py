@@ -26,6 +26,7 @@ LAYERS = [
      "proteus.device",
      "proteus.pack", "proteus.stats"],
     ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.artifact",
+     "proteus.tilt",
      "proteus.ngram"],
     ["proteus.checkpoint"],
     ["proteus.evaluate", "proteus.ttt"],
