@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from proteus.tilt import (TiltConfig, fit_beta, longest_match_hints, tilt_distribution,
-                          tilt_logprobs)
+from proteus.tilt import TiltConfig, fit_beta, longest_match_hints, tilt_distribution, tilt_logprobs
 
 
 def _brute_hints(tok: list[int], max_order: int, min_order: int) -> tuple[list[int], list[int]]:
