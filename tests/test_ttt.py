@@ -17,14 +17,15 @@ import sys
 import pytest
 import torch
 
-import proteus.ttt as T
+import proteus.eval.ttt as T
 from proteus import data as D
 from proteus.checkpoint import load_model, save_checkpoint
 from proteus.cli import main
 from proteus.config import ConfigError, build_config
-from proteus.evaluate import score_windows, windows
+from proteus.eval.blend import NgramConfig
+from proteus.eval.scoring import score_windows, windows
+from proteus.eval.ttt_audit import audit_ttt
 from proteus.model import build_model
-from proteus.ngram import NgramConfig
 from proteus.quant import quantize_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +115,7 @@ def test_ttt_on_the_int6_artifact(case, tmp_path):
 
 def test_audit_passes_score_first_ttt_with_the_cache(case):
     cfg, model, tokens, lut = case
-    rep = T.audit_ttt(model, tokens, lut, SEQ, cfg.eval, NgramConfig())
+    rep = audit_ttt(model, tokens, lut, SEQ, cfg.eval, NgramConfig())
     assert rep.passed, str(rep)
     assert rep.edits == [CHUNK // 2 + 1, CHUNK + 1, CHUNK + CHUNK // 2 + 1, 2 * CHUNK + 1]
     # the model scores from a float32 softmax: its rows sum to 1 within float32 rounding
@@ -132,7 +133,7 @@ def test_audit_fails_ttt_that_trains_on_a_chunk_before_scoring_it(case, monkeypa
         return real(model, params, opt, tokens, k, ec, *rest)
 
     monkeypatch.setattr(T, "_train_chunk", ahead)
-    rep = T.audit_ttt(model, tokens, lut, SEQ, cfg.eval)
+    rep = audit_ttt(model, tokens, lut, SEQ, cfg.eval)
     assert not rep.passed and not rep.edits_ok and "FAIL" in str(rep)
 
 

@@ -1,5 +1,5 @@
-"""Evaluation: per-token model log-probabilities, plain and sliding-window bits per byte, the
-n-gram cache's scores and report, and the cache audit run on a model.
+"""Scoring a token stream with a model: per-token log-probabilities over plain and
+sliding windows, bits per byte, and the validation stream an evaluation scores.
 
 Targets are positions ``j = 1 .. N`` of a token stream ``x_0 .. x_N``: target ``x_j`` is scored
 with context ``x_<j`` (what the model sees of it depends on the window).
@@ -12,14 +12,10 @@ with context ``x_<j`` (what the model sees of it depends on the window).
 
 Work is split over ranks by whole windows, in order, so each rank owns one contiguous range of
 targets; per-token results are gathered in position order, and totals are reduced in float64.
-The cache on each rank first counts every token before its shard, so its result does not
-depend on the number of processes either. Functions return their results; progress and result
-lines go to the ``proteus`` logger (the command line prints them on rank 0).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -31,19 +27,15 @@ import torch.nn.functional as F
 from proteus import data as D
 from proteus.config import EvalConfig, RunConfig
 from proteus.data import ByteLUT, bits_per_byte
-from proteus.dist import gather_ordered, rank_world, reduce_sum
+from proteus.dist import gather_ordered, rank_world
 from proteus.model import GPT
-from proteus.ngram import (
-    HashedTwoTableCache,
-    NgramConfig,
-    audit,
-    audit_positions,
-    load_cache_params,
-    ngram_blend_logprobs,
-)
 
 log = logging.getLogger(__name__)
 
+
+def eval_window(cfg: RunConfig) -> int:
+    """The evaluation's window: ``eval.eval_seq_len``, or the training sequence length."""
+    return cfg.eval.eval_seq_len or cfg.train.seq_len
 
 @dataclass
 class TokenScores:
@@ -167,23 +159,6 @@ def token_scores(first: int, logp: torch.Tensor, tokens: torch.Tensor, lut: Byte
     return TokenScores(first, logp, lut.target_bytes(tokens[positions - 1], tokens[positions]))
 
 
-def evaluate_bpb(model, tokens, lut, seq_len, stride=0, batch_seqs=16, device="cpu",
-                 autocast=False, progress=False) -> dict:
-    """Model-only bpb (and loss) over all targets of ``tokens``."""
-    t0 = time.perf_counter()
-    s = score_tokens(model, tokens, lut, seq_len, stride, batch_seqs, device, autocast, progress)
-    n = s.logp.numel()
-    return dict(
-        bpb=s.bpb(),
-        loss=-s.logp.sum().item() / n,
-        tokens=n,
-        bytes=int(s.nbytes.sum()),
-        seconds=time.perf_counter() - t0,
-        stride=stride,
-        seq_len=seq_len,
-    )
-
-
 def format_bpb(x: float) -> str:
     return "nan" if math.isnan(x) else f"{x:.4f}"
 
@@ -231,134 +206,3 @@ def load_eval_tokens(pattern: str, ec: EvalConfig, vocab_size: int | None = None
     return tokens, first
 
 
-def _digest_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def held_out_files(cfg: RunConfig, pattern: str = "") -> list[str]:
-    """Training shards that the checkpoint of ``cfg`` never trained on, for fitting eval-time
-    parameters: the shards of ``pattern``, or by default the bundled train shards it did not
-    train on. Shards are compared by content (sha256), not by path. A shard it trained on or a
-    validation shard is refused (``DataError``), and so is a checkpoint that trained on every
-    bundled shard when no ``pattern`` is given."""
-    train_glob = cfg.train.train_files or D.bundled_train_glob()
-    try:
-        trained = {_digest_file(f) for f in D.resolve_files(train_glob, "train")}
-    except D.DataError:
-        raise D.DataError(f"cannot tell which shards the checkpoint trained on: its train_files "
-                          f"{train_glob!r} match nothing here") from None
-    val = {_digest_file(f) for f in D.resolve_files(cfg.train.val_files or D.bundled_val_glob(),
-                                                    "val")}
-    if not pattern:
-        files = [f for f in D.resolve_files(D.bundled_train_glob(), "train")
-                 if _digest_file(f) not in trained]
-        if not files:
-            raise D.DataError("the checkpoint trained on every bundled train shard, so none is "
-                              "held out: train with --train-files leaving one out (e.g. "
-                              "'proteus/data/fineweb_train_00000[02].bin') or pass --tune-files")
-        return files
-    files = D.resolve_files(pattern, "tune")
-    for f in files:
-        h = _digest_file(f)
-        if h in val:
-            raise D.DataError(f"{f} is a validation shard: cache parameters are fitted on "
-                              "training tokens only")
-        if h in trained:
-            raise D.DataError(f"{f} is a shard the checkpoint trained on ({train_glob!r}); pass "
-                              "shards it never saw")
-    return files
-
-
-def ngram_config(ec: EvalConfig, vocab_size: int) -> NgramConfig:
-    """The cache's parameters: the shipped ones, or the file of ``ec.cache_params`` (checked
-    against the evaluation's order, document switch and vocabulary)."""
-    if ec.cache_params:
-        return load_cache_params(ec.cache_params, ec.ngram_order, ec.ngram_doc, vocab_size)
-    return NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc)
-
-
-def ngram_backend(ec: EvalConfig) -> str:
-    if ec.ngram_backend == "auto":
-        return "triton" if torch.cuda.is_available() else "numpy"
-    return ec.ngram_backend
-
-
-def cache_scores(scores: TokenScores, tokens: torch.Tensor, ec: EvalConfig, rank: int,
-                 world: int, ncfg: NgramConfig | None = None) -> tuple[float, int, float]:
-    """(sum of nll in nats, bytes, seconds) of the cache-blended scores over this rank's shard."""
-    n = scores.logp.numel()
-    lo, hi = 1 + n * rank // world, 1 + n * (rank + 1) // world
-    ncfg = ncfg or NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc)
-    t0 = time.perf_counter()
-    lp = ngram_blend_logprobs(tokens, lo, hi, scores.logp[lo - 1 : hi - 1], ncfg,
-                              backend=ngram_backend(ec))
-    seconds = time.perf_counter() - t0
-    nll = -lp.double().sum().item()
-    nbytes = int(scores.nbytes[lo - 1 : hi - 1].sum())
-    return nll, nbytes, seconds
-
-
-def run_audit(model: GPT, cfg: RunConfig, ec: EvalConfig, tokens: torch.Tensor,
-              hashed: bool = False, chunks: tuple[int, ...] = ()) -> bool:
-    """Audit our cache (must pass) and, with ``hashed``, the original record's scheme (must be
-    flagged). Returns True when the verdicts are as they must be. The positions are every kind
-    of ``audit_positions`` (``chunks``: extra chunk sizes whose edges to visit)."""
-    seq = ec.eval_seq_len or cfg.train.seq_len
-    ncfg = ngram_config(ec, cfg.model.vocab_size)
-    positions = audit_positions(tokens, ncfg, ec.audit_positions, chunks)
-    fn = model_logprobs_fn(model, seq)
-    backend = ngram_backend(ec)
-    rep = audit(tokens, positions, fn, ncfg, backend=backend)
-    log.info(f"  audit: {rep}")
-    ok = rep.passed
-    if hashed:
-        bad = audit(tokens, positions, fn, scheme=HashedTwoTableCache(order=ec.ngram_order))
-        log.info(f"  audit of the negative example: {bad}")
-        if bad.passed:
-            log.warning("  the audit did not flag the hashed two-table scheme: the audit is broken")
-        ok = ok and not bad.passed
-    return ok
-
-
-def cache_report(model: GPT, cfg: RunConfig, ec: EvalConfig, tokens: torch.Tensor,
-                 scores: TokenScores, rank: int = 0, world: int = 1, with_audit: bool = True,
-                 what: str = "the n-gram cache") -> dict:
-    """bpb with the n-gram cache next to the model's own (``scores``), the cache's seconds and
-    throughput, and (``with_audit``) the audit's verdict."""
-    ncfg = ngram_config(ec, cfg.model.vocab_size)
-    nll, nbytes, secs = cache_scores(scores, tokens, ec, rank, world, ncfg)
-    nll, nbytes, secs = reduce_sum(nll, nbytes, secs)
-    base = scores.bpb()
-    with_cache = nll / math.log(2) / nbytes
-    tps = (tokens.numel() - 1) / max(secs / world, 1e-9)
-    log.info(f"  val bpb {format_bpb(with_cache)} with {what} (order {ec.ngram_order}); "
-             f"without {format_bpb(base)}; difference {with_cache - base:+.4f}")
-    log.info(f"  cache throughput {tps:,.0f} tokens/s ({ngram_backend(ec)} backend)")
-    out = dict(bpb_model=base, bpb_cache=with_cache, gain=base - with_cache, tokens_per_s=tps,
-               seconds=secs / world)
-    if rank == 0 and with_audit:
-        t0 = time.perf_counter()
-        out["audit_passed"] = run_audit(model, cfg, ec, tokens)
-        out["audit_seconds"] = time.perf_counter() - t0
-    return out
-
-
-def sliding_and_cache(model: GPT, cfg: RunConfig, ec: EvalConfig, tokens: torch.Tensor, lut,
-                      seq: int, rank: int = 0, world: int = 1, device="cpu",
-                      autocast: bool = False, progress: bool = False) -> dict:
-    """One scoring pass for the sliding-window bpb (``ec.stride``) and the n-gram cache
-    (``ec.cache == "ngram"``); returns ``val_sliding`` and ``cache`` for those that ran."""
-    out: dict = {}
-    if not (ec.stride or ec.cache == "ngram"):
-        return out
-    t0 = time.perf_counter()
-    scores = score_tokens(model, tokens, lut, seq, ec.stride, ec.eval_batch_seqs, device,
-                          autocast, progress=progress)
-    if ec.stride:
-        out["val_sliding"] = dict(bpb=scores.bpb(), stride=ec.stride, seq_len=seq,
-                                  seconds=time.perf_counter() - t0)
-        log.info(f"  val bpb {format_bpb(scores.bpb())} (sliding window {seq}, stride {ec.stride})")
-    if ec.cache == "ngram":
-        out["cache"] = cache_report(model, cfg, ec, tokens, scores, rank, world)
-    return out
