@@ -18,7 +18,14 @@ import torch
 from proteus import data as D
 from proteus.artifact import ARTIFACT_LIMIT, inspect_artifact
 from proteus.checkpoint import load_model, load_train_state
-from proteus.config import ConfigError, RunConfig, RunInterrupted, eval_overrides, resume_config
+from proteus.config import (
+    ConfigError,
+    EvalConfig,
+    RunConfig,
+    RunInterrupted,
+    eval_overrides,
+    resume_config,
+)
 from proteus.device import pick_device
 from proteus.dist import close_process_group, collective_timeout, env_rank, setup_dist
 from proteus.eval import (
@@ -142,22 +149,37 @@ def _run_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_dict(d, where=str(path))
 
 
-def main_eval(path: str, cli: dict) -> int:
-    """``proteus eval``: plain bpb, and sliding window / n-gram cache as the options ask."""
+def main_eval(path: str, cli: dict, like_run: bool = False, json_path: str | None = None
+              ) -> int:
+    """``proteus eval``: plain bpb, and the sliding window, the n-gram cache and TTT as the
+    options ask (``like_run``: as the run that made ``path`` evaluated it), then the audit;
+    ``json_path``: every number, at full precision, in a JSON file."""
     rank, world = setup_dist()
     failed = True
     try:
-        code = _eval(path, cli, rank, world)
+        code = _eval(path, cli, rank, world, like_run, json_path)
         failed = False
     finally:
         close_process_group(failed)
     return code
 
 
-def _eval(path: str, cli: dict, rank: int, world: int) -> int:
+def eval_config(cfg: RunConfig, cli: dict, like_run: bool, default_audit: str = "") -> RunConfig:
+    """``cfg`` (a checkpoint's or an artifact's) with the evaluation an evaluation command runs:
+    the options given over the defaults (``proteus eval --help``'s), or with ``like_run`` over
+    the run's own saved evaluation config (its stride, cache, TTT, validation tokens...).
+    ``default_audit``: the audit level when none is given (``proteus audit``: full)."""
+    base = cfg.eval if like_run else EvalConfig()
+    if default_audit and "eval.audit" not in cli:
+        base = dataclasses.replace(base, audit=default_audit)
+    return dataclasses.replace(cfg, eval=eval_overrides(base, cli))
+
+
+def _eval(path: str, cli: dict, rank: int, world: int, like_run: bool = False,
+          json_path: str | None = None) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     model, cfg, info = load_model(path, cli.get("train.kernels"))
-    cfg = dataclasses.replace(cfg, eval=eval_overrides(cfg.eval, cli))
+    cfg = eval_config(cfg, cli, like_run)
     ec = cfg.eval
     val_files = cli.get("train.val_files") or cfg.train.val_files or D.bundled_val_glob()
     lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
@@ -171,10 +193,17 @@ def _eval(path: str, cli: dict, rank: int, world: int) -> int:
     if info.get("float_bpb") is not None:
         say(f"  bpb before quantisation (recorded at training): {format_bpb(info['float_bpb'])}")
     r = evaluate(model, tokens, plan, lut=lut, progress=True)
-    if ec.stride or ec.ttt:
-        for line in summary_lines(r, plan.seq):
-            say(line)
-    if rank == 0 and r.cache is not None and not r.audit_passed:
+    for line in summary_lines(r, plan.seq):
+        say(line)
+    if json_path and rank == 0:
+        atomic_write_json(json_path, dict(
+            path=path, source=info["source"], world=world, first_token=first,
+            eval_config=dataclasses.asdict(ec), seconds=r.seconds, **r.summary()))
+        say(f"  wrote {json_path} (every number at full precision)")
+    if rank == 0 and r.audit_passed is False:
+        failed = ", ".join(k for k, v in r.audit["checks"].items() if not v)
+        print(f"proteus: the evaluation's audit failed ({failed}): the numbers above are not "
+              "to be trusted", file=sys.stderr)
         return 1
     return 0
 
@@ -200,14 +229,23 @@ def summary_lines(r: EvalResult, seq: int) -> list[str]:
                          f"+{t['cache']['seconds']:.1f}"))
     out = ["  summary:                                 bpb     seconds"]
     out += [f"    {label:<36} {format_bpb(b)}  {secs}" for label, b, secs in rows]
+    a = r.audit or {}
+    if a.get("level", "none") != "none":
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[a["passed"]]
+        out.append(f"    {'audit (' + a['level'] + ')':<36} {verdict:<6}  +{a['seconds']:.1f}")
+    else:
+        out.append("    audit                                skipped (--no-audit)")
     return out
 
 
-def main_audit(path: str, cli: dict) -> int:
+def main_audit(path: str, cli: dict, like_run: bool = False) -> int:
     """``proteus audit``: our cache must pass, the record's hashed cache must be flagged; with
-    ``--ttt`` also the score-first TTT audit (over the cache too when it is on)."""
+    ``--ttt`` also the score-first TTT audit (over the cache too when it is on). The
+    evaluation config is ``proteus eval``'s (``like_run``: the run's), the level full."""
     model, cfg, _ = load_model(path, None)
-    cfg = dataclasses.replace(cfg, eval=eval_overrides(cfg.eval, cli))
+    cfg = eval_config(cfg, cli, like_run, default_audit="full")
+    if cfg.eval.audit == "none":
+        raise ConfigError("proteus audit with --no-audit (audit none) audits nothing: drop it")
     ec = cfg.eval
     plan = make_plan(cfg)
     tokens, first = load_eval_tokens(cfg.train.val_files or D.bundled_val_glob(), ec,

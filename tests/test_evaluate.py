@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 
 import pytest
 import torch
@@ -238,11 +239,11 @@ def test_format_bpb():
 def test_sliding_bpb_of_the_eval_pass():
     out = _evaluate(PositionModel(), TOKENS, 4, 2).summary()
     want = _expected_logp(TOKENS, WHERE[4, 2])
-    assert set(out) == {"val", "val_sliding"}
+    assert set(out) == {"val", "val_sliding", "audit"}
     assert out["val_sliding"]["bpb"] == pytest.approx(-want.sum().item() / math.log(2) / 38,
                                                       rel=1e-6)
     assert (out["val_sliding"]["stride"], out["val_sliding"]["seq_len"]) == (2, 4)
-    assert set(_evaluate(PositionModel(), TOKENS, 4, 0).summary()) == {"val"}
+    assert set(_evaluate(PositionModel(), TOKENS, 4, 0).summary()) == {"val", "audit"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,8 +286,8 @@ def _small_case(n=1200):
 
 def test_cache_report_numbers():
     tok, scores = _small_case()
-    plan = make_plan(_config(cache="ngram", audit_positions=3))
-    rep = cache_report(PositionModel(), plan, tok, scores)
+    res = evaluate(PositionModel(), tok, _config(16, cache="ngram", audit_positions=3), lut=LUT)
+    rep = res.cache
     blend = ngram_blend_logprobs(tok, 1, tok.numel(), scores.logp, NgramConfig())
     nbytes = int(scores.nbytes.sum())
     want_cache = -blend.sum().item() / math.log(2) / nbytes
@@ -295,6 +296,7 @@ def test_cache_report_numbers():
     assert rep["bpb_model"] == pytest.approx(want_model, rel=1e-12)
     assert rep["gain"] == pytest.approx(want_model - want_cache, rel=1e-12)
     assert rep["gain"] > 0 and rep["audit_passed"] is True and rep["tokens_per_s"] > 0
+    assert res.audit["level"] == "cheap" and res.audit_passed is True
 
 def test_run_audit_audits_the_hashed_scheme_only_when_asked(caplog):
     tok, _ = _small_case(600)
@@ -317,9 +319,9 @@ def test_cache_throughput_and_the_cache_in_the_eval_pass(monkeypatch):
     # a clock that advances 0.25 s per reading: the cache scoring takes exactly 0.25 s
     tok, _ = _small_case(700)
     clock = iter(range(10**6))
-    monkeypatch.setattr(E.time, "perf_counter", lambda: next(clock) * 0.25)
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock) * 0.25)
     out = _evaluate(PositionModel(), tok, 16, 0, cache="ngram", audit_positions=2).summary()
-    assert set(out) == {"val", "cache"}
+    assert set(out) == {"val", "cache", "audit"}
     assert out["cache"]["tokens_per_s"] == pytest.approx(699 / 0.25)
     plain = out["val"]
     assert out["cache"]["bpb_model"] == pytest.approx(plain["bpb"], rel=1e-12)
@@ -330,5 +332,5 @@ def test_cache_throughput_of_an_instant_scoring(monkeypatch):
     # a clock that does not move: the throughput is large and finite, not a division by zero
     tok, scores = _small_case(300)
     plan = make_plan(_config(cache="ngram", audit_positions=1))
-    monkeypatch.setattr(E.time, "perf_counter", lambda: 5.0)
-    assert cache_report(PositionModel(), plan, tok, scores)["tokens_per_s"] == 299 / 1e-9
+    monkeypatch.setattr(time, "perf_counter", lambda: 5.0)
+    assert cache_report(plan, tok, scores)["tokens_per_s"] == 299 / 1e-9

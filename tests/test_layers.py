@@ -26,8 +26,8 @@ LAYERS = [
      "proteus.pack", "proteus.stats"],
     # the n-gram cache: counts, the blend, fitting, the negative example, the audit
     ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.artifact",
-     "proteus.eval.counts", "proteus.eval.blend", "proteus.eval.fit", "proteus.eval.hashed",
-     "proteus.eval.cache_audit"],
+     "proteus.eval.progress", "proteus.eval.counts", "proteus.eval.blend", "proteus.eval.fit",
+     "proteus.eval.hashed", "proteus.eval.cache_audit"],
     ["proteus.checkpoint"],
     # evaluation, sequenced in one place (pipeline) behind one entry point (the package)
     ["proteus.eval.scoring", "proteus.eval.plan", "proteus.eval.cache", "proteus.eval.ttt",

@@ -13,6 +13,7 @@ from proteus.data import BOS_ID
 from proteus.eval.blend import NgramConfig, cache_distribution, ngram_blend_logprobs
 from proteus.eval.counts import earlier_counts_numpy
 from proteus.eval.hashed import HashedTwoTableCache
+from proteus.eval.progress import Progress
 
 # ---------------------------------------------------------------------------------------------
 # The audit
@@ -34,20 +35,20 @@ def _spread(cands: torch.Tensor, k: int) -> list[int]:
 
 def audit_positions(tokens: torch.Tensor, cfg: NgramConfig, n_random: int,
                     chunks: tuple[int, ...] = (), worlds: tuple[int, ...] = AUDIT_WORLDS,
-                    per_class: int = 4, seed: int = 0) -> dict[str, list[int]]:
+                    per_class: int = 4, seed: int = 0, max_bos: int = MAX_BOS_POSITIONS
+                    ) -> dict[str, list[int]]:
     """Target positions t (1 <= t < len) of every kind where a fast path could go wrong:
     ``bos_target`` (x_t is BOS), ``after_bos`` (x_{t-1} is BOS: an empty document),
     ``chunk_edge`` (the last and first targets of the device table's chunks and of any extra
     ``chunks``, e.g. test-time training's), ``shard_edge`` (the last and first targets of each
     rank's shard for ``worlds`` processes), ``repeated_context`` (the highest order's context
-    seen at least twice before) and ``random``: every BOS target (up to
-    ``MAX_BOS_POSITIONS``, spread over the stream), up to ``per_class`` of the other kinds
-    (``n_random`` random ones)."""
+    seen at least twice before) and ``random``: every BOS target (up to ``max_bos``, spread
+    over the stream), up to ``per_class`` of the other kinds (``n_random`` random ones)."""
     n = tokens.numel()
     if n < 2:
         raise ValueError(f"audit_positions: need at least 2 tokens, got {n}")
     tok = tokens.cpu().to(torch.int64)
-    out = {"bos_target": _spread(torch.nonzero(tok[1:] == BOS_ID)[:, 0] + 1, MAX_BOS_POSITIONS),
+    out = {"bos_target": _spread(torch.nonzero(tok[1:] == BOS_ID)[:, 0] + 1, max_bos),
            "after_bos": _spread(torch.nonzero(tok[:-1] == BOS_ID)[:, 0] + 1, per_class)}
     edges = []
     for c in (cfg.chunk, *chunks):
@@ -110,7 +111,8 @@ class AuditReport:
     fast_max_sum_error: float | None = None  # max |sum p_fast - 1| over those
     edits: int = 0  # edited streams (every token from a point on) whose earlier scores held
     edits_ok: bool | None = None
-    splits_ok: bool | None = None  # the scores split over 2, 3, 8 shards equal the whole
+    splits_ok: bool | None = None  # the scores split over ``worlds`` shards equal the whole
+    worlds: tuple[int, ...] = AUDIT_WORLDS
 
     def __str__(self) -> str:
         verdict, yn = "PASS" if self.passed else "FAIL", yes_no
@@ -126,7 +128,7 @@ class AuditReport:
                      f"{self.fast_max_sum_error:.1e}")
         if self.edits_ok is not None:
             text += (f"; {self.edits} edited streams, earlier scores bit-identical="
-                     f"{yn(self.edits_ok)}; split over {'/'.join(map(str, AUDIT_WORLDS))} "
+                     f"{yn(self.edits_ok)}; split over {'/'.join(map(str, self.worlds))} "
                      f"shards identical={yn(self.splits_ok)}")
         return text
 
@@ -149,7 +151,8 @@ def audit(tokens: torch.Tensor, positions: torch.Tensor | dict[str, list[int]],
           model_logprobs_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
           cfg: NgramConfig = NgramConfig(), scheme: HashedTwoTableCache | None = None,  # noqa: B008
           tol: float = 1e-6, backend: str = "numpy", materialise: int = 6,
-          edits: int = 8) -> AuditReport:
+          edits: int = 8, worlds: tuple[int, ...] = AUDIT_WORLDS,
+          earliest: bool = False) -> AuditReport:
     """Audit the cache at ``positions`` (a tensor, or the classes of ``audit_positions``).
 
     1. Reference: materialise p_t over the vocabulary by direct scans of x_<t
@@ -185,7 +188,9 @@ def audit(tokens: torch.Tensor, positions: torch.Tensor | dict[str, list[int]],
     sums, mins, causal = [], [], True
     refs = []
     g = torch.Generator().manual_seed(1234)
+    bar = Progress("audit: reference distributions", pos_t.numel(), unit="positions")
     for i, t in enumerate(pos_t.tolist()):
+        bar.tick(i)
         p = dist(tokens, t, model_lp[i])
         refs.append(p)
         sums.append(p.sum().item())
@@ -221,11 +226,14 @@ def audit(tokens: torch.Tensor, positions: torch.Tensor | dict[str, list[int]],
     if d is not None and cfg.doc:
         busy &= d.ctx[0] > 0
     lists = list(classes.values()) if classes else []
-    order = [min([t for t in v if busy[t - 1]] or v) for v in lists if v] + sorted(
-        pos_t.tolist(), key=lambda t: (not bool(busy[t - 1]), t))
+    by_time = sorted(pos_t.tolist(), key=lambda t: (not bool(busy[t - 1]), t))
+    order = by_time if earliest else [
+        min([t for t in v if busy[t - 1]] or v) for v in lists if v] + by_time
     chosen = list(dict.fromkeys(order))[:materialise]
     f_err, f_sum = 0.0, 0.0
+    bar = Progress("audit: the fast scorer's whole distribution", len(chosen), unit="positions")
     for j, t in enumerate(chosen):
+        bar.tick(j)
         pf = fast_distribution(tokens, t, model_lp[at[t]], cfg, backend,
                                start=t if j % 2 else 1)
         pr = refs[at[t]]
@@ -236,7 +244,9 @@ def audit(tokens: torch.Tensor, positions: torch.Tensor | dict[str, list[int]],
     # 4. edit every token from e on: the scores of targets before e must not move
     e_pts = list(dict.fromkeys([min(v) for v in lists if v] + pos_t.tolist()))[:edits]
     ok = True
-    for e in e_pts:
+    bar = Progress("audit: edited streams", len(e_pts), unit="streams")
+    for i, e in enumerate(e_pts):
+        bar.tick(i)
         other = edit_after(tokens, e, g, vocab)
         lp2 = stream_lp.clone()
         lp2[e - 1 :] -= 0.5  # the model's scores of the changed targets change too
@@ -249,7 +259,8 @@ def audit(tokens: torch.Tensor, positions: torch.Tensor | dict[str, list[int]],
         torch.equal(torch.cat([ngram_blend_logprobs(tokens, lo, hi, stream_lp[lo - 1 : hi - 1],
                                                     cfg, backend)
                                for lo, hi in _shards(n, w)]), fast)
-        for w in AUDIT_WORLDS)
+        for w in worlds)
+    rep.worlds = worlds
     rep.passed = (err <= tol and min(mins) >= 0.0 and causal and rep.consistent
                   and f_err <= 1e-9 and f_sum <= tol and ok and rep.splits_ok)
     return rep

@@ -24,9 +24,9 @@ from proteus import data as D
 from proteus.config import RunConfig
 from proteus.data import ByteLUT
 from proteus.dist import rank_world
-from proteus.eval.cache import cache_report
+from proteus.eval.cache import cache_report, run_audit
 from proteus.eval.plan import EvalPlan, make_plan
-from proteus.eval.scoring import TokenScores, format_bpb, score_tokens
+from proteus.eval.scoring import TokenScores, exact_sum, format_bpb, score_tokens
 from proteus.eval.ttt import ttt_report
 
 log = logging.getLogger(__name__)
@@ -38,24 +38,27 @@ class EvalResult:
     loss, tokens, bytes, seconds, stride, seq_len.
     ``cache``: bpb_model, bpb_cache, gain, tokens_per_s, seconds, and on rank 0
     audit_passed, audit_seconds (with the cache). ``ttt``: bpb, chunks, seconds, ... and its
-    own ``cache`` (with TTT). ``seconds``: the whole evaluation."""
+    own ``cache`` (with TTT). ``audit``: level, passed, seconds, checks. ``seconds``: the whole
+    evaluation."""
 
     plain: dict
     sliding: dict | None = None
     cache: dict | None = None
     ttt: dict | None = None
+    audit: dict | None = None
     seconds: float = 0.0
 
     @property
     def audit_passed(self) -> bool | None:
-        return None if self.cache is None else self.cache.get("audit_passed")
+        """The audit's verdict (None: it did not run here)."""
+        return None if self.audit is None else self.audit["passed"]
 
     def summary(self) -> dict:
         """The run summary's keys: ``val``, and ``val_sliding``, ``cache``, ``ttt`` for the
         steps that ran."""
         out = {"val": self.plain}
         for key, value in (("val_sliding", self.sliding), ("cache", self.cache),
-                           ("ttt", self.ttt)):
+                           ("ttt", self.ttt), ("audit", self.audit)):
             if value is not None:
                 out[key] = value
         return out
@@ -77,7 +80,7 @@ class EvalResult:
 
 def _pass_numbers(scores: TokenScores, seq: int, stride: int, seconds: float) -> dict:
     n = scores.logp.numel()
-    return dict(bpb=scores.bpb(), loss=-scores.logp.sum().item() / n, tokens=n,
+    return dict(bpb=scores.bpb(), loss=-exact_sum(scores.logp) / n, tokens=n,
                 bytes=int(scores.nbytes.sum()), seconds=seconds, stride=stride, seq_len=seq)
 
 
@@ -110,12 +113,32 @@ def evaluate(model, tokens: torch.Tensor, config: RunConfig | EvalPlan, *,
             log.info(f"  val bpb {format_bpb(scores.bpb())} (sliding window {seq}, stride "
                      f"{plan.stride})")
     if plan.cache:
-        res.cache = cache_report(model, plan, tokens, scores, rank, world, with_audit=plan.audit)
+        res.cache = cache_report(plan, tokens, scores, rank, world)
     if plan.ttt:
         res.ttt, t_scores = ttt_report(model, ec, tokens, lut, seq, device, autocast,
                                        progress=progress, quiet=plan.quiet)
         if plan.cache:
-            res.ttt["cache"] = cache_report(model, plan, tokens, t_scores, rank, world,
-                                            with_audit=False, what="TTT + the n-gram cache")
+            res.ttt["cache"] = cache_report(plan, tokens, t_scores, rank, world,
+                                            what="TTT + the n-gram cache")
+    res.audit = _audit(model, plan, tokens, res, rank)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _audit(model, plan: EvalPlan, tokens: torch.Tensor, res: EvalResult, rank: int) -> dict:
+    """The audit the plan asks for, on rank 0: ``level``, ``passed`` (None where it did not
+    run), ``seconds`` and each check's verdict."""
+    if plan.audit == "none":
+        if plan.ec.audit == "none" and not plan.quiet:
+            log.info("  audit skipped (--no-audit): the numbers above are not audited")
+        return dict(level="none", passed=None, seconds=0.0, checks={})
+    t0 = time.perf_counter()
+    checks: dict[str, bool] = {}
+    if rank == 0 and plan.cache:
+        checks["cache"] = run_audit(model, plan, tokens)
+    passed = all(checks.values()) if rank == 0 else None
+    out = dict(level=plan.audit, passed=passed, seconds=time.perf_counter() - t0, checks=checks)
+    if res.cache is not None and rank == 0:
+        res.cache["audit_passed"] = checks["cache"]
+        res.cache["audit_seconds"] = out["seconds"]
+    return out

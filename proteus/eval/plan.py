@@ -33,9 +33,9 @@ def ngram_backend(ec: EvalConfig) -> str:
 class EvalPlan:
     """One evaluation's steps. ``plain`` always runs; ``stride`` > 0 adds the sliding-window
     pass; ``cache`` blends the n-gram cache (parameters ``ncfg``, counted by ``backend``) over
-    that pass's scores (and over TTT's), audited on rank 0 when ``audit``; ``ttt`` adds
-    score-first test-time training. ``quiet``: no result lines (training's periodic
-    validation prints its own)."""
+    that pass's scores (and over TTT's); ``ttt`` adds score-first test-time training;
+    ``audit`` (none, cheap or full) audits what ran, on rank 0. ``quiet``: no result lines
+    (training's periodic validation prints its own)."""
 
     cfg: RunConfig
     seq: int
@@ -44,7 +44,7 @@ class EvalPlan:
     ncfg: NgramConfig
     backend: str
     ttt: bool
-    audit: bool
+    audit: str
     quiet: bool = False
 
     @property
@@ -52,7 +52,7 @@ class EvalPlan:
         return self.cfg.eval
 
     def plain_only(self) -> EvalPlan:
-        return dataclasses.replace(self, stride=0, cache=False, ttt=False, audit=False)
+        return dataclasses.replace(self, stride=0, cache=False, ttt=False, audit="none")
 
 
 def make_plan(cfg: RunConfig) -> EvalPlan:
@@ -62,7 +62,7 @@ def make_plan(cfg: RunConfig) -> EvalPlan:
     cache = ec.cache == "ngram"
     return EvalPlan(cfg=cfg, seq=eval_window(cfg), stride=ec.stride, cache=cache,
                     ncfg=ngram_config(ec, cfg.model.vocab_size), backend=ngram_backend(ec),
-                    ttt=ec.ttt, audit=cache)
+                    ttt=ec.ttt, audit=ec.audit)
 
 
 def validation_plan(cfg: RunConfig) -> EvalPlan:
@@ -71,4 +71,4 @@ def validation_plan(cfg: RunConfig) -> EvalPlan:
     ec = cfg.eval
     return EvalPlan(cfg=cfg, seq=cfg.train.seq_len, stride=0, cache=False,
                     ncfg=NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc),
-                    backend=ngram_backend(ec), ttt=False, audit=False, quiet=True)
+                    backend=ngram_backend(ec), ttt=False, audit="none", quiet=True)

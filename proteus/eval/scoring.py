@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ from proteus import data as D
 from proteus.config import EvalConfig, RunConfig
 from proteus.data import ByteLUT, bits_per_byte
 from proteus.dist import gather_ordered, rank_world
+from proteus.eval.progress import Progress
 from proteus.model import GPT
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,14 @@ class TokenScores:
     nbytes: torch.Tensor  # int64 (n,)
 
     def bpb(self) -> float:
-        return bits_per_byte(-self.logp.sum().item(), int(self.nbytes.sum()))
+        return bits_per_byte(-exact_sum(self.logp), int(self.nbytes.sum()))
+
+
+def exact_sum(values: torch.Tensor) -> float:
+    """The sum of ``values`` correctly rounded to float64 (``math.fsum``): the same number in
+    any order, so a total does not depend on how the records were split, batched or gathered
+    (~0.1 s per million values)."""
+    return math.fsum(values.double().tolist())
 
 
 def windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -101,21 +108,18 @@ def score_windows(model, tokens: torch.Tensor, wins: list[tuple[int, int, int]],
     logps = []
     was_training = model.training
     model.eval()
-    t0 = last = time.perf_counter()
-    i = 0
+    total = sum(e - f + 1 for _, e, f in wins)
+    bar = Progress("scoring", total, enabled=progress, unit="targets")
+    i = done = 0
     while i < len(wins):
         length = wins[i][1] - wins[i][0]
         j = i
         while j < len(wins) and j - i < batch_seqs and wins[j][1] - wins[j][0] == length:
             j += 1
         logps += _score_batch(model, tokens, wins[i:j], device, autocast, capture)
+        done += sum(e - f + 1 for _, e, f in wins[i:j])
         i = j
-        now = time.perf_counter()
-        if progress and now - last > 5.0:
-            last = now
-            done = sum(e - f + 1 for _, e, f in wins[:i])
-            total = sum(e - f + 1 for _, e, f in wins)
-            log.info(f"  eval {done}/{total} targets ({done / (now - t0):,.0f} tok/s)")
+        bar.tick(done)
     model.train(was_training)
     return torch.cat(logps) if logps else torch.zeros(0, dtype=torch.float64)
 

@@ -26,11 +26,12 @@ through its backward with respect to x, backward), so the first chunk is scored 
 artifact scores it; named parameters train over the dequantised weights (the exact int6
 values as fp32 matrices, ``Linear(Q·s)``), which makes the block matrices nameable.
 
-Under torchrun each chunk's windows are split over the ranks and the scores gathered; each
-rank computes the gradient of its share of the rows, weighted by its share, and one all-reduce
-sums them, so every rank takes the identical step. After every chunk the ranks compare a
-sha256 digest of the trained parameters and stop with an error if any differs. 1 and 2
-processes differ only in float summation order (tests/test_ttt.py states the tolerance).
+Under torchrun each chunk's windows are split over the ranks and the scores gathered; a
+chunk's training rows fall into at most 8 fixed groups, the ranks share the groups, every rank
+receives every group's gradient and adds them in group order (``_train_chunk``), so every rank
+takes the identical step, and 1, 2, 3 or 8 processes take the same step to the last bit. After
+every chunk the ranks compare a sha256 digest of the trained parameters and stop with an error
+if any differs.
 
 The audit (``proteus/eval/ttt_audit.py``, ``proteus audit CKPT --ttt``): rerun the whole pass
 with every token from an edit point on replaced (the first target of chunk i+1 for each i, and
@@ -57,7 +58,7 @@ from torch.nn.utils import parametrize
 
 from proteus.config import ConfigError, EvalConfig
 from proteus.data import ByteLUT
-from proteus.dist import all_reduce_flat, gather_ordered, rank_world
+from proteus.dist import gather_ordered, rank_world
 from proteus.eval.scoring import (
     TokenScores,
     format_bpb,
@@ -217,30 +218,56 @@ def _check_ranks_agree(params: list[torch.Tensor], chunk: int, world: int) -> No
                            f"{chunk} (digests {digests.tolist()})")
 
 
+TTT_GROUPS = 8  # a chunk's rows are split into at most this many groups, for any world size
+
+
+def row_groups(rows: int) -> list[tuple[int, int]]:
+    """The fixed groups [lo, hi) of a chunk's ``rows``: at most ``TTT_GROUPS``, as equal as can
+    be. They depend on ``rows`` only, never on the number of processes."""
+    g = min(rows, TTT_GROUPS)
+    return [(rows * i // g, rows * (i + 1) // g) for i in range(g)]
+
+
 def _train_chunk(model: GPT, params: list[nn.Parameter], opt: torch.optim.Optimizer,
                  tokens: torch.Tensor, k: int, ec: EvalConfig, seq: int, device, autocast: bool,
                  rank: int, world: int) -> None:
-    """``ec.ttt_steps`` steps on chunk k's targets (rows of ``seq``, split over the ranks);
-    the summed gradient is the mean over all rows, identical on every rank."""
+    """``ec.ttt_steps`` steps on chunk k's targets (rows of ``seq``). The rows fall into fixed
+    groups (``row_groups``); the ranks share the groups, each group's gradient (of its rows'
+    mean loss, weighted by its share of the rows) is computed alone, every rank receives every
+    group's gradient, and they are added in group order. So the step, to the last bit, is the
+    same for 1, 2, 3 or 8 processes: what changes with the world size is only who computes
+    which group."""
     c = ec.ttt_chunk
     rows = c // seq
-    lo, hi = rows * rank // world, rows * (rank + 1) // world
     base = k * c
-    if hi > lo:
-        span = tokens[base + lo * seq : base + hi * seq + 1].to(device)
-        x, y = span[:-1].view(hi - lo, seq), span[1:].view(hi - lo, seq)
+    groups = row_groups(rows)
+    mine = groups[len(groups) * rank // world : len(groups) * (rank + 1) // world]
     was_training = model.training
     model.train()
     for _ in range(ec.ttt_steps):
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        if hi > lo:
+        grads = []
+        for lo, hi in mine:
+            span = tokens[base + lo * seq : base + hi * seq + 1].to(device)
+            x, y = span[:-1].view(hi - lo, seq), span[1:].view(hi - lo, seq)
+            for p in params:
+                p.grad = None
             with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                                 enabled=autocast):
                 loss = model(x, y)
             (loss * ((hi - lo) / rows)).backward()
+            grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
+                                    .reshape(-1).float().cpu() for p in params]))
+        flat = torch.cat(grads) if grads else torch.zeros(0)
         if world > 1:
-            all_reduce_flat([p.grad for p in params])
+            flat = gather_ordered(flat)
+        per_group = flat.view(len(groups), -1)
+        total = per_group[0].clone()
+        for g in per_group[1:]:  # group order: the same additions on every rank, any world
+            total += g
+        offset = 0
+        for p in params:
+            p.grad = total[offset : offset + p.numel()].view_as(p).to(p.device, p.dtype)
+            offset += p.numel()
         opt.step()
     model.train(was_training)
 
