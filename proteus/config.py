@@ -338,6 +338,11 @@ class EvalConfig:
         "help": "random positions the audit samples (besides BOS targets, first tokens after "
                 "BOS, chunk and shard edges and repeated contexts, which it always visits)",
         "range": "[1, 10000000]"})
+    audit: str = field(default="cheap", metadata={
+        "help": "the audit an evaluation runs: cheap (a few positions of each kind; at most ~10% "
+                "of the evaluation's time), full (every kind of position, many edits: "
+                "`proteus audit`'s default) or none (skipped, and said so)",
+        "choices": ("none", "cheap", "full")})
     artifact_eval: str = field(default="plain", metadata={
         "help": "how the run scores its int6 artifact: plain (non-overlapping windows), or full "
                 "(also the sliding window, the cache and TTT as configured: the numbers a "

@@ -65,7 +65,7 @@ from proteus.config import RunConfig
 from proteus.device import pick_device, require_memory, use_autocast
 from proteus.dist import Dist, collective_timeout, heartbeat
 from proteus.errors import ConfigError, RunFailed, RunInterrupted
-from proteus.evaluate import evaluate_bpb, format_bpb
+from proteus.eval import evaluate, format_bpb, validation_plan
 from proteus.model import GPT, build_model
 from proteus.optim import build_optimizers
 
@@ -298,15 +298,16 @@ class _Loop:
 
     def __init__(self, cfg: RunConfig, dd: Dist, device: torch.device, val, lut,
                  jlog: JsonLog, run_dir: Path | None, resume, stop: StopSignal | None):
-        self.cfg, self.tc, self.ec = cfg, cfg.train, cfg.eval
+        self.cfg, self.tc = cfg, cfg.train
         self.dd, self.device, self.val, self.lut = dd, device, val, lut
         self.jlog, self.run_dir, self.stop = jlog, run_dir, stop
         tc = self.tc
         torch.manual_seed(tc.seed)
         self.autocast = use_autocast(tc, device)
 
-        self.stream = D.TokenStream(tc.train_files or D.bundled_train_glob(), dd.rank, dd.world,
-                                    cfg.model.vocab_size)
+        vocab = cfg.model.vocab_size
+        self.stream = D.TokenStream(tc.train_files or D.bundled_train_glob(vocab), dd.rank,
+                                    dd.world, vocab)
         self.seqs_per_rank, self.micro = batch_layout(tc, dd.world)
         if tc.val_every and (val is None or lut is None):
             raise ValueError("train: val_every needs the validation tokens and byte table "
@@ -484,10 +485,10 @@ class _Loop:
 
     def validate(self) -> None:
         """Periodic validation (``val_every``): plain bpb of the current weights."""
-        step, ec = self.step, self.ec
+        step = self.step
         heartbeat(f"validation at step {step}")
-        r = evaluate_bpb(self.model, self.val, self.lut, self.tc.seq_len, 0, ec.eval_batch_seqs,
-                         self.device, self.autocast)
+        r = evaluate(self.model, self.val, validation_plan(self.cfg), lut=self.lut,
+                     device=self.device, autocast=self.autocast).plain
         log.info(f"  val @ step {step}: bpb {format_bpb(r['bpb'])} loss {r['loss']:.4f}")
         self.jlog.write(event="val", step=step, train_s=self.train_s, **r)
 
