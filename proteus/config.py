@@ -32,7 +32,7 @@ __all__ = ["NGRAM_BACKENDS", "MAX_ORDER", "ModelConfig", "TrainConfig", "EvalCon
            "SECTIONS", "check_fields", "ConfigError", "ProteusError", "RunFailed",
            "RunInterrupted", "PRESETS"]
 
-NGRAM_BACKENDS = ("numpy", "triton", "ref")  # how the n-gram cache counts (proteus.ngram)
+NGRAM_BACKENDS = ("numpy", "triton", "ref")  # how the n-gram cache counts (proteus.eval.counts)
 # The longest n-gram the n-gram table's 64-bit key holds (proteus.kernels.MAX_ORDER; stated
 # here so that reading a config does not import the kernels; tests/test_config.py checks both
 # agree).

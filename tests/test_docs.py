@@ -9,6 +9,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # files our tools write (not citations): `proteus bench --suite h100`'s table, the mutation
 # run's summary
 WRITTEN = {"h100.md", "summary.md", "/summary.md"}
+# pages other developers are writing, cited before they land on main: each is named here with
+# who owes it, so the gap is visible rather than silent; remove the entry when the page lands
+AWAITED = {"docs/integrity.md": "cited by tests/test_integrity.py (the integrity/eval work)"}
 SOURCES = ["README.md", "setup.py", "proteus", "kernels", "tests", "benchmarks", "tools", "docs",
            ".ci"]
 
@@ -33,10 +36,16 @@ def test_every_cited_markdown_file_exists():
     names = {p.name for p in _files()}
     missing = []
     for f in _files():
-        for ref in _cited(f.read_text(errors="replace")) - WRITTEN:
+        for ref in _cited(f.read_text(errors="replace")) - WRITTEN - set(AWAITED):
             if not ((ROOT / ref).exists() or (f.parent / ref).exists() or Path(ref).name in names):
                 missing.append(f"{f.relative_to(ROOT)} cites {ref}")
     assert not missing, "cited files that are not in the repository:\n" + "\n".join(missing)
+
+
+def test_an_awaited_page_is_still_missing():
+    # once it lands, its entry in AWAITED must go (the citation check then covers it)
+    landed = [p for p in AWAITED if (ROOT / p).exists()]
+    assert not landed, f"remove from AWAITED in {__file__}: {landed}"
 
 
 def test_the_citation_check_sees_a_missing_file():

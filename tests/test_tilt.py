@@ -98,9 +98,9 @@ def test_bad_parameters_are_one_clear_error(kw, msg):
 @pytest.fixture(scope="module")
 def tilt_eval():
     from proteus import data as D
-    from proteus.config import build_config
     from proteus.eval import evaluate, make_plan
     from proteus.model import build_model
+    from proteus.options import build_config
 
     cfg = build_config("smoke", {"eval.cache": "tilt", "eval.stride": 32, "eval.tilt_beta": 1.5,
                                  "eval.audit": "cheap"}, environ={})
