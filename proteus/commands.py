@@ -32,6 +32,7 @@ from proteus.evaluate import (
     sliding_and_cache,
 )
 from proteus.files import atomic_write_json
+from proteus.fingerprint import fingerprint, reference_fingerprints, refuse_overlaps
 from proteus.ngram import cache_params_dict, fit_cache_params
 from proteus.pack import pack, source_bytes
 from proteus.run import check_inputs, find_resume, open_run_dir, run
@@ -232,6 +233,9 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
     model, cfg, _ = load_model(path, None)
     ec = eval_overrides(cfg.eval, cli)
     files = held_out_files(cfg, tune_files)
+    refs = reference_fingerprints(cfg.train.train_files, cfg.train.val_files)
+    overlaps = refuse_overlaps(files, refs, "cache parameters are fitted on held-out training "
+                               "tokens only")
     tokens = _load_files(files, tune_tokens)
     lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
     seq = ec.eval_seq_len or cfg.train.seq_len
@@ -244,7 +248,11 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
     meta = dict(fitted_on=dict(checkpoint=path,
                                files=[os.path.basename(f) for f in files],
                                targets=info["targets"], bytes=info["bytes"], stride=ec.stride,
-                               seq_len=seq),
+                               seq_len=seq, fingerprint=fingerprint(tokens).summary(),
+                               refused_by_content=dict(
+                                   {label: fp.summary() for label, fp in refs},
+                                   overlaps={os.path.basename(f): o
+                                             for f, o in overlaps.items()})),
                 bpb=dict(model=info["bpb_model"], start=info["bpb_start"],
                          fitted=info["bpb_fitted"]))
     atomic_write_json(dest, cache_params_dict(fitted, cfg.model.vocab_size, **meta))

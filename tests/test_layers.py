@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     ["proteus.kernels"],  # kernels/: torch and triton only
     ["proteus.config", "proteus.files", "proteus.data", "proteus.dist", "proteus.device",
-     "proteus.pack", "proteus.stats"],
+     "proteus.pack", "proteus.stats", "proteus.fingerprint"],
     ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.artifact",
      "proteus.ngram"],
     ["proteus.checkpoint"],
