@@ -44,7 +44,7 @@ import torch
 from proteus.config import ProteusError
 from proteus.device import require_memory
 from proteus.files import atomic_write
-from proteus.quant import ArtifactError, QTensor, QuantizedState
+from proteus.quant import INT_QMAX, ArtifactError, QTensor, QuantizedState
 
 ARTIFACT_MAGIC = b"PROTEUS\x00"
 ARTIFACT_VERSION = 2
@@ -164,7 +164,8 @@ def rans_decode(blob: bytes, n: int, ctx: np.ndarray, freqs: np.ndarray, lanes: 
 # (quarter-octaves), so encoder and decoder derive identical contexts. On a trained cpu-tiny
 # model this took the int6 payload from 396 KB (order-0 entropy) to 385 KB of rANS output.
 N_CTX = 16
-CTX_OFFSET = {"int6": 12, "int8": 4}  # puts the predicted log2 magnitude range on 16 buckets
+# puts the predicted log2 magnitude range on 16 buckets (int7: one octave above int6)
+CTX_OFFSET = {"int6": 12, "int7": 8, "int8": 4}
 
 
 def _log_means(q2: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -189,7 +190,17 @@ class ArtifactInfo:
     section_bytes: dict
 
 
-KIND_ALPHABET = {"int6": (64, 32), "int8": (256, 128)}  # alphabet, offset (symbol = q + offset)
+KIND_ALPHABET = {"int6": (64, 32), "int7": (128, 64), "int8": (256, 128)}  # symbol = q + offset
+LQER_SUFFIX = ("#lqer_a", "#lqer_b")  # table entries of a tensor's LQER factors (int8 kind)
+
+
+def _entries(qstate: QuantizedState):
+    """(name, tensor, the tensor its LQER factor belongs to or None), factors after their
+    tensor: each factor is an int8 entry of its own, tied to it by ``lqer_of``."""
+    for name, t in qstate.tensors.items():
+        yield name, t, None
+        for suffix, f in zip(LQER_SUFFIX, t.lqer or (), strict=False):
+            yield name + suffix, f, name
 
 
 def _encode_payload(qstate: QuantizedState) -> tuple[list[dict], dict[str, bytes]]:
@@ -199,8 +210,10 @@ def _encode_payload(qstate: QuantizedState) -> tuple[list[dict], dict[str, bytes
     table: list[dict] = []
     streams = {k: ([], []) for k in KIND_ALPHABET}
     sym_offset = {k: 0 for k in KIND_ALPHABET}
-    for name, t in qstate.tensors.items():
+    for name, t, owner in _entries(qstate):
         e = dict(name=name, kind=t.kind, shape=list(t.shape))
+        if owner is not None:
+            e["lqer_of"] = owner
         if t.kind in KIND_ALPHABET:
             alphabet, off = KIND_ALPHABET[t.kind]
             q2 = t.q.numpy().reshape(t.q.shape[0], -1)
@@ -240,7 +253,7 @@ def _encode_payload(qstate: QuantizedState) -> tuple[list[dict], dict[str, bytes
     return table, sections
 
 
-SECTION_ORDER = ("side", "int6", "int8")
+SECTION_ORDER = ("side", "int6", "int7", "int8")
 
 
 def write_artifact(path: str, qstate: QuantizedState, meta: dict) -> ArtifactInfo:
@@ -370,12 +383,38 @@ def _check_table(path: str, hdr, payload_len: int) -> tuple[list[dict], dict, in
             _need(e.get("dtype") in _NP_DTYPES, path, f"{name}: unsupported dtype "
                   f"{e.get('dtype')}")
             regions.append((e["side"], count * np.dtype(_NP_DTYPES[e["dtype"]]).itemsize))
+    _check_lqer(path, entries)
     for kind, spans in tiles.items():
         _tile(path, spans, streams[kind]["n"], f"the {kind} symbol stream")
     side_end = _tile(path, regions, None, "the side section")
     # decoding holds ~5 int64 arrays per symbol; the weights then take 4 bytes per value
     require_memory(40 * total, torch.device("cpu"), f"artifact {path}")
     return entries, streams, side_end
+
+
+def _check_lqer(path: str, entries: list[dict]) -> None:
+    """LQER factor entries: int8, named after an int6/int7 matrix that holds both, of shapes
+    (rows, r) and (r, cols) with 1 <= r <= min(rows, cols)."""
+    by_name = {e["name"]: e for e in entries}
+    for e in entries:
+        owner = e.get("lqer_of")
+        if owner is None:
+            _need(not e["name"].endswith(LQER_SUFFIX), path, f"{e['name']}: a factor name "
+                  "without its lqer_of")
+            continue
+        base = by_name.get(owner) if isinstance(owner, str) else None
+        _need(base is not None and base.get("lqer_of") is None
+              and base["kind"] in ("int6", "int7") and len(base["shape"]) == 2
+              and e["kind"] == "int8" and len(e["shape"]) == 2
+              and e["name"] in (owner + LQER_SUFFIX[0], owner + LQER_SUFFIX[1]), path,
+              f"{e['name']}: bad LQER factor of {str(owner)[:80]}")
+        pair = [by_name.get(owner + s) for s in LQER_SUFFIX]
+        _need(all(p is not None and p.get("lqer_of") == owner for p in pair), path,
+              f"{owner}: LQER needs both factors")
+        (rows, cols), (ar, r), (br, bc) = base["shape"], pair[0]["shape"], pair[1]["shape"]
+        _need(ar == rows and bc == cols and br == r and 1 <= r <= min(rows, cols), path,
+              f"{owner}: LQER factors of shapes {pair[0]['shape']} and {pair[1]['shape']} do "
+              f"not fit ({rows}, {cols})")
 
 
 def _tile(path: str, spans: list[tuple[int, int]], total: int | None, what: str) -> int:
@@ -465,14 +504,19 @@ def _read(path: str, raw: bytes, expected_shapes) -> tuple[QuantizedState, dict]
             count = int(np.prod(shape)) if shape else 1
             arr = np.frombuffer(side, dt, count, e["side"]).copy().reshape(shape)
             qs.tensors[name] = QTensor(kind, shape, data=torch.from_numpy(arr))
+    for e in entries:  # the factors join their tensor (checked: both there, shapes fit)
+        if e.get("lqer_of") is not None and e["name"].endswith(LQER_SUFFIX[0]):
+            owner = qs.tensors[e["lqer_of"]]
+            owner.lqer = (qs.tensors.pop(e["name"]),
+                          qs.tensors.pop(e["lqer_of"] + LQER_SUFFIX[1]))
     return qs, hdr["meta"]
 
 
 def lzma_baseline_bytes(qstate: QuantizedState) -> int:
     """The record's encoding: one byte per quantised value (+ scales, + small tensors), LZMA."""
     buf = io.BytesIO()
-    for t in qstate.tensors.values():
-        if t.kind in ("int6", "int8"):
+    for _, t, _ in _entries(qstate):
+        if t.kind in INT_QMAX:
             buf.write(t.q.numpy().astype(np.int8).tobytes())
             buf.write(t.scale.numpy().tobytes())
         else:
@@ -486,7 +530,7 @@ def value_coding_report(qstate: QuantizedState, info: ArtifactInfo) -> dict[str,
     order-0 entropy."""
     out = {}
     for kind in KIND_ALPHABET:
-        vals = [t.q.numpy().astype(np.int8).ravel() for t in qstate.tensors.values()
+        vals = [t.q.numpy().astype(np.int8).ravel() for _, t, _ in _entries(qstate)
                 if t.kind == kind]
         if not vals or kind not in info.section_bytes:
             continue
@@ -510,15 +554,15 @@ def inspect_artifact(path: str) -> str:
     for s in hdr["sections"]:
         lines.append(f"  section {s['name']:5s} {s['nbytes']:>12,} bytes  crc32 {s['crc32']:08x}")
     counts = {}
-    for t in qs.tensors.values():
+    for _, t, _ in _entries(qs):
         counts[t.kind] = counts.get(t.kind, 0) + int(np.prod(t.shape))
-    for kind in ("int6", "int8"):
+    for kind in KIND_ALPHABET:
         sec = next((s for s in hdr["sections"] if s["name"] == kind), None)
         if sec:
             bits = 8 * sec["nbytes"] / counts[kind]
             lines.append(f"  {kind}: {counts[kind]:,} values, {bits:.3f} "
                          "bits/value in the rANS stream")
     lines.append(f"{'tensor':42s} {'kind':5s} {'shape':>16s}")
-    for name, t in qs.tensors.items():
+    for name, t, _ in _entries(qs):
         lines.append(f"{name:42s} {t.kind:5s} {str(tuple(t.shape)):>16s}")
     return "\n".join(lines)
