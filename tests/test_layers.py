@@ -24,7 +24,8 @@ LAYERS = [
     ["proteus.kernels"],  # kernels/: torch and triton only
     ["proteus.config", "proteus.files", "proteus.data", "proteus.dist", "proteus.device",
      "proteus.pack", "proteus.stats", "proteus.fingerprint"],
-    ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.artifact",
+    ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.gptq",
+     "proteus.artifact",
      "proteus.ngram"],
     ["proteus.checkpoint"],
     ["proteus.evaluate", "proteus.ttt"],
