@@ -257,3 +257,22 @@ def test_quantize_bad_values_are_one_line(args, needle, tmp_path, capsys):
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.int6").exists()
+
+
+def test_train_options_choose_the_run_artifacts_quantiser(smoke, tmp_path):
+    from proteus.run import write_run_artifact
+
+    _, _, model = smoke
+    cfg = build_config("smoke", {"train.quant_method": "gptq", "train.lqer_rank": 2,
+                                 "train.lqer_top_k": 1, "train.embed_bits": 7,
+                                 "train.quant_calib_batches": 2}, environ={})
+    out = write_run_artifact(model, cfg, tmp_path)
+    qs, meta = A.read_artifact(out["path"])
+    q = meta["quantiser"]
+    assert q["method"] == "gptq" and q["embed_bits"] == 7 and len(q["lqer"]) == 1
+    assert q["calibration"]["tokens"] == 2 * 512 and "fineweb_val_000000.bin" not in \
+        q["calibration"]["files"]
+    assert sum(t.lqer is not None for t in qs.tensors.values()) == 1
+    assert any(t.kind == "int7" for t in qs.tensors.values())
+    with pytest.raises(ProteusError, match="quant_method .*expected one of rtn, gptq"):
+        build_config("smoke", {"train.quant_method": "awq"}, environ={})
