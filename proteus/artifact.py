@@ -25,6 +25,17 @@ a 32-bit state and 16-bit renormalisation over interleaved lanes, so encoding an
 are numpy-vectorised across lanes. The contexts capture structure a single order-0 model
 misses: trained matrices have input columns and output rows of very different
 spread, so the value distribution depends on where it sits.
+
+Grouped coding (format v2 files without it still read): a stream may split its tables by role
+(``attn.c_q.weight``, ``mlp.fc.weight``, ... across layers; LQER factors form one role). Each
+role then has its own 16 tables (stream ``groups``/``roles``, entry ``group``). The writer
+splits only when the estimated code length plus the compressed tables comes out smaller.
+Rows are never reordered. A context model with static tables codes a matrix in the same
+number of bits whatever the order of its rows. A permutation would only add bytes; it pays
+for LZ-style coders such as the record's lrzip, not here.
+
+LQER factors (``QTensor.lqer``) are int8 entries ``<name>#lqer_a`` / ``#lqer_b`` tied to their
+int6/int7 matrix by ``lqer_of``; their shapes are checked against it before decoding.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import io
 import json
 import lzma
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -210,6 +222,7 @@ def _encode_payload(qstate: QuantizedState) -> tuple[list[dict], dict[str, bytes
     table: list[dict] = []
     streams = {k: ([], []) for k in KIND_ALPHABET}
     sym_offset = {k: 0 for k in KIND_ALPHABET}
+    roles: dict[str, list[tuple[dict, str]]] = {k: [] for k in KIND_ALPHABET}
     for name, t, owner in _entries(qstate):
         e = dict(name=name, kind=t.kind, shape=list(t.shape))
         if owner is not None:
@@ -226,6 +239,7 @@ def _encode_payload(qstate: QuantizedState) -> tuple[list[dict], dict[str, bytes
             side.write(cl.tobytes())
             streams[t.kind][0].append(q2.astype(np.int64).ravel() + off)
             streams[t.kind][1].append(ctx)
+            roles[t.kind].append((e, "lqer" if owner else re.sub(r"^blocks\.\d+\.", "", name)))
             sym_offset[t.kind] += q2.size
         else:
             arr = t.data.contiguous()
@@ -238,19 +252,43 @@ def _encode_payload(qstate: QuantizedState) -> tuple[list[dict], dict[str, bytes
         if not syms:
             continue
         alphabet, _ = KIND_ALPHABET[kind]
-        sym, ctx = np.concatenate(syms), np.concatenate(ctxs)
-        n_ctx = N_CTX
-        counts = np.zeros((n_ctx, alphabet), np.int64)
-        np.add.at(counts, (ctx, sym), 1)
-        freqs = np.stack([_freq_table(c) for c in counts])
-        freqs[counts.sum(1) == 0, 0] = 1 << PROB_BITS  # unused contexts: any valid table
+        sym = np.concatenate(syms)
+        names = sorted({r for _, r in roles[kind]})
+        group_of = [names.index(r) for _, r in roles[kind]]
+        grouped = np.concatenate([c + g * N_CTX for c, g in zip(ctxs, group_of, strict=True)])
+        ctx, freqs = _tables(sym, np.concatenate(ctxs), alphabet, 1)
+        g_ctx, g_freqs = _tables(sym, grouped, alphabet, len(names))
+        groups = 1
+        if len(names) > 1 and _cost(sym, g_ctx, g_freqs) < _cost(sym, ctx, freqs):
+            ctx, freqs, groups = g_ctx, g_freqs, len(names)
+            for (e, _), g in zip(roles[kind], group_of, strict=True):
+                e["group"] = g
         blob, lanes = rans_encode(sym, ctx, freqs)
         stream_meta[kind] = dict(side=side.tell(), n=int(sym.size), lanes=lanes)
+        if groups > 1:
+            stream_meta[kind].update(groups=groups, roles=names)
         side.write(freqs.astype("<u2").tobytes())
         sections[kind] = blob
     sections["side"] = lzma.compress(side.getvalue(), preset=9 | lzma.PRESET_EXTREME)
     table.append(dict(name="__streams__", streams=stream_meta))
     return table, sections
+
+
+def _tables(sym: np.ndarray, ctx: np.ndarray, alphabet: int, groups: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.zeros((groups * N_CTX, alphabet), np.int64)
+    np.add.at(counts, (ctx, sym), 1)
+    freqs = np.stack([_freq_table(c) for c in counts])
+    freqs[counts.sum(1) == 0, 0] = 1 << PROB_BITS  # unused contexts: any valid table
+    return ctx, freqs
+
+
+def _cost(sym: np.ndarray, ctx: np.ndarray, freqs: np.ndarray) -> float:
+    """Bytes the rANS stream will take (its ideal code length under ``freqs``) plus the
+    compressed tables: what decides whether grouping tensors by role pays."""
+    bits = -np.log2(freqs[ctx, sym] / (1 << PROB_BITS)).sum()
+    tables = lzma.compress(freqs.astype("<u2").tobytes(), preset=9 | lzma.PRESET_EXTREME)
+    return bits / 8 + len(tables)
 
 
 SECTION_ORDER = ("side", "int6", "int7", "int8")
@@ -360,8 +398,9 @@ def _check_table(path: str, hdr, payload_len: int) -> tuple[list[dict], dict, in
     for kind, sm in streams.items():
         _need(kind in KIND_ALPHABET and kind in names and isinstance(sm, dict)
               and _is_int(sm.get("side")) and _is_int(sm.get("n"))
-              and _is_int(sm.get("lanes"), 1, 1 << 20), path, f"bad stream entry {kind}")
-        regions.append((sm["side"], 2 * N_CTX * KIND_ALPHABET[kind][0]))  # frequency tables
+              and _is_int(sm.get("lanes"), 1, 1 << 20)
+              and _is_int(sm.get("groups", 1), 1, 256), path, f"bad stream entry {kind}")
+        regions.append((sm["side"], 2 * _n_ctx(sm) * KIND_ALPHABET[kind][0]))  # tables
     tiles: dict[str, list[tuple[int, int]]] = {k: [] for k in streams}
     total = 0
     for e in entries:
@@ -377,6 +416,8 @@ def _check_table(path: str, hdr, payload_len: int) -> tuple[list[dict], dict, in
             _need(kind in streams and _is_int(r, 1) and _is_int(c, 1) and len(shape) >= 1
                   and r == shape[0] and r * c == count and _is_int(e.get("sym"))
                   and _is_int(e.get("ml"), -128, 127), path, f"{name}: bad {kind} entry")
+            _need(_is_int(e.get("group", 0), 0, streams[kind].get("groups", 1) - 1), path,
+                  f"{name}: bad group {e.get('group')}")
             tiles[kind].append((e["sym"], r * c))
             regions.append((e["side"], 3 * r + c))  # fp16 scales, row and column classes
         else:
@@ -390,6 +431,11 @@ def _check_table(path: str, hdr, payload_len: int) -> tuple[list[dict], dict, in
     # decoding holds ~5 int64 arrays per symbol; the weights then take 4 bytes per value
     require_memory(40 * total, torch.device("cpu"), f"artifact {path}")
     return entries, streams, side_end
+
+
+def _n_ctx(stream: dict) -> int:
+    """Contexts of a stream: 16 magnitude buckets per role group (one group unless grouped)."""
+    return N_CTX * stream.get("groups", 1)
 
 
 def _check_lqer(path: str, entries: list[dict]) -> None:
@@ -477,7 +523,7 @@ def _read(path: str, raw: bytes, expected_shapes) -> tuple[QuantizedState, dict]
     decoded = {}
     for kind, sm in streams.items():
         alphabet, _ = KIND_ALPHABET[kind]
-        n_ctx = N_CTX
+        n_ctx = _n_ctx(sm)
         freqs = np.frombuffer(side, "<u2", n_ctx * alphabet, sm["side"]).astype(np.int64)
         freqs = freqs.reshape(n_ctx, alphabet)
         _need(bool(np.all(freqs.sum(1) == 1 << PROB_BITS)), path,
@@ -488,7 +534,8 @@ def _read(path: str, raw: bytes, expected_shapes) -> tuple[QuantizedState, dict]
                 r, c = e["rows"], e["cols"]
                 rl = np.frombuffer(side, np.int8, r, e["side"] + 2 * r)
                 cl = np.frombuffer(side, np.int8, c, e["side"] + 3 * r)
-                ctx[e["sym"] : e["sym"] + r * c] = _contexts(kind, rl, cl, e["ml"])
+                ctx[e["sym"] : e["sym"] + r * c] = (_contexts(kind, rl, cl, e["ml"])
+                                                    + N_CTX * e.get("group", 0))
         decoded[kind] = rans_decode(sections[kind], sm["n"], ctx, freqs, sm["lanes"])
     qs = QuantizedState()
     for e in entries:
