@@ -16,7 +16,7 @@ tiled exactly, the memory it needs) before anything is decoded, so a damaged or 
 raises one ArtifactError instead of half-loading, asking for terabytes or crashing.
 
 Payload sections: ``side`` (LZMA of: per-tensor scales, row/column classes, the frequency
-tables, and the small fp16/fp32 tensors), then one rANS stream per integer kind (``int6``,
+tables, and the small fp16/fp32 tensors), then one rANS stream per integer kind (``int6``, ``int7``,
 ``int8``). Values are symbols (int6: q + 32; int8: q + 128); each symbol's context is a
 bucket of its predicted magnitude from its row's and column's mean |q|: 16 buckets whose
 static frequency tables (quantised to 2^14) are shared by all tensors of the kind (see

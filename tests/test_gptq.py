@@ -8,11 +8,10 @@ import lzma
 import os
 import struct
 import subprocess
-import sys
-import zlib
 
 import pytest
 import torch
+from test_checkpoint import _rewrite  # a crafted header: edited JSON, checksums redone
 from torch import nn
 
 from proteus import artifact as A
@@ -25,7 +24,7 @@ from proteus.model import build_model
 from proteus.quant import quantize_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VAL = "proteus/data/fineweb_val_000000.bin"
+VAL = os.path.join(ROOT, "proteus", "data", "fineweb_val_000000.bin")
 
 
 def _problem(out=64, inp=128, n=2048, seed=0):
@@ -161,22 +160,14 @@ def test_gptq_lqer_int7_artifact_round_trips_and_old_kinds_still_load(smoke, tmp
     want = model.logits(idx)
     got = m2.logits(idx)
     assert float((got - want).abs().max().detach()) < 0.5  # quantised, not broken
-    assert "int7" in A.inspect_artifact(path) and "#lqer_a" in A.inspect_artifact(path)
+    text = A.inspect_artifact(path)
+    assert "int7" in text and "#lqer_a" in text
     # an RTN int8 artifact (today's format) still loads
     old = str(tmp_path / "old.int6")
     A.write_artifact(old, quantize_state_dict({k: v.detach() for k, v in
                                                model.state_dict().items()}),
                      {"run_config": cfg.to_dict()})
     assert load_model(old, "ref")[0] is not None
-
-
-def _rewrite(raw: bytes, edit) -> bytes:
-    hlen = struct.unpack_from("<I", raw, 12)[0]
-    hdr = json.loads(lzma.decompress(raw[16 : 16 + hlen]))
-    edit(hdr)
-    header = lzma.compress(json.dumps(hdr).encode())
-    prefix = raw[:8] + struct.pack("<II", A.ARTIFACT_VERSION, len(header)) + header
-    return prefix + struct.pack("<I", zlib.crc32(prefix)) + raw[16 + hlen + 4 :]
 
 
 def _lqer_edits():
@@ -223,23 +214,26 @@ def test_crafted_lqer_and_int7_fields_give_one_line(smoke, tmp_path):
         assert "\n" not in str(e.value), label
 
 
-def _cli(*args):
-    e = {k: v for k, v in os.environ.items() if not k.startswith("PROTEUS_")}
-    return subprocess.run([sys.executable, "-m", "proteus", *args], capture_output=True,
-                          text=True, env=e, cwd=ROOT, timeout=600)
+def _cli(capsys, *args):
+    from proteus.cli import main
+
+    code = main(list(args))
+    cap = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, cap.out, cap.err)
 
 
-def test_quantize_command_writes_a_gptq_artifact_and_refuses_validation_tokens(smoke, tmp_path):
+def test_quantize_command_writes_a_gptq_artifact_and_refuses_validation_tokens(smoke, tmp_path,
+                                                                               capsys):
     d, _, _ = smoke
     out = tmp_path / "q.int6"
-    r = _cli("quantize", str(d / "model.ckpt"), "--method", "gptq", "--lqer-rank", "2",
+    r = _cli(capsys, "quantize", str(d / "model.ckpt"), "--method", "gptq", "--lqer-rank", "2",
              "--embed-bits", "7", "--calib-batches", "2", "--calib-seqs", "2", "--out", str(out),
-             "--calib-files", "proteus/data/fineweb_train_000002.bin")
+             "--calib-files", os.path.join(ROOT, "proteus", "data", "fineweb_train_000002.bin"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "calibration: 256 training tokens" in r.stdout and "LQER rank 2" in r.stdout
     meta = A.read_artifact(str(out))[1]
     assert meta["quantiser"]["method"] == "gptq" and len(meta["quantiser"]["lqer"]) == 3
-    r = _cli("quantize", str(d / "model.ckpt"), "--method", "gptq", "--calib-files", VAL,
+    r = _cli(capsys, "quantize", str(d / "model.ckpt"), "--method", "gptq", "--calib-files", VAL,
              "--out", str(tmp_path / "bad.int6"))
     assert r.returncode == 2 and "overlaps the validation tokens" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad.int6").exists()
