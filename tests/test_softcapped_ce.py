@@ -178,6 +178,26 @@ def test_module_op_and_function_agree(device):
         SoftcappedCrossEntropy()  # no silent default
 
 
+def test_backward_saves_the_callers_logits_and_no_other_row_by_vocabulary_tensor(device):
+    z = torch.randn(8, 16, device=device, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 16, (8,), device=device)
+
+    def saved_by(fn):
+        big = []
+
+        def pack(t):
+            if t.dim() == 2 and t.shape[1] == 16:
+                big.append((t.dtype, t.data_ptr() == z.data_ptr()))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(z, y, CAP)
+        return big
+
+    assert saved_by(softcapped_ce) == [(torch.bfloat16, True)]  # the logits themselves
+    assert saved_by(softcapped_ce_ref) == [(torch.float32, False)] * 3
+
+
 def test_lse_is_not_differentiable(device):
     z = torch.randn(3, 8, device=device, requires_grad=True)
     loss, lse = softcapped_ce_op(z, torch.tensor([1, 2, 3], device=device), CAP)
