@@ -198,7 +198,13 @@ def quantize_with_calibration(model: nn.Module, choices: QuantChoices, calib_fil
     hessians = {k: v.cpu() for k, v in hessians.items()}
     calib_s = time.perf_counter() - t0
     qs, rep = quantize_model(model, choices, hessians)
-    rep.update(calibration=dict(files=[os.path.basename(f) for f in calib_files],
+    used, have = [], 0  # the files the batches came from (they are read in order)
+    for f in calib_files:
+        if have >= sum(b.numel() for b in batches):
+            break
+        used.append(f)
+        have += D.read_shard_header(f)
+    rep.update(calibration=dict(files=[os.path.basename(f) for f in used],
                                 tokens=sum(b.numel() for b in batches),
                                 seconds=calib_s))
     return qs, rep
