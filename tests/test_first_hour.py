@@ -4,6 +4,7 @@ to a script (a clear one-line ImportError naming it, not a confusing failure lat
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -136,3 +137,20 @@ def test_a_package_folder_from_another_tree_is_a_clear_import_error(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: proteus: the package came from ") and "shadows" in last
     assert str(other) in last
+
+
+def _setup_kwargs() -> dict:
+    """The literal keyword arguments of setup.py's ``setup(...)`` call."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "setup")
+    return {k.arg: ast.literal_eval(k.value) for k in call.keywords
+            if k.arg in ("install_requires", "extras_require", "entry_points")}
+
+
+def test_plot_works_after_the_first_install_command():
+    # the README's first command is `pip install -e .` (no extras): `proteus plot` needs
+    # matplotlib, so it is a regular requirement, not only one of the [test]/[plot] extras
+    kw = _setup_kwargs()
+    assert any(r.startswith("matplotlib") for r in kw["install_requires"])
+    assert "proteus=proteus.cli:main" in kw["entry_points"]["console_scripts"]
