@@ -166,7 +166,14 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
                        description="Check every provider (ours and the peers installed) against "
                        "the reference, time it, print the tables and write the JSON and CSV "
                        "records (p20/p50/p80, throughput, peak memory, device, versions, "
-                       "commit, date).")
+                       "commit, date). By default the quick subset (no compiled providers: "
+                       "about 2 minutes on a CPU); --full runs everything (about 30 minutes "
+                       "on a 2-core CPU). It prints its estimated duration first and a line "
+                       "per benchmark, and keeps each record as it is measured, so an "
+                       "interrupted run (Ctrl-C) writes what it measured.")
+    b.add_argument("--full", action="store_true",
+                   help="every benchmark, the compiled providers (ref-compile, "
+                   "proteus-compile) too")
     b.add_argument("--json", default="bench-results.json",
                    help="pytest-benchmark JSON output, with the records added")
     b.add_argument("--csv", default=None, help="CSV of the records (default: the JSON's name "
@@ -366,7 +373,8 @@ def _dispatch(parser, args) -> int:
                                   "drop --benchmark/--provider, or drop --suite")
             return run_suite(args.suite, args.plot, args.pytest_args)
         return run_bench(args.json, args.pytest_args, benchmarks=args.benchmark,
-                         providers=args.provider, plot_dir=args.plot, csv_path=args.csv)
+                         providers=args.provider, plot_dir=args.plot, csv_path=args.csv,
+                         full=args.full)
     if args.command == "plot":
         from proteus.plot import main_plot
 
