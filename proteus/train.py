@@ -248,8 +248,9 @@ class Quiet:
     calls :meth:`poll` once a second while a long call (a compile, a slow step) holds the
     loop. :meth:`doing` names the stretch now running; :meth:`said` marks a line printed."""
 
-    def __init__(self, every_s: float = PROGRESS_EVERY_S, clock=time.monotonic):
-        self.every_s, self.clock = every_s, clock
+    def __init__(self, every_s: float | None = None, clock=time.monotonic):
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.clock = clock
         self.what, self.since = "", clock()
         self.last = self.since
         self._stop = threading.Event()
@@ -495,7 +496,7 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
             jlog.write(event="step", step=step, loss=last_loss, lr_scale=scale, tok_s=tok_s,
                        step_ms=step_ms, train_s=train_s)
             if (step % tc.log_every == 0 or step == 1 or step == tc.iterations
-                    or time.monotonic() - quiet.last >= PROGRESS_EVERY_S):
+                    or time.monotonic() - quiet.last >= quiet.every_s):
                 eta = eta_s(step, tc.iterations, step_ms, train_s, tc.max_wallclock_s)
                 log.info(f"step {step:6d}  loss {last_loss:.4f}  lr x{scale:.3f}  "
                          f"{tok_s:,.0f} tok/s  {step_ms:.0f} ms/step  elapsed "

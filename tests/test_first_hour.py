@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import proteus
+from proteus import train as T
 from proteus.cli import DEFAULT_PRESET, build_parser, main
 from proteus.config import PRESETS, build_config
 from proteus.train import Quiet, eta_s
@@ -154,3 +155,17 @@ def test_plot_works_after_the_first_install_command():
     kw = _setup_kwargs()
     assert any(r.startswith("matplotlib") for r in kw["install_requires"])
     assert "proteus=proteus.cli:main" in kw["entry_points"]["console_scripts"]
+
+
+def test_training_prints_a_line_every_few_seconds_not_only_every_n_steps(monkeypatch, caplog):
+    # log_every 100 over 3 steps prints step 1 and the last; with the time-based interval at 0
+    # every step is printed, each with an ETA of the steps left (no wall-clock cap here)
+    monkeypatch.setattr(T, "PROGRESS_EVERY_S", 0.0)
+    cfg = build_config("smoke", {"train.iterations": 3, "train.log_every": 100,
+                                 "train.max_wallclock_s": 0.0, "train.warmup_steps": 0,
+                                 "train.seq_len": 32, "train.batch_tokens": 64}, environ={})
+    with caplog.at_level("INFO", logger="proteus"):
+        T.train(cfg)
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [int(m.split()[1]) for m in steps] == [1, 2, 3], steps
+    assert steps[-1].endswith("eta 0m00s")
