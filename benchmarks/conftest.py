@@ -21,7 +21,8 @@ derives GB/s, TFLOPS and % of the roofline.
 
 Options (``proteus bench`` passes them): ``--providers a,b`` keeps only those providers;
 ``--skips-json FILE`` writes every skipped benchmark with its reason; ``--quick`` leaves out
-the compiled providers (a fresh ``torch.compile`` each: most of a full run's time on a CPU);
+the compiled providers (a fresh ``torch.compile`` each: most of a full run's time on a CPU)
+and the cache scoring pass over the bundled validation tokens;
 ``--records-jsonl FILE`` appends each benchmark's record (pytest-benchmark's, without the raw
 samples) or skip as soon as it finishes, so an interrupted run keeps what it measured;
 ``--progress-lines`` prints the estimated duration first, then one line per benchmark (status,
@@ -258,7 +259,7 @@ def pytest_addoption(parser):
                      help="write the skipped benchmarks and their reasons to this JSON file")
     parser.addoption("--quick", action="store_true",
                      help="the quick subset: no compiled providers (each is a fresh "
-                     "torch.compile) unless --providers names them")
+                     "torch.compile) and no cache scoring pass, unless --providers names them")
     parser.addoption("--records-jsonl", default="",
                      help="append each benchmark's record (or its skip) to this file as soon "
                      "as it finishes, so an interrupted run keeps what it measured")
@@ -269,14 +270,20 @@ def pytest_addoption(parser):
 
 # Compiled providers: each is a fresh inductor compile, most of a full run's time on a CPU.
 COMPILED = ("ref-compile", "proteus-compile")
+# Benchmarks the quick subset leaves out as well: the cache scoring over the 1,040,297 bundled
+# validation tokens (about a minute per provider on a 2-core CPU).
+QUICK_LEAVES_OUT = ("test_bench_cache_scoring",)
 # Estimated seconds per benchmark (check + time), for the duration printed before a run and
-# the time left after each benchmark: compiled providers on any device, others on a GPU, and
-# others on CPU per benchmark file (the Triton kernels on the interpreter), measured on a
-# loaded 2-core machine (2026-12-05; the full run took 27 min there, 2026-12-01).
-EST_COMPILED_S = 60.0
+# the time left after each benchmark: compiled providers on any device; the cache scoring pass
+# (numpy, on any device); others on a GPU; others on CPU per benchmark file (the Triton kernels
+# on the interpreter). The CPU figures are one quick run's on this 2-core machine under a load
+# average of 16 (2026-12-05: 77 benchmarks in 3m26s, 2m35s of it the cache scoring); the
+# compiled ones from the full run of 2026-12-01 (27 min).
+EST_COMPILED_S = 90.0
 EST_GPU_S = 3.0
-EST_CPU_S = {"xsa_attention": 4.0, "leaky_relu2": 1.5, "int6_matmul": 1.5, "ngram": 3.0,
-             "train_step": 5.0}
+EST_BY_TEST_S = {"test_bench_cache_scoring": 50.0}
+EST_CPU_S = {"xsa_attention": 2.0, "leaky_relu2": 0.5, "int6_matmul": 0.3, "ngram": 0.3,
+             "train_step": 30.0}
 
 
 def _provider(item) -> str | None:
@@ -295,6 +302,8 @@ def estimate_s(item) -> float:
     """Estimated seconds of one benchmark item (see ``EST_*``)."""
     if _is_compiled(item):
         return EST_COMPILED_S
+    if item.originalname in EST_BY_TEST_S:
+        return EST_BY_TEST_S[item.originalname]
     if ON_GPU:
         return EST_GPU_S
     stem = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
@@ -309,7 +318,8 @@ def pytest_collection_modifyitems(config, items):
         named = provider in keep
         if keep and not named:
             dropped.append(item)
-        elif config.getoption("--quick") and _is_compiled(item) and not named:
+        elif config.getoption("--quick") and not named and (
+                _is_compiled(item) or item.originalname in QUICK_LEAVES_OUT):
             dropped.append(item)
         else:
             chosen.append(item)
@@ -355,8 +365,8 @@ def pytest_collection_finish(session):
     _PROGRESS.t0 = time.monotonic()
     if session.config.getoption("--progress-lines"):
         est = sum(_PROGRESS.est.values())
-        quick = " (the quick subset: no compiled providers; --full runs them too)" \
-            if session.config.getoption("--quick") else ""
+        quick = (" (the quick subset: no compiled providers, no cache scoring; --full runs "
+                 "everything)") if session.config.getoption("--quick") else ""
         _say(session.config, f"proteus bench: {len(items)} benchmarks{quick}, estimated "
              f"{_fmt(est)} on {'this GPU' if ON_GPU else 'CPU'}")
 
@@ -422,7 +432,8 @@ def pytest_runtest_makereport(item, call):
     _SKIPS.append({"nodeid": item.nodeid, "group": getattr(bench, "group", None),
                    "reason": reason, **info,
                    "provider": info.get("provider") or params.get("provider")})
-    _PROGRESS.outcome[item.nodeid] = f"skipped ({reason[:100]})"
+    short = reason if len(reason) <= 100 else reason[:97].rstrip() + "..."
+    _PROGRESS.outcome[item.nodeid] = f"skipped ({short})"
     _append_record(item.config, {"kind": "skip", **_SKIPS[-1]})
 
 

@@ -1,7 +1,8 @@
 """``proteus bench``, its H100 suite, and ``proteus kernels report``.
 
 ``bench`` runs the pytest-benchmark suite in ``benchmarks/`` — by default the quick subset
-(no compiled providers; ``full`` runs them too), printing its estimated duration first and one
+(the kernels without their compiled providers, no cpu-tiny training step unless named;
+``full`` runs everything), printing its estimated duration first and one
 line per benchmark, each record appended to ``<json>.partial.jsonl`` as it is measured (an
 interrupted run writes the JSON and CSV of those, exit code 130) — (every benchmark checks its
 provider against the reference before timing it; peers that cannot run here are skipped with
@@ -60,6 +61,9 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "train_step": ("plain-eager", "proteus-eager-plain-features", "proteus-eager",
                    "proteus-compile"),
 }
+# Left out of the quick default run unless asked for with --benchmark: the cpu-tiny training
+# step (17 steps per provider and precision: minutes on a loaded CPU).
+QUICK_LEAVES_OUT = ("train_step",)
 # The H100 suite: the kernels (not the CPU-only cache scoring or the cpu-tiny train step).
 H100_SUITE = ("xsa_attention", "leaky_relu2", "int6_matmul", "ngram")
 H100_SUITE_DESELECT = "not cache_scoring"
@@ -434,6 +438,8 @@ def _run_pytest_bench(json_path: str, pytest_args, bench_names, providers, quick
     interrupted). Each finished benchmark is appended to the partial JSONL file at once, so
     an interrupted run (Ctrl-C) still has the records of what it measured."""
     bench = _bench_dir()
+    if not bench_names and quick:
+        bench_names = [b for b in BENCHMARKS if b not in QUICK_LEAVES_OUT]
     files = [str(bench / f"test_bench_{b}.py") for b in bench_names] or [str(bench)]
     skips_path = Path(json_path).with_suffix(".skips.json")
     partial = _partial_path(json_path)
@@ -522,7 +528,7 @@ def run_bench(json_path: str, pytest_args: list[str] | None = None, *, benchmark
               full: bool = False) -> int:
     """``proteus bench``: check and time, print the tables, write JSON + CSV (+ charts).
     Without ``full``, the quick subset: no compiled providers unless ``providers`` names
-    them."""
+    them, and no ``train_step`` unless ``benchmarks`` names it."""
     return _bench(json_path, pytest_args, benchmarks, providers, plot_dir, csv_path, full)[0]
 
 

@@ -166,14 +166,15 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
                        description="Check every provider (ours and the peers installed) against "
                        "the reference, time it, print the tables and write the JSON and CSV "
                        "records (p20/p50/p80, throughput, peak memory, device, versions, "
-                       "commit, date). By default the quick subset (no compiled providers: "
-                       "about 2 minutes on a CPU); --full runs everything (about 30 minutes "
-                       "on a 2-core CPU). It prints its estimated duration first and a line "
-                       "per benchmark, and keeps each record as it is measured, so an "
-                       "interrupted run (Ctrl-C) writes what it measured.")
+                       "commit, date). By default the quick subset: the kernels, without the "
+                       "compiled providers (one torch.compile each) or the cpu-tiny training "
+                       "step unless --provider/--benchmark names them; --full runs everything "
+                       "(27 minutes on a loaded 2-core CPU). It prints its estimated "
+                       "duration first and a line per benchmark, and keeps each record as it "
+                       "is measured, so an interrupted run (Ctrl-C) writes what it measured.")
     b.add_argument("--full", action="store_true",
-                   help="every benchmark, the compiled providers (ref-compile, "
-                   "proteus-compile) too")
+                   help="every benchmark: the compiled providers (ref-compile, "
+                   "proteus-compile) and the cpu-tiny training step too")
     b.add_argument("--json", default="bench-results.json",
                    help="pytest-benchmark JSON output, with the records added")
     b.add_argument("--csv", default=None, help="CSV of the records (default: the JSON's name "

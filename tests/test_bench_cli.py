@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from proteus import bench as bench_mod
 from proteus import cli, plot
 from proteus.bench import (
     BENCHMARKS,
@@ -139,6 +140,55 @@ def test_bench_command_checks_times_and_records(tmp_path, capfd):
     assert data["proteus"]["complete"] is True and data["proteus"]["quick"] is True
 
 
+def test_ctrl_c_writes_the_records_measured_so_far(tmp_path, monkeypatch, capsys):
+    # in-process, the pytest subprocess stood in for: it has appended two records (one
+    # benchmark, one skip) and a torn line when Ctrl-C reaches the command
+    out = tmp_path / "b.json"
+    partial = out.with_suffix(".partial.jsonl")
+    bench_rec = {"kind": "benchmark", "name": "test_bench_table[2048-ref-insert]",
+                 "fullname": "benchmarks/test_bench_ngram.py::test_bench_table[2048-ref-insert]",
+                 "group": "ngram table insert 2,048 keys", "stats": {"median": 2e-4, "rounds": 3},
+                 "extra_info": {"provider": "ref", "p20": 1e-4, "p50": 2e-4, "p80": 3e-4,
+                                "family": "ngram table insert", "items": 2048}}
+    skip_rec = {"kind": "skip", "nodeid": "benchmarks/test_bench_ngram.py::t[triton]",
+                "group": "ngram table insert 2,048 keys", "provider": "triton",
+                "reason": "no GPU"}
+
+    real_popen = subprocess.Popen
+
+    class Child:
+        def __new__(cls, cmd, **kw):  # git (the environment on record) runs for real
+            return super().__new__(cls) if "pytest" in cmd else real_popen(cmd, **kw)
+
+        def __init__(self, cmd, cwd=None):
+            assert f"--records-jsonl={partial}" in cmd and "--progress-lines" in cmd
+            assert "--quick" in cmd
+            partial.write_text(json.dumps(bench_rec) + "\n" + json.dumps(skip_rec) + "\n{\"ki")
+            self.waits = 0
+
+        def wait(self, timeout=None):
+            self.waits += 1
+            if self.waits == 1:
+                raise KeyboardInterrupt
+            return 2  # pytest's exit code after an interrupt
+
+        def kill(self):
+            raise AssertionError("the child stopped by itself")
+
+    monkeypatch.setattr(bench_mod.subprocess, "Popen", Child)
+    assert run_bench(str(out), benchmarks=["ngram"]) == 130
+    data = json.loads(out.read_text())
+    assert data["proteus"]["complete"] is False
+    recs = data["proteus"]["records"]
+    assert [(r["provider"], r["status"]) for r in recs] == [("ref", "ok"), ("triton", "skipped")]
+    assert recs[0]["p50_ms"] == pytest.approx(0.2)
+    assert len(list(csv.DictReader(out.with_suffix(".csv").open()))) == 2
+    err = capsys.readouterr().err
+    assert "interrupted; the 1 benchmark(s) measured before the stop are on record" in err
+    assert partial.exists()
+
+
+@pytest.mark.slow  # two processes importing torch and triton, and a kernel on the interpreter
 def test_an_interrupted_bench_keeps_what_it_measured(tmp_path):
     # Ctrl-C (SIGINT to the process group, as a terminal sends it) once the first benchmark is
     # on record: the JSON and CSV hold it, exit code 130, no traceback
