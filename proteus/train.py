@@ -244,9 +244,10 @@ def eta_s(step: int, iterations: int, step_ms: float, train_s: float,
 
 
 class Quiet:
-    """Says what the run is doing when nothing was printed for ``every_s`` seconds: a thread
-    calls :meth:`poll` once a second while a long call (a compile, a slow step) holds the
-    loop. :meth:`doing` names the stretch now running; :meth:`said` marks a line printed."""
+    """Says what the run is doing when one stretch (a compile, a slow step, a validation pass)
+    has run for ``every_s`` seconds with nothing printed meanwhile: a thread calls :meth:`poll`
+    once a second while the long call holds the loop. :meth:`doing` names the stretch now
+    running; :meth:`said` marks a line printed."""
 
     def __init__(self, every_s: float | None = None, clock=time.monotonic):
         self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
@@ -264,7 +265,8 @@ class Quiet:
 
     def poll(self) -> str | None:
         now = self.clock()
-        if not self.what or now - self.last < self.every_s:
+        # only one long stretch: several short steps since the last line get the step line
+        if not self.what or min(now - self.last, now - self.since) < self.every_s:
             return None
         line = f"  ... {self.what}: {_fmt_time(now - self.since)} so far"
         log.info(line)

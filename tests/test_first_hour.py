@@ -104,6 +104,13 @@ def test_quiet_says_what_runs_when_nothing_was_printed(caplog):
     assert q.poll() is None
     clock.t += 61.0
     assert q.poll() == "  ... warm-up step 1/3 (compiling): 1m26s so far"
+    # many short steps after a line: the step lines speak for them, not this one
+    clock.t += 30.0
+    q.doing("step 7")
+    clock.t += 3.0
+    assert q.poll() is None
+    clock.t += 7.0
+    assert q.poll() == "  ... step 7: 0m10s so far"
 
 
 def _script_beside(folder: Path, link_to: Path) -> subprocess.CompletedProcess:
