@@ -17,7 +17,8 @@ setup(
     python_requires=">=3.10",
     packages=["proteus", "proteus.kernels"],
     package_dir={"proteus": "proteus", "proteus.kernels": "kernels"},
-    package_data={"proteus": ["data/*.bin", "data/*.model", "data/*.vocab", "data/README.md"]},
+    package_data={"proteus": ["data/*.bin", "data/*.model", "data/*.vocab", "data/README.md",
+                              "data/sp8192_caseops/*.bin", "data/sp8192_caseops/*.model"]},
     include_package_data=True,
     # torch is pinned by the install commands (pip install torch==2.13.0) before this
     # package; the open range here never asks for a different build once one is present.
@@ -26,9 +27,10 @@ setup(
     # -e .); it is wheels only on every platform torch supports, small beside torch.
     install_requires=["torch>=2.4", "triton>=3.2", "numpy>=1.24", "sentencepiece>=0.2",
                       "matplotlib>=3.5"],
-    # plot: kept (now empty beyond the requirements) so that `pip install -e ".[plot]"` in
-    # older instructions still works; mutation: tools/mutation.py, run before a release
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"],
+    # plot: kept (nothing beyond the requirements now) so that `pip install -e ".[plot]"` in
+    # older instructions still works; mutation: tools/mutation.py, run before a release;
+    # protobuf: the SentencePiece piece spans that tools/build_caseops_data.py and its test use
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "protobuf"],
                     "plot": ["matplotlib>=3.5"],
                     "mutation": ["cosmic-ray>=8.7"]},
     entry_points={"console_scripts": ["proteus=proteus.cli:main"]},
