@@ -229,6 +229,66 @@ def _fmt_time(s: float) -> str:
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+# Progress: a line at least this often (seconds), besides every `log_every` steps, so that no
+# stretch of a run is silent for longer (compile warm-up, slow steps).
+PROGRESS_EVERY_S = 10.0
+
+
+def eta_s(step: int, iterations: int, step_ms: float, train_s: float,
+          max_wallclock_s: float) -> float:
+    """Training seconds left: the steps left at the smoothed step time, or the wall-clock cap's
+    time left when that comes first (the run stops at whichever limit it reaches first)."""
+    left = max(0, iterations - step) * step_ms / 1000.0
+    if max_wallclock_s > 0:
+        left = min(left, max_wallclock_s - train_s)
+    return max(0.0, left)
+
+
+class Quiet:
+    """Says what the run is doing when one stretch (a compile, a slow step, a validation pass)
+    has run for ``every_s`` seconds with nothing printed meanwhile: a thread calls :meth:`poll`
+    once a second while the long call holds the loop. :meth:`doing` names the stretch now
+    running; :meth:`said` marks a line printed."""
+
+    def __init__(self, every_s: float | None = None, clock=time.monotonic):
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.clock = clock
+        self.what, self.since = "", clock()
+        self.last = self.since
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def doing(self, what: str) -> None:
+        self.what, self.since = what, self.clock()
+
+    def said(self) -> None:
+        self.last = self.clock()
+
+    def poll(self) -> str | None:
+        now = self.clock()
+        # only one long stretch: several short steps since the last line get the step line
+        if not self.what or min(now - self.last, now - self.since) < self.every_s:
+            return None
+        line = f"  ... {self.what}: {_fmt_time(now - self.since)} so far"
+        log.info(line)
+        self.last = now
+        return line
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self.poll()
+
+    def __enter__(self) -> Quiet:
+        self._thread = threading.Thread(target=self._run, name="proteus-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
 @dataclass
 class Trained:
     """What :func:`train` returns: the model holding its final weights, where it ran, and the
@@ -274,8 +334,9 @@ def train(cfg: RunConfig, *, dd: Dist | None = None, device: torch.device | None
     dd = dd or Dist(device.type, collective_timeout(cfg.train))
     failed = True
     try:
-        out = _train(cfg, dd, device, val, lut, jlog or JsonLog(None),
-                     Path(run_dir) if run_dir else None, resume, stop)
+        with Quiet() as quiet:  # a line when a compile or a slow step holds the loop
+            out = _train(cfg, dd, device, val, lut, jlog or JsonLog(None),
+                         Path(run_dir) if run_dir else None, resume, stop, quiet)
         failed = False
         return out
     finally:
@@ -284,8 +345,9 @@ def train(cfg: RunConfig, *, dd: Dist | None = None, device: torch.device | None
 
 
 def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonLog,
-           run_dir: Path | None, resume, stop: StopSignal | None) -> Trained:
-    loop = _Loop(cfg, dd, device, val, lut, jlog, run_dir, resume, stop)
+           run_dir: Path | None, resume, stop: StopSignal | None,
+           quiet: Quiet | None = None) -> Trained:
+    loop = _Loop(cfg, dd, device, val, lut, jlog, run_dir, resume, stop, quiet or Quiet())
     loop.warm_up()
     loop.resume()
     loop.run()
@@ -297,8 +359,9 @@ class _Loop:
     set up, warm up (discarded), resume (when given a state), run the steps, finish."""
 
     def __init__(self, cfg: RunConfig, dd: Dist, device: torch.device, val, lut,
-                 jlog: JsonLog, run_dir: Path | None, resume, stop: StopSignal | None):
-        self.cfg, self.tc = cfg, cfg.train
+                 jlog: JsonLog, run_dir: Path | None, resume, stop: StopSignal | None,
+                 quiet: Quiet):
+        self.cfg, self.tc, self.quiet = cfg, cfg.train, quiet
         self.dd, self.device, self.val, self.lut = dd, device, val, lut
         self.jlog, self.run_dir, self.stop = jlog, run_dir, stop
         tc = self.tc
@@ -395,7 +458,12 @@ class _Loop:
             init_opt = [copy.deepcopy(o.state_dict()) for o in optimizers]
             stream_state = stream.state()
             t0 = time.perf_counter()
+            log.info(f"  warm-up: {tc.warmup_steps} step(s), discarded"
+                     + (" (the first compiles the model: minutes on a CPU)" if tc.compile else ""))
+            self.quiet.said()
             for i in range(tc.warmup_steps):
+                self.quiet.doing(f"warm-up step {i + 1}/{tc.warmup_steps}"
+                                 + (" (compiling)" if tc.compile and i == 0 else ""))
                 self.train_step(i, 1.0)
             model.load_state_dict(init_model)
             for o, s in zip(optimizers, init_opt, strict=True):
@@ -403,6 +471,7 @@ class _Loop:
             stream.restore(stream_state)
             log.info(f"  warm-up: {tc.warmup_steps} steps in {time.perf_counter() - t0:.1f}s "
                      "(discarded)")
+            self.quiet.said()
         # the averages start from the weights the warm-up put back
         self.averages = WeightAverages(model, tc)
 
@@ -433,8 +502,7 @@ class _Loop:
                     self.stop_reason = "wallclock"
                     break
                 scale, stopping = self.one_step()
-                if self.step % tc.log_every == 0 or self.step == 1:
-                    self.log_progress(scale)
+                self.log_progress(scale)
                 if stopping:
                     self.stop_now(self.save_state())
                 if tc.val_every and self.step % tc.val_every == 0:
@@ -455,6 +523,7 @@ class _Loop:
         the clock; (the LR multiplier, whether to stop)."""
         tc, model, averages = self.tc, self.model, self.averages
         heartbeat(f"step {self.step + 1}")
+        self.quiet.doing(f"step {self.step + 1}")
         scale = lr_scale(self.step, tc, self.step_ms, self.train_s * 1000.0)
         t0 = time.perf_counter()
         self.last_loss, stopping = self.train_step(self.step, scale)
@@ -471,22 +540,26 @@ class _Loop:
         return scale, stopping
 
     def log_progress(self, scale: float) -> None:
+        """Every step on record (the plot draws each one); on screen every ``log_every`` steps
+        and at least every PROGRESS_EVERY_S seconds."""
         tc, step, step_ms, train_s = self.tc, self.step, self.step_ms, self.train_s
+        quiet = self.quiet
         tok_s = tc.batch_tokens / (step_ms / 1000.0)
-        if tc.max_wallclock_s > 0:
-            eta = max(0.0, tc.max_wallclock_s - train_s)
-        else:
-            eta = (tc.iterations - step) * step_ms / 1000
-        log.info(f"step {step:6d}  loss {self.last_loss:.4f}  lr x{scale:.3f}  "
-                 f"{tok_s:,.0f} tok/s  {step_ms:.0f} ms/step  elapsed "
-                 f"{_fmt_time(train_s)}  eta {_fmt_time(eta)}")
         self.jlog.write(event="step", step=step, loss=self.last_loss, lr_scale=scale,
                         tok_s=tok_s, step_ms=step_ms, train_s=train_s)
+        if (step % tc.log_every == 0 or step == 1 or step == tc.iterations
+                or time.monotonic() - quiet.last >= quiet.every_s):
+            eta = eta_s(step, tc.iterations, step_ms, train_s, tc.max_wallclock_s)
+            log.info(f"step {step:6d}  loss {self.last_loss:.4f}  lr x{scale:.3f}  "
+                     f"{tok_s:,.0f} tok/s  {step_ms:.0f} ms/step  elapsed "
+                     f"{_fmt_time(train_s)}  eta {_fmt_time(eta)}")
+            quiet.said()
 
     def validate(self) -> None:
         """Periodic validation (``val_every``): plain bpb of the current weights."""
         step = self.step
         heartbeat(f"validation at step {step}")
+        self.quiet.doing(f"validation at step {step}")
         r = evaluate(self.model, self.val, validation_plan(self.cfg), lut=self.lut,
                      device=self.device, autocast=self.autocast).plain
         log.info(f"  val @ step {step}: bpb {format_bpb(r['bpb'])} loss {r['loss']:.4f}")

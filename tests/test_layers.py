@@ -26,11 +26,11 @@ LAYERS = [
     ["proteus.kernels"],  # kernels/: torch and triton only
     ["proteus.errors", "proteus.presets", "proteus.config", "proteus.options", "proteus.files",
      "proteus.caseops", "proteus.data", "proteus.dist", "proteus.device", "proteus.pack",
-     "proteus.stats"],
+     "proteus.stats", "proteus.fingerprint"],
     # with the n-gram cache: counts, the blend, fitting, the negative example, the audit
-    ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.artifact",
-     "proteus.tilt", "proteus.eval.progress", "proteus.eval.counts", "proteus.eval.blend",
-     "proteus.eval.fit", "proteus.eval.hashed", "proteus.eval.cache_audit"],
+    ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.gptq",
+     "proteus.artifact", "proteus.tilt", "proteus.eval.progress", "proteus.eval.counts",
+     "proteus.eval.blend", "proteus.eval.fit", "proteus.eval.hashed", "proteus.eval.cache_audit"],
     ["proteus.checkpoint"],
     # evaluation, sequenced in one place (pipeline) behind one entry point (the package)
     ["proteus.eval.scoring", "proteus.eval.plan", "proteus.eval.cache", "proteus.eval.tilt_step",
@@ -138,9 +138,10 @@ def test_outside_kernels_only_public_kernel_names_are_imported():
 def test_kernels_holds_ops_only():
     # the op modules and their shared private helpers; tooling lives in proteus/tools
     ops = sorted(p.stem for p in (ROOT / "kernels").glob("*.py") if not p.stem.startswith("_"))
-    assert ops == ["int6_matmul", "leaky_relu2", "ngram_table", "xsa_attention"]
+    assert ops == ["gptq", "int6_matmul", "leaky_relu2", "ngram_table", "softcapped_ce",
+                   "xsa_attention"], ops
     helpers = sorted(p.stem for p in (ROOT / "kernels").glob("_*.py"))
-    assert helpers == ["__init__", "_backend", "_common", "_keys"], helpers
+    assert helpers == ["__init__", "_backend", "_common", "_keys", "_origin"], helpers
 
 
 LAYER_TABLES = ["README.md", "docs/architecture.md"]  # the pages that print the layer table

@@ -20,8 +20,8 @@ import torch
 
 # the op modules (``proteus.kernels.leaky_relu2`` as an attribute is the op function of the same
 # name, which the package re-exports, so the modules are looked up by name)
-lr2, xsa, i6, ng = (importlib.import_module(f"proteus.kernels.{m}") for m in (
-    "leaky_relu2", "xsa_attention", "int6_matmul", "ngram_table"))
+lr2, xsa, i6, ng, sce = (importlib.import_module(f"proteus.kernels.{m}") for m in (
+    "leaky_relu2", "xsa_attention", "int6_matmul", "ngram_table", "softcapped_ce"))
 
 
 @dataclasses.dataclass
@@ -155,12 +155,30 @@ def ngram_table_specs() -> list[AotSpec]:
     ]
 
 
-# one entry per op module of kernels/ (tests/test_sm90_report.py checks none is missing)
+# the production launch (2048 tokens × 8 sequences per GPU, vocabulary 8192)
+def softcapped_ce_specs() -> list[AotSpec]:
+    n, v = 16384, 8192
+    z = torch.empty((n, v), dtype=torch.bfloat16)
+    y = torch.empty(n, dtype=torch.int64)
+    row = torch.empty(n, dtype=torch.float32)
+    shape = f"N={n} V={v} bf16"
+    block = dict(ROWS=1, BLOCK_V=8192)
+    return [
+        AotSpec("softcapped_ce.fwd", shape, sce._sce_fwd_kernel,
+                (z, y, row, row, n, v, v, 30.0, -100), block, 16, 3),
+        AotSpec("softcapped_ce.bwd", shape, sce._sce_bwd_kernel,
+                (row, z, y, row, z, n, v, v, v, 0, 30.0, -100), block, 16, 3),
+    ]
+
+
+# one entry per op module of kernels/ that has Triton kernels (tests/test_sm90_report.py
+# checks none is missing)
 SPECS = {
     "leaky_relu2": leaky_relu2_specs,
     "xsa_attention": xsa_attention_specs,
     "int6_matmul": int6_matmul_specs,
     "ngram_table": ngram_table_specs,
+    "softcapped_ce": softcapped_ce_specs,
 }
 
 
