@@ -25,7 +25,7 @@ LAYERS = [
     ["proteus.config", "proteus.files", "proteus.data", "proteus.dist", "proteus.device",
      "proteus.pack", "proteus.stats"],
     ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.artifact",
-     "proteus.ngram"],
+     "proteus.ngram", "proteus.record_compat"],
     ["proteus.checkpoint"],
     ["proteus.evaluate", "proteus.ttt"],
     ["proteus.train", "proteus.run", "proteus.submit"],
