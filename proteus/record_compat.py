@@ -73,7 +73,7 @@ def _names(mc: ModelConfig) -> dict[str, str]:
 def load_record_state_dict(sd: Mapping[str, torch.Tensor], mc: ModelConfig
                            ) -> dict[str, torch.Tensor]:
     """The entry's state dict ``sd`` as ours for model config ``mc`` (e.g. the ``pg-record``
-    preset's), every tensor in fp32 (the entry trains banks and scalars in bf16): load it with
+    preset's), every tensor in fp32 or wider (the entry trains banks and scalars in bf16): load with
     ``GPT(mc).load_state_dict(...)``. A missing tensor or a shape that does not fit ``mc`` is
     refused with one line naming it."""
     from_meta = _expected(mc)
@@ -99,7 +99,7 @@ def load_record_state_dict(sd: Mapping[str, torch.Tensor], mc: ModelConfig
         if tuple(w.shape) != shape:
             raise ProteusError(f"record state dict: {key} would get shape {tuple(w.shape)}, "
                                f"the config needs {shape}")
-        out[key] = w.float()
+        out[key] = w.to(torch.promote_types(w.dtype, torch.float32))
     return out
 
 
