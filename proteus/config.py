@@ -133,6 +133,9 @@ class ModelConfig:
     parallel_final: str = field(default="mean", metadata={
         "help": "the parallel decoder's output: mean of the lanes, the attention lane or the "
                 "MLP lane", "choices": ("mean", "attn", "mlp")})
+    init_orthogonal: bool = field(default=False, metadata={
+        "help": "initialise the q, k, v and MLP up projections as (semi-)orthogonal matrices "
+                "(default: PyTorch's Linear init)"})
     recur_first: int = field(default=0, metadata={
         "help": "depth recurrence: first block of the looped span", "range": "[0, 1023]"})
     recur_last: int = field(default=0, metadata={
@@ -581,6 +584,7 @@ PRESETS["pg-record"] = {
         value_embed_layers="", smear_gate=True, smear_window=12, resid_mix=True,
         unet_skips=True, skip_gates=True, ln_scale=True, logit_softcap=30.0,
         tie_embeddings=True, attn_docs=True, attn_gate_window=12, attn_gate_scale=0.5,
+        init_orthogonal=True,
         parallel_from=8, parallel_final="mean", recur_first=3, recur_last=5, recur_extra=2,
     ),
     "train": dict(

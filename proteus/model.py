@@ -420,6 +420,10 @@ class GPT(nn.Module):
         self.ve = ValueEmbedding(cfg) if cfg.value_embed_set else None
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, cfg.rope_yarn_len)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        if cfg.init_orthogonal and not self.tok_emb.weight.is_meta:
+            for b in self.blocks:
+                for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.mlp.fc):
+                    nn.init.orthogonal_(lin.weight)
         # depth recurrence is part of the model: on unless training switches it off (before
         # train.recur_at_frac), so a saved model evaluates with it
         self.recurring = cfg.recur_extra > 0

@@ -139,3 +139,16 @@ def test_parameter_shapes_of_the_components():
     assert torch.all(fresh.blocks[0].attn.gate_w == 0)
     assert torch.all(fresh.lane_resid == 1.1) and torch.all(fresh.lane_post == 1.0)
     assert torch.all(fresh.skip_gates == 0) and torch.all(fresh.smear.lam == 0)
+
+
+def test_orthogonal_init_of_the_input_projections():
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(**{**BASE, "init_orthogonal": True}))
+    for lin in (m.blocks[1].attn.c_q, m.blocks[1].attn.c_k, m.blocks[1].mlp.fc):
+        w = lin.weight.double()
+        gram = w @ w.T if w.size(0) <= w.size(1) else w.T @ w
+        torch.testing.assert_close(gram, torch.eye(gram.size(0), dtype=torch.float64),
+                                   rtol=0, atol=1e-5)
+    assert torch.all(m.blocks[1].attn.proj.weight == 0)  # output projections stay zero
+    plain = GPT(ModelConfig(**BASE)).blocks[1].attn.c_q.weight.double()
+    assert (plain @ plain.T - torch.eye(32, dtype=torch.float64)).abs().max() > 0.1

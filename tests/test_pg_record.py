@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 NEW_MODEL = ("rope_yarn_len", "skip_gates", "smear_window", "attn_gate_window",
              "attn_gate_scale", "parallel_from", "parallel_final", "recur_first",
-             "recur_last", "recur_extra")
+             "recur_last", "recur_extra", "init_orthogonal")
 NEW_TRAIN = ("warmdown_frac", "min_lr", "recur_at_frac", "muon_ns_coeffs", "muon_row_norm",
              "adam_eps", "scalar_wd")
 
