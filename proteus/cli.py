@@ -150,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Pack the modules training and evaluation import into one "
                         "self-extracting script and print its size next to the sources'.")
     pk.add_argument("--out", default="proteus_packed.py", help="the script to write")
+    ir = sub.add_parser("import-record", help="turn the pg-record entry's saved state dict "
+                        "into a proteus model.ckpt",
+                        description="Map a state dict saved by the pg-record entry's "
+                        "train_gpt.py (its final_model.pt: 3-D weight banks) onto our layout "
+                        "(docs/pg_record.md) and write it as a model.ckpt that `proteus eval` "
+                        "reads. The model options must be the ones the entry was run with.")
+    ir.add_argument("path", help="the entry's torch.save'd state dict")
+    ir.add_argument("--out", default="model.ckpt", help="the checkpoint to write (refused if "
+                    "it exists)")
+    ir.add_argument("--preset", default="pg-record", help="the preset the model options start "
+                    "from (default pg-record)")
+    add_config_arguments(ir, sections=("model",))
     return p
 
 
@@ -275,6 +287,10 @@ def _dispatch(parser, args) -> int:
 
         fn = main_eval if args.command == "eval" else main_audit
         return fn(args.path, values)
+    if args.command == "import-record":
+        from proteus.commands import main_import_record
+
+        return main_import_record(args.path, args.out, build_config(args.preset, values, {}))
     if args.command == "tune-cache":
         from proteus.commands import main_tune_cache
 

@@ -3,9 +3,13 @@ dict built here in the entry's layout."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from proteus.checkpoint import load_model
+from proteus.cli import main
 from proteus.config import ProteusError, build_config
 from proteus.model import GPT, Rotary
 from proteus.record_compat import load_record_state_dict, to_record_state_dict
@@ -117,3 +121,44 @@ def test_a_config_with_parts_the_entry_lacks_is_refused():
     mc = build_config("pg-record", {**OVER, "model.bigram_buckets": 64}, environ={}).model
     with pytest.raises(ProteusError, match="no counterpart"):
         load_record_state_dict(entry_state_dict(mc), mc)
+
+
+SMALL = ["--vocab-size", "64", "--model-dim", "64", "--num-heads", "2", "--num-kv-heads", "1"]
+
+
+def test_import_record_writes_a_checkpoint_eval_reads(tmp_path, capsys, monkeypatch):
+    for k in [k for k in os.environ if k.startswith("PROTEUS_")]:
+        monkeypatch.delenv(k)
+    mc = _cfg()
+    sd = {k: v.bfloat16() for k, v in entry_state_dict(mc, seed=5).items()}  # as it trains
+    torch.save(sd, tmp_path / "final_model.pt")
+    out = tmp_path / "model.ckpt"
+    assert main(["import-record", str(tmp_path / "final_model.pt"), "--out", str(out),
+                 *SMALL]) == 0
+    assert "-> " in capsys.readouterr().out
+    model, cfg, _ = load_model(str(out), "ref")
+    assert cfg.train.preset == "pg-record" and cfg.model == mc
+    want = load_record_state_dict(sd, mc)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("case", ["missing", "not_torch", "wrong_model", "exists"])
+def test_import_record_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, case):
+    for k in [k for k in os.environ if k.startswith("PROTEUS_")]:
+        monkeypatch.delenv(k)
+    src, out = tmp_path / "final_model.pt", tmp_path / "model.ckpt"
+    args = SMALL
+    if case == "not_torch":
+        src.write_text("not a state dict")
+    elif case in ("wrong_model", "exists"):
+        torch.save(entry_state_dict(_cfg()), src)
+        args = SMALL if case == "exists" else [*SMALL[:-2], "--num-kv-heads", "2"]
+    if case == "exists":
+        out.write_bytes(b"keep me")
+    code = main(["import-record", str(src), "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert out.exists() == (case == "exists")
+    if case == "exists":
+        assert out.read_bytes() == b"keep me"
