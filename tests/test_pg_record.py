@@ -34,7 +34,8 @@ ALL_ON = ["--num-layers", "4", "--xsa-last-n", "4", "--q-gain-init", "5", "--mlp
           "--recur-at-frac", "0.35", "--muon-ns-coeffs", "polar-express",
           "--muon-row-norm", "true", "--adam-beta2", "0.99", "--adam-eps", "1e-8",
           "--adam-wd", "0.085", "--scalar-wd", "0.02", "--muon-wd", "0.095",
-          "--ema-decay", "0.9965", "--swa-every", "0", "--max-wallclock-s", "0"]
+          "--ema-decay", "0.9965", "--swa-every", "0", "--max-wallclock-s", "0",
+          "--init-orthogonal", "true"]
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
