@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "it exists)")
     ir.add_argument("--preset", default="pg-record", help="the preset the model options start "
                     "from (default pg-record)")
+    ir.add_argument("--tokenizer", dest="train.tokenizer", default=None,
+                    help="the SentencePiece model the entry was trained with (recorded in the "
+                    "checkpoint for eval; '' = the bundled one)")
+    ir.add_argument("--val-files", dest="train.val_files", default=None,
+                    help="glob of the validation shards eval reads by default")
     add_config_arguments(ir, sections=("model",))
     return p
 

@@ -134,10 +134,11 @@ def test_import_record_writes_a_checkpoint_eval_reads(tmp_path, capsys, monkeypa
     torch.save(sd, tmp_path / "final_model.pt")
     out = tmp_path / "model.ckpt"
     assert main(["import-record", str(tmp_path / "final_model.pt"), "--out", str(out),
-                 *SMALL]) == 0
+                 *SMALL, "--val-files", "/data/val_*.bin"]) == 0
     assert "-> " in capsys.readouterr().out
     model, cfg, _ = load_model(str(out), "ref")
     assert cfg.train.preset == "pg-record" and cfg.model == mc
+    assert cfg.train.val_files == "/data/val_*.bin"
     want = load_record_state_dict(sd, mc)
     got = model.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
