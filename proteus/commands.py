@@ -158,8 +158,9 @@ def _eval(path: str, cli: dict, rank: int, world: int) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     model, cfg, info = load_model(path, cli.get("train.kernels"))
     ec = eval_overrides(cfg.eval, cli)
-    val_files = cli.get("train.val_files") or cfg.train.val_files or D.bundled_val_glob()
-    lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
+    vocab = cfg.model.vocab_size
+    val_files = cli.get("train.val_files") or cfg.train.val_files or D.bundled_val_glob(vocab)
+    lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer, vocab), vocab)
     tokens, first = load_eval_tokens(val_files, ec, cfg.model.vocab_size)
     seq = ec.eval_seq_len or cfg.train.seq_len
     if ec.cache == "ngram":
@@ -213,7 +214,8 @@ def main_audit(path: str, cli: dict) -> int:
     ``--ttt`` also the score-first TTT audit (over the cache too when it is on)."""
     model, cfg, _ = load_model(path, None)
     ec = eval_overrides(cfg.eval, cli)
-    tokens, first = load_eval_tokens(cfg.train.val_files or D.bundled_val_glob(), ec,
+    vocab = cfg.model.vocab_size
+    tokens, first = load_eval_tokens(cfg.train.val_files or D.bundled_val_glob(vocab), ec,
                                      cfg.model.vocab_size)
     if tokens.numel() < 4:
         raise D.DataError(f"the audit needs at least 4 validation tokens, got {tokens.numel()}")
@@ -221,7 +223,7 @@ def main_audit(path: str, cli: dict) -> int:
     ok = run_audit(model, cfg, ec, tokens, hashed=True,
                    chunks=(ec.ttt_chunk,) if ec.ttt else ())
     if ec.ttt:
-        lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
+        lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer, vocab), vocab)
         ok = run_ttt_audit(model, cfg, ec, tokens, lut, ec.eval_seq_len or cfg.train.seq_len) \
             and ok
     return 0 if ok else 1
@@ -235,7 +237,8 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
     ec = eval_overrides(cfg.eval, cli)
     files = held_out_files(cfg, tune_files)
     tokens = _load_files(files, tune_tokens)
-    lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
+    vocab = cfg.model.vocab_size
+    lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer, vocab), vocab)
     seq = ec.eval_seq_len or cfg.train.seq_len
     start = ngram_config(ec, cfg.model.vocab_size)
     print(f"proteus tune-cache: {path}, {tokens.numel() - 1:,} held-out training targets from "

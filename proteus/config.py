@@ -573,6 +573,15 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 
+# cpu-tiny on the bundled SP8192 CaseOps sample (the record entries' tokenizer, the same
+# documents): the vocabulary selects the bundled tokenizer and shards (proteus/data.py)
+PRESETS["cpu-tiny-sp8192"] = {
+    "model": {**PRESETS["cpu-tiny"]["model"], "vocab_size": 8192},
+    "train": dict(PRESETS["cpu-tiny"]["train"]),
+    # no n-gram cache: its packed keys hold 10-bit token ids (vocabularies up to 1024)
+    "eval": {**PRESETS["cpu-tiny"]["eval"], "cache": "none"},
+}
+
 # The best legal entry of the challenge (records/track_10min_16mb/2026-04-27_SP8192_LQER_
 # SparseGate_BOSSmearFix_9HpStack_1.0611, val bpb 1.0611): its README's command, as our options
 # (docs/pg_record.md maps each one). 35,945,671 parameters.

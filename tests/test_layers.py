@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Each inner list is one layer, its modules in the order they may import each other.
 LAYERS = [
     ["proteus.kernels"],  # kernels/: torch and triton only
-    ["proteus.config", "proteus.files", "proteus.data", "proteus.dist", "proteus.device",
+    ["proteus.config", "proteus.files", "proteus.caseops", "proteus.data", "proteus.dist",
+     "proteus.device",
      "proteus.pack", "proteus.stats"],
     ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.artifact",
      "proteus.ngram", "proteus.record_compat"],
