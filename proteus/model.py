@@ -14,6 +14,11 @@ Data flow for tokens ``idx`` (B, T)::
     block_i(x, x0):  x = m0 * x + m1 * x0                         (residual mix with x0)
                      x = x + a * attn(rms_norm(x) / sqrt(i+1))     (layer-norm scale)
                      x = x + b * mlp(rms_norm(x) / sqrt(i+1))
+
+The pg-record entry's parts (docs/pg_record.md), each off unless its option is set: the
+window SmearGate on the raw embedding, gated U-Net skips, a sparse per-head attention output
+gate, depth recurrence (a span of blocks run again; :meth:`GPT.block_plan`), and a 2-lane
+parallel decoder (:meth:`Block.forward_lanes`). Either smear never crosses a BOS.
 """
 
 from __future__ import annotations
