@@ -339,6 +339,11 @@ def build_byte_lut(sp, vocab_size: int | None = None) -> ByteLUT:
                    torch.from_numpy(escaped), operators[CASEOPS_OPERATORS[-1]])
 
 
+def tokenizer_lut(path: str, vocab_size: int) -> ByteLUT:
+    """The byte table of the tokenizer at ``path`` (or the bundled one for ``vocab_size``)."""
+    return build_byte_lut(load_tokenizer(path, vocab_size), vocab_size)
+
+
 def bits_per_byte(sum_nll_nats: float, total_bytes: int) -> float:
     """bpb = (mean loss / ln 2) * tokens / bytes = total nats / ln 2 / total bytes."""
     if total_bytes <= 0:

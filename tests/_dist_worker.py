@@ -12,7 +12,9 @@ import torch
 from proteus import data as D
 from proteus.config import build_config
 from proteus.dist import close_process_group, reduce_sum, setup_dist
-from proteus.evaluate import TokenScores, cache_scores
+from proteus.eval.cache import cache_scores
+from proteus.eval.plan import ngram_config
+from proteus.eval.scoring import TokenScores
 from proteus.run import run
 
 out = sys.argv[1]
@@ -34,7 +36,8 @@ z = torch.sin(torch.arange(1024, dtype=torch.float64)[None] * (tokens[:-1, None]
 logp = torch.log_softmax(3.0 * z, -1).gather(1, tokens[1:, None])[:, 0]
 lut = D.build_byte_lut(D.load_tokenizer(), 1024)
 scores = TokenScores(1, logp, lut.target_bytes(tokens[:-1], tokens[1:]))
-nll, nbytes, _ = reduce_sum(*cache_scores(scores, tokens, cfg.eval, rank, world))
+ncfg = ngram_config(cfg.eval, cfg.model.vocab_size)
+nll, nbytes, _ = reduce_sum(*cache_scores(scores, tokens, ncfg, "numpy", rank, world))
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"losses": res["losses"], "digest": res["param_digest"], "bpb": res["val"]["bpb"],
                "world": res["world"], "int6_bpb": res["artifact"]["quantized_bpb"],

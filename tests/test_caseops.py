@@ -25,7 +25,7 @@ from proteus.caseops import (
     token_bytes,
 )
 from proteus.config import build_config
-from proteus.evaluate import evaluate_bpb
+from proteus.eval import evaluate, make_plan
 from proteus.model import build_model
 from proteus.train import train
 
@@ -155,10 +155,10 @@ def test_evaluator_charges_an_sp8192_range_of_whole_documents_their_text_bytes(s
     # the evaluator's own path (windows, byte table) over the first 5 documents, BOS excluded
     tok = sp8192_val[0]
     starts = torch.nonzero(tok == D.BOS_ID)[:, 0].tolist()
-    cfg = build_config("smoke", {"model.vocab_size": 8192}, environ={})
-    lut = D.build_byte_lut(D.load_tokenizer("", 8192), 8192)
-    r = evaluate_bpb(build_model(cfg, "ref"), tok[: starts[5]], lut, 64)
-    assert r["bytes"] == sum(len(t.encode("utf-8")) for t in texts[:5])
+    cfg = build_config("smoke", {"model.vocab_size": 8192, "eval.audit": "none"}, environ={})
+    lut = D.tokenizer_lut("", 8192)
+    r = evaluate(build_model(cfg, "ref"), tok[: starts[5]], make_plan(cfg), lut=lut)
+    assert r.plain["bytes"] == sum(len(t.encode("utf-8")) for t in texts[:5])
 
 
 def test_the_sp8192_preset_trains_on_the_bundled_caseops_sample():

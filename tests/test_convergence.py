@@ -14,7 +14,6 @@ machine the slower (interpreted) run would stop early and decay its learning rat
 from __future__ import annotations
 
 import pytest
-
 from _precision import PRECISIONS, TRAJECTORY_RTOL, reordered_sum_rtol
 
 from proteus.config import build_config

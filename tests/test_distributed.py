@@ -18,7 +18,6 @@ import subprocess
 import sys
 
 import pytest
-
 from _precision import PRECISIONS, TRAJECTORY_RTOL, reordered_sum_rtol
 
 from proteus import data as D
