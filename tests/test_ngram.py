@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import proteus.ngram as ng
+import proteus.ngram_counts as ngc
 from proteus import data as D
 from proteus.config import ConfigError
 from proteus.ngram import (
@@ -240,6 +241,17 @@ def _bos_target_starts_a_document(monkeypatch):
         return c, d
 
     monkeypatch.setattr(ng, "_counts", buggy)
+    real_stream = ng.stream_counts
+
+    def buggy_stream(tokens, start, end, order, doc=True, chunk=ngc.CHUNK):
+        for cc in real_stream(tokens, start, end, order, doc, chunk):
+            if doc:  # the same bug in the one-stream path (proteus.ngram_counts)
+                bos = np.asarray(tokens[cc.lo : cc.hi]) == D.BOS_ID
+                for a in (cc.doc_tgt, cc.doc_ctx, cc.doc_types):
+                    a[:, bos] = 0
+            yield cc
+
+    monkeypatch.setattr(ng, "stream_counts", buggy_stream)
 
 
 def test_audit_fails_the_bos_target_bug(monkeypatch):
