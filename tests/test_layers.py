@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Each inner list is one layer, its modules in the order they may import each other.
 LAYERS = [
     ["proteus.kernels"],  # kernels/: torch and triton only
-    ["proteus.config", "proteus.files", "proteus.data", "proteus.dist", "proteus.device",
-     "proteus.pack", "proteus.stats"],
+    ["proteus.config", "proteus.files", "proteus.data", "proteus.synth", "proteus.dist",
+     "proteus.device", "proteus.pack", "proteus.stats"],
     ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.artifact",
-     "proteus.ngram"],
+     "proteus.ngram_counts", "proteus.ngram"],
     ["proteus.checkpoint"],
     ["proteus.evaluate", "proteus.ttt"],
     ["proteus.train", "proteus.run", "proteus.submit"],
