@@ -1,7 +1,7 @@
 """A validation stand-in of the challenge's size, built from the bundled documents.
 
 The challenge scores 50,000 FineWeb documents (~62 M tokens with SP1024); the package bundles
-~3,200 documents (2.47 M tokens). ``synth_val`` writes ``docs`` new documents in the shard
+~1,570 documents (2.47 M tokens). ``synth_val`` writes ``docs`` new documents in the shard
 format. Each starts with BOS and takes its length from a bundled validation document drawn at
 random (the real length distribution: ~1,150 tokens on average, so ~58 M tokens for 50,000
 documents against the real set's ~62 M). It is filled with *pieces* of bundled documents: a
