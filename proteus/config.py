@@ -331,8 +331,16 @@ class EvalConfig:
     )
     eval_batch_seqs: int = field(default=16, metadata={"help": "windows per eval forward",
                                                        "range": "[1, 2**20]"})
-    cache: str = field(default="none", metadata={"help": "eval cache: none or ngram",
-                                                 "choices": ("none", "ngram")})
+    cache: str = field(default="none", metadata={
+        "help": "eval cache: none, ngram (the exact normalised n-gram cache) or tilt (the "
+                "token-only n-gram tilt, proteus/tilt.py)", "choices": ("none", "ngram", "tilt")})
+    tilt_beta: float = field(default=1.0, metadata={
+        "help": "the tilt's strength beta (p'(h) ~ e^beta p(h) for the hint h)",
+        "range": "[0, 20]"})
+    tilt_order: int = field(default=16, metadata={
+        "help": "the tilt's longest context match, in tokens", "range": "[1, 16]"})
+    tilt_min_order: int = field(default=1, metadata={
+        "help": "the tilt's shortest context match: no hint below it", "range": "[1, 16]"})
     ngram_order: int = field(default=5, metadata={"help": "highest n-gram order of the cache",
                                                   "range": f"[2, {MAX_ORDER}]"})
     ngram_doc: bool = field(default=True, metadata={
@@ -348,6 +356,11 @@ class EvalConfig:
         "help": "random positions the audit samples (besides BOS targets, first tokens after "
                 "BOS, chunk and shard edges and repeated contexts, which it always visits)",
         "range": "[1, 10000000]"})
+    audit: str = field(default="cheap", metadata={
+        "help": "the audit an evaluation runs: cheap (a few positions of each kind; at most ~10% "
+                "of the evaluation's time), full (every kind of position, many edits: "
+                "`proteus audit`'s default) or none (skipped, and said so)",
+        "choices": ("none", "cheap", "full")})
     artifact_eval: str = field(default="plain", metadata={
         "help": "how the run scores its int6 artifact: plain (non-overlapping windows), or full "
                 "(also the sliding window, the cache and TTT as configured: the numbers a "
@@ -378,6 +391,9 @@ class EvalConfig:
         if not [p for p in self.ttt_params.split(",") if p.strip()]:
             raise ConfigError("ttt_params (--ttt-params) must be 'lora' or parameter-name "
                               "patterns, got ''")
+        if self.tilt_min_order > self.tilt_order:
+            raise ConfigError(f"tilt_min_order {self.tilt_min_order} (--tilt-min-order) is above "
+                              f"tilt_order {self.tilt_order} (--tilt-order)")
 
 
 @dataclass(frozen=True)
@@ -510,6 +526,15 @@ PRESETS: dict[str, dict[str, dict]] = {
         ),
         "eval": dict(val_tokens=4096, eval_batch_seqs=8, ttt_chunk=1024),
     },
+}
+
+# cpu-tiny on the bundled SP8192 CaseOps sample (the record entries' tokenizer, the same
+# documents): the vocabulary selects the bundled tokenizer and shards (proteus/data.py)
+PRESETS["cpu-tiny-sp8192"] = {
+    "model": {**PRESETS["cpu-tiny"]["model"], "vocab_size": 8192},
+    "train": dict(PRESETS["cpu-tiny"]["train"]),
+    # no n-gram cache: its packed keys hold 10-bit token ids (vocabularies up to 1024)
+    "eval": {**PRESETS["cpu-tiny"]["eval"], "cache": "none"},
 }
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}

@@ -1,4 +1,4 @@
-"""The streaming exact counts (proteus.ngram_counts): the same integers as the whole-stream
+"""The streaming exact counts (proteus.eval.stream_counts): the same integers as the whole-stream
 numpy backend on any split into chunks, the same blended scores bit for bit, and a table that
 stays exact while it grows."""
 
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import proteus.ngram as ng
+import proteus.eval.blend as ng
 from proteus import data as D
-from proteus.ngram import NgramConfig, earlier_counts_numpy, ngram_blend_logprobs
-from proteus.ngram_counts import CountTable, stream_counts
+from proteus.eval.blend import NgramConfig, ngram_blend_logprobs
+from proteus.eval.counts import earlier_counts_numpy
+from proteus.eval.stream_counts import CountTable, stream_counts
 
 
 def _streamed(tok, start, end, order, doc, chunk):

@@ -18,7 +18,7 @@ from proteus import synth
 _MEASURE = """
 import json, resource, sys
 from proteus import data as D
-from proteus.ngram_counts import _Counter, CHUNK
+from proteus.eval.stream_counts import _Counter, CHUNK
 w = D.ShardWindows(sys.argv[1])
 n = len(w)
 def rss():

@@ -1,8 +1,9 @@
 """Streaming exact n-gram counts for the cache: memory that grows with the distinct n-grams.
 
-The numpy backend of ``proteus.ngram`` (``earlier_counts_numpy``) sorts the whole stream once
-per order and holds a dozen int64 arrays per position: ~640 bytes per token of history. This
-module gives the same counts (bit for bit: integers) chunk by chunk, holding only
+The numpy backend's whole-stream path (``proteus.eval.counts.earlier_counts_numpy``) sorts
+the whole stream once per order and holds a dozen int64 arrays per position: ~640 bytes per
+token of history. This module gives the same counts (bit for bit: integers) chunk by chunk,
+holding only
 
 * per order n, an exact hash table (``CountTable``) over the distinct n-grams seen so far: the
   packed n-gram (``n`` tokens of 10 bits, an int64 key: no collisions) -> its count, and the
@@ -21,7 +22,7 @@ once, and a position's earlier occurrences are the table's count plus its rank a
 chunk's members of its run (prefix members weigh 0: they are in the table). The types of a
 context add, to the table's F of the context, the chunk's earlier positions with that context
 whose n-gram was new. Runs split where the document label changes give the document-level
-counts the same way (``proteus.ngram.DocCounts``: a document is what follows a BOS; the BOS
+counts the same way (``proteus.eval.counts.DocCounts``: a document is what follows a BOS; the BOS
 itself closes the one before it). Then the chunk's runs are added to the tables.
 
 Memory: a table slot is 16 bytes (int64 key, int32 count, int32 F; the top order has no F)
@@ -420,7 +421,7 @@ class _Counter:
 def stream_counts(tokens, start: int, end: int, order: int, doc: bool = True,
                   chunk: int = CHUNK) -> Iterator[ChunkCounts]:
     """Counts of the targets [start, end) chunk by chunk (see ``ChunkCounts``), every
-    position before ``end`` counted: the same integers as ``proteus.ngram``'s numpy backend.
+    position before ``end`` counted: the same integers as ``earlier_counts_numpy``.
 
     ``tokens`` is anything sliced to a 1-D integer array (a tensor, a numpy array or memmap):
     only one chunk's window of it is read at a time."""
@@ -436,7 +437,7 @@ def stream_counts(tokens, start: int, end: int, order: int, doc: bool = True,
 
 def mix_numpy(p: np.ndarray, tgt: np.ndarray, ctx: np.ndarray, types: np.ndarray,
               tables: list[np.ndarray], weight: float) -> None:
-    """``proteus.ngram._mix`` in numpy, in place on ``p`` (float64, one entry per target):
+    """``proteus.eval.blend._mix`` in numpy, in place on ``p`` (float64, one entry per target):
     for n = 2..N, λ = weight · ctx / (ctx + table_n[types]) and p = (c_tgt / max(ctx, 1) - p)
     · λ + p, with ``tables[n-2]`` = ``_pow_table``'s k_n · max(c, 1)^a_n. The same IEEE
     operations in the same order as the torch version, so the same bits (the tests compare)."""
