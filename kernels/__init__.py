@@ -1,7 +1,8 @@
 """PROTEUS Triton kernels, each beside the PyTorch reference that specifies it.
 
-One op per file: ``leaky_relu2``, ``xsa_attention``, ``int6_matmul``, ``ngram_table``; their
-public surface is re-exported here (``from proteus.kernels import xsa_attention``). Each op has
+One op per file: ``leaky_relu2``, ``xsa_attention``, ``int6_matmul``, ``ngram_table``,
+``softcapped_ce``; their public surface is re-exported here (``from proteus.kernels import
+xsa_attention``). Each op has
 three surfaces under one name: the function (``leaky_relu2_mlp``), its differentiable custom op
 with fake, autograd and autocast registrations (``leaky_relu2_mlp_op``, also
 ``torch.ops.proteus.leaky_relu2_mlp``) and an ``nn.Module`` (``FusedLeakyReLU2MLP``).
@@ -37,6 +38,12 @@ from .leaky_relu2 import (
     leaky_relu2_ref,
 )
 from .ngram_table import NgramTable, NgramTableRef, pack_keys, types_keys
+from .softcapped_ce import (
+    SoftcappedCrossEntropy,
+    softcapped_ce,
+    softcapped_ce_op,
+    softcapped_ce_ref,
+)
 from .xsa_attention import (
     XSAAttention,
     doc_ids_from_bos,
@@ -69,6 +76,10 @@ __all__ = [
     "pack_keys",
     "quantize_rows",
     "replace_linear_int6",
+    "SoftcappedCrossEntropy",
+    "softcapped_ce",
+    "softcapped_ce_op",
+    "softcapped_ce_ref",
     "types_keys",
     "unpack_int6",
     "XSAAttention",

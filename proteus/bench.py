@@ -53,13 +53,14 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
                       "flash-attn", "fa3"),
     "leaky_relu2": (*OURS, "liger"),
     "int6_matmul": (*OURS, "dense", "torchao-int8", "torchao-int4"),
+    "softcapped_ce": (*OURS, "liger"),
     "ngram": ("triton", "ref", "numpy-sorted", "numpy", "numpy-history-only",
               "numpy-whole-stream", "hashed-record"),
     "train_step": ("plain-eager", "proteus-eager-plain-features", "proteus-eager",
                    "proteus-compile"),
 }
 # The H100 suite: the kernels (not the CPU-only cache scoring or the cpu-tiny train step).
-H100_SUITE = ("xsa_attention", "leaky_relu2", "int6_matmul", "ngram")
+H100_SUITE = ("xsa_attention", "leaky_relu2", "int6_matmul", "softcapped_ce", "ngram")
 H100_SUITE_DESELECT = "not cache_scoring"
 
 CSV_FIELDS = ("benchmark", "family", "group", "shape", "x_name", "x", "provider", "status",

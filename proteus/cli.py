@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "with .csv)")
     b.add_argument("--benchmark", action="append", default=[], metavar="NAME",
                    help="run only these benchmarks (repeat or comma-separate): "
-                   "xsa_attention, leaky_relu2, int6_matmul, ngram, train_step")
+                   "xsa_attention, leaky_relu2, int6_matmul, softcapped_ce, ngram, train_step")
     b.add_argument("--provider", action="append", default=[], metavar="NAME",
                    help="time only these providers (repeat or comma-separate), e.g. "
                    "triton,sdpa-flash")

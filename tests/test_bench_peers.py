@@ -17,6 +17,7 @@ from benchmarks import peers  # noqa: E402
 from benchmarks.conftest import MEM_KIND, MemoryPeak, _quantile  # noqa: E402
 from proteus.kernels.leaky_relu2 import leaky_relu2_mlp_ref, leaky_relu2_ref  # noqa: E402
 from proteus.kernels.ngram_table import NgramTableRef  # noqa: E402
+from proteus.kernels.softcapped_ce import softcapped_ce_ref  # noqa: E402
 from proteus.kernels.xsa_attention import xsa_attention_ref  # noqa: E402
 
 
@@ -77,6 +78,20 @@ def test_liger_relu_squared_is_our_op_at_slope_0_or_unavailable():
     assert torch.equal(act(x), leaky_relu2_ref(x, 0.0))
     torch.testing.assert_close(torch.nn.functional.linear(act(x @ w_up.t()), w_dn),
                                leaky_relu2_mlp_ref(x, w_up, w_dn, 0.0))
+
+
+def test_liger_fused_linear_ce_is_our_head_or_unavailable():
+    try:
+        fused = peers.liger_fused_linear_softcapped_ce()
+    except peers.Unavailable as e:
+        assert "Liger-Kernel" in str(e) and "\n" not in str(e)
+        return
+    if not torch.cuda.is_available():
+        return  # Liger's kernels need a GPU; the benchmark records that skip itself
+    x, w = torch.randn(64, 32, device="cuda"), torch.randn(128, 32, device="cuda")
+    y = torch.randint(0, 128, (64,), device="cuda")
+    torch.testing.assert_close(fused(x, w, y, 30.0),
+                               softcapped_ce_ref(torch.nn.functional.linear(x, w), y, 30.0))
 
 
 def test_torchao_int8_is_close_or_unavailable():
