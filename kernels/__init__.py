@@ -13,9 +13,19 @@ compiled on a CUDA GPU (nothing process-wide changes), Triton's interpreter on a
 one (Triton's interpreter switch and three documented interpreter patches; ``TRITON_INTERPRET``
 overrides; see ``_backend`` for the exact list). It must run before any ``@triton.jit``
 decorator below, which is why it happens at import.
+
+Before that, one check of where the import came from (no file is read): a folder named
+``proteus`` in the current folder or the script's folder (a clone of this repository, say)
+comes first on ``sys.path`` and shadows the installed package, so ``proteus`` and
+``proteus.kernels`` would come from two different trees (or ``proteus`` from a folder with no
+``__init__.py`` at all). That is an ``ImportError`` of one line naming the shadowing folder,
+instead of a confusing failure later on.
 """
 
-from . import _backend  # noqa: F401  (first: kernel modules below are decorated in its mode)
+from . import _origin  # noqa: F401  (first, before torch: the one-tree check above)
+
+# isort: split
+from . import _backend  # noqa: F401  (next: kernel modules below are decorated in its mode)
 from .int6_matmul import (
     Int6Linear,
     dequantize_int6,
