@@ -25,12 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     ["proteus.kernels"],  # kernels/: torch and triton only
     ["proteus.errors", "proteus.presets", "proteus.config", "proteus.options", "proteus.files",
-     "proteus.caseops", "proteus.data", "proteus.dist", "proteus.device", "proteus.pack",
-     "proteus.stats", "proteus.fingerprint"],
+     "proteus.caseops", "proteus.data", "proteus.synth", "proteus.dist", "proteus.device",
+     "proteus.pack", "proteus.stats", "proteus.fingerprint"],
     # with the n-gram cache: counts, the blend, fitting, the negative example, the audit
     ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.gptq",
      "proteus.artifact", "proteus.tilt", "proteus.eval.progress", "proteus.eval.counts",
-     "proteus.eval.blend", "proteus.eval.fit", "proteus.eval.hashed", "proteus.eval.cache_audit"],
+     "proteus.eval.stream_counts", "proteus.eval.blend", "proteus.eval.fit", "proteus.eval.hashed",
+     "proteus.eval.cache_audit", "proteus.record_compat"],
     ["proteus.checkpoint"],
     # evaluation, sequenced in one place (pipeline) behind one entry point (the package)
     ["proteus.eval.scoring", "proteus.eval.plan", "proteus.eval.cache", "proteus.eval.tilt_step",
