@@ -31,7 +31,7 @@ LAYERS = [
     ["proteus.checkpoint"],
     # evaluation, sequenced in one place (pipeline) behind one entry point (the package)
     ["proteus.eval.scoring", "proteus.eval.plan", "proteus.eval.cache", "proteus.eval.ttt",
-     "proteus.eval.ttt_audit", "proteus.eval.pipeline", "proteus.eval"],
+     "proteus.eval.ttt_audit", "proteus.eval.audit", "proteus.eval.pipeline", "proteus.eval"],
     ["proteus.train", "proteus.run", "proteus.submit"],
     ["proteus.plot", "proteus.bench", "proteus.commands", "proteus.cli", "proteus.__main__"],
 ]
