@@ -181,8 +181,9 @@ def _eval(path: str, cli: dict, rank: int, world: int, like_run: bool = False,
     model, cfg, info = load_model(path, cli.get("train.kernels"))
     cfg = eval_config(cfg, cli, like_run)
     ec = cfg.eval
-    val_files = cli.get("train.val_files") or cfg.train.val_files or D.bundled_val_glob()
-    lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
+    vocab = cfg.model.vocab_size
+    val_files = cli.get("train.val_files") or cfg.train.val_files or D.bundled_val_glob(vocab)
+    lut = D.tokenizer_lut(cfg.train.tokenizer, cfg.model.vocab_size)
     tokens, first = load_eval_tokens(val_files, ec, cfg.model.vocab_size)
     plan = make_plan(cfg)  # a bad cache parameter file fails before any work
     if ec.ttt:
@@ -248,14 +249,14 @@ def main_audit(path: str, cli: dict, like_run: bool = False) -> int:
         raise ConfigError("proteus audit with --no-audit (audit none) audits nothing: drop it")
     ec = cfg.eval
     plan = make_plan(cfg)
-    tokens, first = load_eval_tokens(cfg.train.val_files or D.bundled_val_glob(), ec,
-                                     cfg.model.vocab_size)
+    vocab = cfg.model.vocab_size
+    tokens, first = load_eval_tokens(cfg.train.val_files or D.bundled_val_glob(vocab), ec, vocab)
     if tokens.numel() < 4:
         raise D.DataError(f"the audit needs at least 4 validation tokens, got {tokens.numel()}")
     print(f"proteus audit: {path}, validation tokens {first:,}..{first + tokens.numel():,}")
     ok = run_audit(model, plan, tokens, hashed=True, chunks=(ec.ttt_chunk,) if ec.ttt else ())
     if ec.ttt:
-        lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
+        lut = D.tokenizer_lut(cfg.train.tokenizer, cfg.model.vocab_size)
         ok = run_ttt_audit(model, plan, tokens, lut) and ok
     return 0 if ok else 1
 
@@ -268,7 +269,7 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
     ec = eval_overrides(cfg.eval, cli)
     files = held_out_files(cfg, tune_files)
     tokens = _load_files(files, tune_tokens)
-    lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
+    lut = D.tokenizer_lut(cfg.train.tokenizer, cfg.model.vocab_size)
     seq = eval_window(dataclasses.replace(cfg, eval=ec))
     start = ngram_config(ec, cfg.model.vocab_size)
     print(f"proteus tune-cache: {path}, {tokens.numel() - 1:,} held-out training targets from "

@@ -517,6 +517,15 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 
+# cpu-tiny on the bundled SP8192 CaseOps sample (the record entries' tokenizer, the same
+# documents): the vocabulary selects the bundled tokenizer and shards (proteus/data.py)
+PRESETS["cpu-tiny-sp8192"] = {
+    "model": {**PRESETS["cpu-tiny"]["model"], "vocab_size": 8192},
+    "train": dict(PRESETS["cpu-tiny"]["train"]),
+    # no n-gram cache: its packed keys hold 10-bit token ids (vocabularies up to 1024)
+    "eval": {**PRESETS["cpu-tiny"]["eval"], "cache": "none"},
+}
+
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
 
 

@@ -83,9 +83,10 @@ def check_inputs(cfg: RunConfig) -> None:
     is made: a typo in a path costs no directory and no work."""
     tc = cfg.train
     batch_layout(tc, env_world())
-    D.build_byte_lut(D.load_tokenizer(tc.tokenizer), cfg.model.vocab_size)
-    D.TokenStream(tc.train_files or D.bundled_train_glob())
-    val = D.resolve_files(tc.val_files or D.bundled_val_glob(), "val")
+    vocab = cfg.model.vocab_size
+    D.tokenizer_lut(tc.tokenizer, vocab)
+    D.TokenStream(tc.train_files or D.bundled_train_glob(vocab))
+    val = D.resolve_files(tc.val_files or D.bundled_val_glob(vocab), "val")
     if sum(D.read_shard_header(path) for path in val) < 2:
         raise D.DataError("the validation shards hold fewer than 2 tokens; nothing to score")
     make_plan(cfg)  # a bad cache parameter file fails before any training
@@ -178,8 +179,9 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
     failed, ckpt = True, None
     try:
         # Data and tokenizer first: bad paths fail before any work.
-        lut = D.build_byte_lut(D.load_tokenizer(tc.tokenizer), mc.vocab_size)
-        val, _ = load_eval_tokens(tc.val_files or D.bundled_val_glob(), ec, mc.vocab_size)
+        lut = D.tokenizer_lut(tc.tokenizer, mc.vocab_size)
+        val, _ = load_eval_tokens(tc.val_files or D.bundled_val_glob(mc.vocab_size), ec,
+                                  mc.vocab_size)
         plan = make_plan(cfg)
         if ec.ttt:
             check_ttt_fits(ec, val.numel() - 1, plan.seq, build_model(cfg, "ref"))
@@ -198,7 +200,8 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
         results["hardware"] = f"{dd.world}x {device_name(device)}"
         log.info(f"evaluating on {val.numel() - 1:,} validation tokens ...")
         if dd.main:
-            train_tokens = D.load_tokens(tc.train_files or D.bundled_train_glob(), "train",
+            train_tokens = D.load_tokens(tc.train_files or D.bundled_train_glob(mc.vocab_size),
+                                         "train",
                                          vocab_size=mc.vocab_size)
             results["unigram_bpb"] = D.unigram_bpb(train_tokens, val, lut)
             log.info(f"  unigram baseline bpb {format_bpb(results['unigram_bpb'])} (the "

@@ -288,8 +288,9 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
     torch.manual_seed(tc.seed)
     autocast = use_autocast(tc, device)
 
-    stream = D.TokenStream(tc.train_files or D.bundled_train_glob(), dd.rank, dd.world,
-                           cfg.model.vocab_size)
+    vocab = cfg.model.vocab_size
+    stream = D.TokenStream(tc.train_files or D.bundled_train_glob(vocab), dd.rank, dd.world,
+                           vocab)
     seqs_per_rank, micro = batch_layout(tc, dd.world)
     if tc.val_every and (val is None or lut is None):
         raise ValueError("train: val_every needs the validation tokens and byte table (val, lut)")

@@ -18,11 +18,13 @@ from proteus.eval.scoring import TokenScores
 from proteus.run import run
 
 out = sys.argv[1]
+autocast = sys.argv[2] if len(sys.argv) > 2 else "off"  # bf16 autocast forced on or off
 rank, world = setup_dist()  # the group outlives run(), which leaves it to its creator
 # no wall-clock cap: a time-aware warm-down would give the 1- and 2-process runs different LRs
 cfg = build_config("smoke", {"train.iterations": 5, "train.warmup_steps": 1,
                              "train.batch_tokens": 512, "train.seq_len": 64,
-                             "train.max_wallclock_s": 0.0}, environ={})
+                             "train.max_wallclock_s": 0.0,
+                             "train.autocast_bf16": autocast}, environ={})
 run_dir = os.path.join(out, "run")  # rank 0 writes checkpoint and artifact; all ranks evaluate it
 os.makedirs(run_dir, exist_ok=True)
 res = run(cfg, run_dir=Path(run_dir))

@@ -158,16 +158,17 @@ def held_out_files(cfg: RunConfig, pattern: str = "") -> list[str]:
     train on. Shards are compared by content (sha256), not by path. A shard it trained on or a
     validation shard is refused (``DataError``), and so is a checkpoint that trained on every
     bundled shard when no ``pattern`` is given."""
-    train_glob = cfg.train.train_files or D.bundled_train_glob()
+    vocab = cfg.model.vocab_size
+    train_glob = cfg.train.train_files or D.bundled_train_glob(vocab)
     try:
         trained = {_digest_file(f) for f in D.resolve_files(train_glob, "train")}
     except D.DataError:
         raise D.DataError(f"cannot tell which shards the checkpoint trained on: its train_files "
                           f"{train_glob!r} match nothing here") from None
-    val = {_digest_file(f) for f in D.resolve_files(cfg.train.val_files or D.bundled_val_glob(),
-                                                    "val")}
+    val_glob = cfg.train.val_files or D.bundled_val_glob(vocab)
+    val = {_digest_file(f) for f in D.resolve_files(val_glob, "val")}
     if not pattern:
-        files = [f for f in D.resolve_files(D.bundled_train_glob(), "train")
+        files = [f for f in D.resolve_files(D.bundled_train_glob(vocab), "train")
                  if _digest_file(f) not in trained]
         if not files:
             raise D.DataError("the checkpoint trained on every bundled train shard, so none is "

@@ -95,7 +95,8 @@ def evaluate(model, tokens: torch.Tensor, config: RunConfig | EvalPlan, *,
     plan = config if isinstance(config, EvalPlan) else make_plan(config)
     cfg, ec, seq = plan.cfg, plan.ec, plan.seq
     if lut is None:
-        lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
+        vocab = cfg.model.vocab_size
+        lut = D.tokenizer_lut(cfg.train.tokenizer, vocab)
     rank, world = rank_world()
     t0 = time.perf_counter()
     scores = score_tokens(model, tokens, lut, seq, 0, ec.eval_batch_seqs, device, autocast,
