@@ -34,8 +34,10 @@ import torch.nn.functional as F
 
 import proteus.eval.scoring as scoring  # its windows as the passes call them
 from proteus import data as D
+from proteus.caseops import OPERATORS as CASEOPS_OPERATORS
 from proteus.dist import reduce_sum
-from proteus.eval.cache_audit import edit_after, fast_distribution
+from proteus.eval.blend import ngram_blend_logprobs
+from proteus.eval.cache_audit import edit_after
 from proteus.eval.plan import EvalPlan
 from proteus.eval.scoring import TokenScores, model_logprobs_fn
 from proteus.eval.ttt import ttt_score
@@ -93,9 +95,19 @@ def derived_byte_table(sp) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def check_bytes(sp, tokens: torch.Tensor, records: dict[str, TokenScores], total: int) -> bool:
+    """Every record's bytes and the total from the re-derived table. For a CaseOps tokenizer
+    (every operator piece present, ``proteus.caseops``) an operator costs no bytes, unless it
+    follows ESC (the last operator), where it is a literal piece of text."""
     base, space, boundary = derived_byte_table(sp)
     tok = tokens.cpu().numpy().astype(np.int64)
-    want = base[tok[1:]] + (space[tok[1:]] & ~boundary[tok[:-1]])
+    prev, tgt = tok[:-1], tok[1:]
+    want = base[tgt] + (space[tgt] & ~boundary[prev])
+    ids = [sp.piece_to_id(o) for o in CASEOPS_OPERATORS]
+    if all(sp.id_to_piece(i) == o for i, o in zip(ids, CASEOPS_OPERATORS, strict=True)):
+        op = np.zeros(base.size, bool)
+        op[ids] = True
+        want = np.where(op[tgt], 0, want)
+        want = np.where(prev == ids[-1], base[tgt], want)
     ok = int(want.sum()) == total
     for s in records.values():
         ok = ok and np.array_equal(s.nbytes.numpy(), want[s.first - 1 : s.first - 1
@@ -158,23 +170,46 @@ def check_targets(model, tokens: torch.Tensor, scores: TokenScores, seq: int, st
     return ok
 
 
+TAIL = 64  # tokens after t in the streams of the cache's causality check
+
+
+def distribution_with_tail(tokens: torch.Tensor, t: int, row: torch.Tensor, plan: EvalPlan
+                           ) -> torch.Tensor:
+    """The cache's distribution at t as the evaluation's own scorer gives it: the blend run
+    over streams x_<t, v, x_t+1 .. x_t+TAIL for every candidate v (the tokens after t are in
+    the streams, as they are when the whole stream is scored), with the model's (or TTT's)
+    ``row``; (V,) float64."""
+    v = row.numel()
+    end = min(tokens.numel(), t + 1 + TAIL)
+    group = max(1, (1 << 22) // end)
+    base = tokens[:end].cpu().to(torch.int64)
+    tail = torch.full((end - t - 1,), -math.log(v), dtype=torch.float64)
+    out = []
+    for lo in range(0, v, group):
+        cand = torch.arange(lo, min(v, lo + group))
+        streams = base.repeat(cand.numel(), 1)
+        streams[:, t] = cand
+        lp = torch.cat((row[cand].double()[:, None], tail.expand(cand.numel(), -1)), 1)
+        out.append(ngram_blend_logprobs(streams, t, end, lp, plan.ncfg, plan.backend)[:, 0])
+    return torch.cat(out).exp()
+
+
 def check_cache_causal(model, plan: EvalPlan, tokens: torch.Tensor, k: int,
                        rows: dict[int, torch.Tensor] | None = None) -> bool:
-    """At the ``k`` earliest positions where the cache is at work (cheapest: the fast
-    scorer's whole distribution costs V · t), the blend over the model's (or TTT's, ``rows``)
-    distribution must not move when x_t and everything after it change."""
+    """At ``k`` early positions where the cache is at work (cheapest: this costs V · t), the
+    blend over the model's (or TTT's, ``rows``) distribution must not move when x_t and
+    everything after it change."""
     n = tokens.numel()
     g = torch.Generator().manual_seed(7)
     fn = model_logprobs_fn(model, plan.seq)
-    ts = sorted(rows)[:k] if rows else list(range(min(64, n - 1), n, max(1, n // 8)))[:k]
+    ts = sorted(rows)[:k] if rows else list(range(min(64, n - 2), n - 1, max(1, n // 8)))[:k]
     ok = True
     for t in ts:
-        other = edit_after(tokens, t, g, plan.cfg.model.vocab_size)
+        other = edit_after(tokens, t + 1, g, plan.cfg.model.vocab_size)  # x_t: every candidate
         row = rows[t] if rows else fn(tokens, torch.tensor([t]))[0]
-        row2 = rows[t] if rows else fn(other, torch.tensor([t]))[0]
-        p1 = fast_distribution(tokens, t, row, plan.ncfg, plan.backend)
-        p2 = fast_distribution(other, t, row2, plan.ncfg, plan.backend)
-        ok = ok and torch.equal(p1, p2)
+        p1 = distribution_with_tail(tokens, t, row, plan)
+        p2 = distribution_with_tail(other, t, row, plan)
+        ok = ok and torch.equal(p1, p2) and abs(p1.sum().item() - 1.0) <= 1e-6
     return ok
 
 
@@ -191,7 +226,7 @@ def check_ttt_causal(model, plan: EvalPlan, tokens: torch.Tensor, lut: D.ByteLUT
     prefix = tokens[: min(chunks * c + 1, tokens.numel())]
     n_ch = -(-(prefix.numel() - 1) // c)
     points = [k * c + 1 for k in range(1, n_ch)] + [c // 2 + 1]
-    points = sorted({t for t in points if 1 <= t < prefix.numel()})[:edits]
+    points = list(dict.fromkeys(t for t in points if 1 <= t < prefix.numel()))[:edits]
     cap = dict.fromkeys(points)
     ttt_score(model, prefix, lut, plan.seq, ec, device, autocast, cap)
     g = torch.Generator().manual_seed(11)

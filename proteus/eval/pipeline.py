@@ -154,7 +154,7 @@ def _audit(model, plan: EvalPlan, tokens: torch.Tensor, lut: ByteLUT, res: EvalR
             A.check_targets(model, tokens, s, seq, plan.stride if k == "sliding" else 0, lut,
                             lv["targets"], device, autocast)
             for k, s in records.items() if k != "ttt")
-        sp = D.load_tokenizer(plan.cfg.train.tokenizer)
+        sp = D.load_tokenizer(plan.cfg.train.tokenizer, plan.cfg.model.vocab_size)
         checks["bytes"] = A.check_bytes(sp, tokens, records, res.plain["bytes"])
         reported = {k: v["bpb"] for k, v in (("plain", res.plain), ("sliding", res.sliding),
                                                ("ttt", res.ttt)) if v is not None}
