@@ -136,3 +136,22 @@ def test_exact_total_is_the_exact_sum():
                                                                               dtype=torch.float64)
     assert A.exact_total(v) == S.exact_sum(v)
     assert A.exact_total(torch.tensor([1e16, 1.0, -1e16])) == 1.0
+
+
+def test_eval_with_no_options_scores_plain_only_and_like_run_replays_the_run():
+    from proteus.cli import _cli_values, build_parser
+    from proteus.commands import eval_config
+
+    run = build_config("cpu-tiny", environ={})  # the run: stride 64, the cache, 131,072 tokens
+    assert run.eval.stride and run.eval.cache == "ngram"
+    ec = eval_config(run, {}, like_run=False).eval
+    assert (ec.stride, ec.cache, ec.ttt, ec.val_tokens, ec.audit) == (0, "none", False, 0,
+                                                                        "cheap")
+    assert eval_config(run, {}, like_run=True).eval == run.eval
+    given = {"eval.stride": 32, "eval.audit": "full"}
+    assert eval_config(run, given, like_run=True).eval.stride == 32
+    assert eval_config(run, {}, like_run=False, default_audit="full").eval.audit == "full"
+    args = build_parser().parse_args(["eval", "x.ckpt", "--no-audit", "--like-run"])
+    assert _cli_values(args)["eval.audit"] == "none" and args.like_run
+    args = build_parser().parse_args(["train", "--no-audit"])
+    assert _cli_values(args)["eval.audit"] == "none"
