@@ -331,8 +331,16 @@ class EvalConfig:
     )
     eval_batch_seqs: int = field(default=16, metadata={"help": "windows per eval forward",
                                                        "range": "[1, 2**20]"})
-    cache: str = field(default="none", metadata={"help": "eval cache: none or ngram",
-                                                 "choices": ("none", "ngram")})
+    cache: str = field(default="none", metadata={
+        "help": "eval cache: none, ngram (the exact normalised n-gram cache) or tilt (the "
+                "token-only n-gram tilt, proteus/tilt.py)", "choices": ("none", "ngram", "tilt")})
+    tilt_beta: float = field(default=1.0, metadata={
+        "help": "the tilt's strength beta (p'(h) ~ e^beta p(h) for the hint h)",
+        "range": "[0, 20]"})
+    tilt_order: int = field(default=16, metadata={
+        "help": "the tilt's longest context match, in tokens", "range": "[1, 16]"})
+    tilt_min_order: int = field(default=1, metadata={
+        "help": "the tilt's shortest context match: no hint below it", "range": "[1, 16]"})
     ngram_order: int = field(default=5, metadata={"help": "highest n-gram order of the cache",
                                                   "range": f"[2, {MAX_ORDER}]"})
     ngram_doc: bool = field(default=True, metadata={
@@ -383,6 +391,9 @@ class EvalConfig:
         if not [p for p in self.ttt_params.split(",") if p.strip()]:
             raise ConfigError("ttt_params (--ttt-params) must be 'lora' or parameter-name "
                               "patterns, got ''")
+        if self.tilt_min_order > self.tilt_order:
+            raise ConfigError(f"tilt_min_order {self.tilt_min_order} (--tilt-min-order) is above "
+                              f"tilt_order {self.tilt_order} (--tilt-order)")
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ LAYERS = [
      "proteus.eval.hashed", "proteus.eval.cache_audit"],
     ["proteus.checkpoint"],
     # evaluation, sequenced in one place (pipeline) behind one entry point (the package)
-    ["proteus.eval.scoring", "proteus.eval.plan", "proteus.eval.cache", "proteus.eval.ttt",
-     "proteus.eval.ttt_audit", "proteus.eval.audit", "proteus.eval.pipeline", "proteus.eval"],
+    ["proteus.eval.scoring", "proteus.eval.plan", "proteus.eval.cache", "proteus.eval.tilt_step",
+     "proteus.eval.ttt", "proteus.eval.ttt_audit", "proteus.eval.audit", "proteus.eval.pipeline",
+     "proteus.eval"],
     ["proteus.train", "proteus.run", "proteus.submit"],
     ["proteus.plot", "proteus.bench", "proteus.commands", "proteus.cli", "proteus.__main__"],
 ]

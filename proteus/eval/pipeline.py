@@ -28,6 +28,7 @@ from proteus.dist import rank_world, reduce_sum
 from proteus.eval.cache import cache_report, run_audit
 from proteus.eval.plan import EvalPlan, make_plan
 from proteus.eval.scoring import TokenScores, exact_sum, format_bpb, score_tokens
+from proteus.eval.tilt_step import tilt_audit, tilt_hints, tilt_report
 from proteus.eval.ttt import ttt_report
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class EvalResult:
     cache: dict | None = None
     ttt: dict | None = None
     audit: dict | None = None
+    tilt: dict | None = None
     seconds: float = 0.0
 
     @property
@@ -59,7 +61,7 @@ class EvalResult:
         steps that ran."""
         out = {"val": self.plain}
         for key, value in (("val_sliding", self.sliding), ("cache", self.cache),
-                           ("ttt", self.ttt), ("audit", self.audit)):
+                           ("ttt", self.ttt), ("audit", self.audit), ("tilt", self.tilt)):
             if value is not None:
                 out[key] = value
         return out
@@ -72,6 +74,8 @@ class EvalResult:
             out[f"{prefix} sliding {self.sliding['stride']}"] = self.sliding["bpb"]
         if self.cache is not None:
             out[f"{prefix} + cache"] = self.cache["bpb_cache"]
+        if self.tilt is not None:
+            out[f"{prefix} + tilt"] = self.tilt["bpb_tilt"]
         if self.ttt is not None:
             out[f"{prefix} TTT"] = self.ttt["bpb"]
             if "cache" in self.ttt:
@@ -99,8 +103,9 @@ def evaluate(model, tokens: torch.Tensor, config: RunConfig | EvalPlan, *,
         lut = D.tokenizer_lut(cfg.train.tokenizer, vocab)
     rank, world = rank_world()
     t0 = time.perf_counter()
+    hints, hint_seconds = tilt_hints(plan, tokens) if plan.tilt else (None, 0.0)
     scores = score_tokens(model, tokens, lut, seq, 0, ec.eval_batch_seqs, device, autocast,
-                          progress)
+                          progress, second=None if plan.stride else hints)
     plain = _pass_numbers(scores, seq, 0, time.perf_counter() - t0)
     if not plan.quiet:
         log.info(f"  val bpb {format_bpb(plain['bpb'])} (loss {plain['loss']:.4f}, window {seq}, "
@@ -110,7 +115,7 @@ def evaluate(model, tokens: torch.Tensor, config: RunConfig | EvalPlan, *,
     if plan.stride:
         t1 = time.perf_counter()
         scores = score_tokens(model, tokens, lut, seq, plan.stride, ec.eval_batch_seqs, device,
-                              autocast, progress=progress)
+                              autocast, progress=progress, second=hints)
         res.sliding = _pass_numbers(scores, seq, plan.stride, time.perf_counter() - t1)
         records["sliding"] = scores
         if not plan.quiet:
@@ -119,20 +124,23 @@ def evaluate(model, tokens: torch.Tensor, config: RunConfig | EvalPlan, *,
     blended = {}
     if plan.cache:
         res.cache, blended["cache"] = cache_report(plan, tokens, scores, rank, world)
+    if plan.tilt:
+        res.tilt = tilt_report(plan, tokens, scores, hints, hint_seconds)
     if plan.ttt:
         res.ttt, records["ttt"] = ttt_report(model, ec, tokens, lut, seq, device, autocast,
                                              progress=progress, quiet=plan.quiet)
         if plan.cache:
             res.ttt["cache"], blended["ttt + cache"] = cache_report(
                 plan, tokens, records["ttt"], rank, world, what="TTT + the n-gram cache")
-    res.audit = _audit(model, plan, tokens, lut, res, records, blended, rank, device, autocast)
+    res.audit = _audit(model, plan, tokens, lut, res, records, blended, rank, device, autocast,
+                       hints)
     res.seconds = time.perf_counter() - t0
     return res
 
 
 def _audit(model, plan: EvalPlan, tokens: torch.Tensor, lut: ByteLUT, res: EvalResult,
            records: dict[str, TokenScores], blended: dict[str, torch.Tensor], rank: int, device,
-           autocast: bool) -> dict:
+           autocast: bool, hints: torch.Tensor | None = None) -> dict:
     """The audit the plan asks for (``proteus/eval/audit.py``): ``level``, ``passed``,
     ``seconds`` and each check's verdict. TTT's check runs on every rank (its passes are
     shared), the others on rank 0; every rank learns the verdict."""
@@ -166,6 +174,10 @@ def _audit(model, plan: EvalPlan, tokens: torch.Tensor, lut: ByteLUT, res: EvalR
             checks["cache causal"] = A.check_cache_causal(model, plan, tokens,
                                                           lv["cache_positions"])
             checks["cache"] = run_audit(model, plan, tokens)
+        if plan.tilt:
+            full = plan.audit == "full"
+            checks["tilt"] = tilt_audit(model, plan, tokens, hints, 16 if full else 4,
+                                        8 if full else 2)
     bad = [k for k, v in checks.items() if not v]
     passed = reduce_sum(float(len(bad)))[0] == 0
     out = dict(level=plan.audit, passed=passed, seconds=time.perf_counter() - t0, checks=checks)
