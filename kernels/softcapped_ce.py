@@ -55,9 +55,9 @@ fp16, with ignored rows, every reduction):
 
 The floors cover the cases where torch's own error happens to be ~0 (a one-class row, a sum
 whose fp32 rounding lands on the float64 value); 2⁻²²·(a + log V) is about 2 fp32 ulps of
-a + log V, the largest log-sum-exp a row can have. The model's training loss with ``--kernels triton`` is this
-op applied to the head's logits; ``tests/test_softcapped_ce.py`` also checks it (and every
-parameter's gradient) against the reference head to the same bound.
+a + log V, the largest log-sum-exp a row can have. With ``--kernels triton`` the model's loss
+is this op on the head's logits; ``tests/test_softcapped_ce.py`` checks that loss and every
+parameter's gradient against the reference head to the same bound.
 """
 
 from __future__ import annotations

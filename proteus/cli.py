@@ -1,5 +1,5 @@
-"""``proteus`` command line: train, eval, audit, tune-cache, artifact inspect, kernels report,
-bench, plot, pack.
+"""``proteus`` command line: train, eval, audit, tune-cache, quantize, artifact inspect, kernels
+report, bench, plot, pack.
 
 The top of the layers: argument parsing, printing and exit codes. Every model/train/eval option
 is generated from the config dataclasses (see ``proteus/config.py``). Bad input — unknown preset,
@@ -172,6 +172,25 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
                     "next to the checkpoint)")
     tc.add_argument("--iterations", type=int, default=200, help="L-BFGS iterations")
     add_config_arguments(tc, sections=("eval",))
+
+    q = sub.add_parser("quantize", help="quantise a float checkpoint into an artifact (RTN or "
+                       "GPTQ, LQER, int7/int8 embeddings)", description="Quantise model.ckpt "
+                       "into an artifact. GPTQ calibrates on training tokens (never validation "
+                       "tokens: refused by content).")
+    q.add_argument("path", help="a float checkpoint (model.ckpt)")
+    q.add_argument("--method", default="rtn", help="rtn or gptq (default rtn)")
+    q.add_argument("--clip-sigmas", type=float, default=0.0, help="GPTQ's per-row clip in "
+                   "standard deviations (0 = RTN's clip search, default)")
+    q.add_argument("--lqer-rank", type=int, default=0, help="rank of the LQER correction (0 = "
+                   "off)")
+    q.add_argument("--lqer-top-k", type=int, default=3, help="int6 matrices (largest error "
+                   "first) that get the LQER correction")
+    q.add_argument("--embed-bits", type=int, default=8, help="7 or 8")
+    q.add_argument("--calib-files", default="", help="glob of training shards for GPTQ's "
+                   "calibration (default: the checkpoint's training shards)")
+    q.add_argument("--calib-batches", type=int, default=16, help="calibration batches")
+    q.add_argument("--calib-seqs", type=int, default=8, help="sequences per calibration batch")
+    q.add_argument("--out", default="", help="the artifact to write")
 
     art = sub.add_parser("artifact", help="artifact tools")
     art_sub = art.add_subparsers(dest="artifact_command", metavar="ACTION", parser_class=_Parser)
@@ -376,6 +395,13 @@ def _dispatch(parser, args) -> int:
             raise ConfigError("--tune-tokens must be >= 0 and --iterations >= 1")
         return main_tune_cache(args.path, values, args.tune_files, args.tune_tokens,
                                args.out, args.iterations)
+    if args.command == "quantize":
+        from proteus.commands import main_quantize
+        from proteus.gptq import QuantChoices
+
+        choices = QuantChoices(args.method, args.clip_sigmas, args.lqer_rank, args.lqer_top_k,
+                               args.embed_bits, args.calib_batches, args.calib_seqs)
+        return main_quantize(args.path, choices, args.out, args.calib_files)
     if args.command == "artifact" and args.artifact_command == "inspect":
         from proteus.commands import main_inspect
 

@@ -288,6 +288,25 @@ class TrainConfig:
         "help": "seconds a collective may wait for a peer before every rank stops (0 = the "
                 "time cap max_wallclock_s, at least 120, at most 1800; 1800 without a cap)",
         "range": "[0, 1e6]", "resume": True})
+    # the artifact's quantiser (proteus.gptq; `proteus quantize` takes the same choices)
+    quant_method: str = field(default="rtn", metadata={
+        "help": "int6 quantiser of the artifact: rtn (round to nearest) or gptq (calibrated on "
+                "training tokens)", "choices": ("rtn", "gptq"), "resume": True})
+    quant_clip_sigmas: float = field(default=0.0, metadata={
+        "help": "GPTQ's per-row clip in standard deviations (0 = RTN's clip search)",
+        "range": "[0, 64]", "resume": True})
+    quant_calib_batches: int = field(default=16, metadata={
+        "help": "GPTQ calibration batches (of the training batch's sequences)",
+        "range": "[1, 4096]", "resume": True})
+    lqer_rank: int = field(default=0, metadata={
+        "help": "LQER: rank of the int8 low-rank correction of the quantisation error (0 = off)",
+        "range": "[0, 64]", "resume": True})
+    lqer_top_k: int = field(default=3, metadata={
+        "help": "LQER: how many int6 matrices (largest error first) get the correction",
+        "range": "[1, 4096]", "resume": True})
+    embed_bits: int = field(default=8, metadata={
+        "help": "bits of the artifact's embeddings (7 or 8)", "range": "[7, 8]",
+        "resume": True})
 
     def validate(self) -> None:
         check_fields(self)

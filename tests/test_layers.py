@@ -24,9 +24,10 @@ LAYERS = [
     ["proteus.kernels"],  # kernels/: torch and triton only
     ["proteus.config", "proteus.files", "proteus.caseops", "proteus.data", "proteus.dist",
      "proteus.device",
-     "proteus.pack", "proteus.stats"],
+     "proteus.pack", "proteus.stats", "proteus.fingerprint"],
     # the n-gram cache: counts, the blend, fitting, the negative example, the audit
-    ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.artifact",
+    ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.gptq",
+     "proteus.artifact",
      "proteus.tilt",
      "proteus.eval.progress", "proteus.eval.counts", "proteus.eval.blend", "proteus.eval.fit",
      "proteus.eval.hashed", "proteus.eval.cache_audit"],
