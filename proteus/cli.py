@@ -1,5 +1,5 @@
-"""``proteus`` command line: train, eval, audit, tune-cache, artifact inspect, kernels report,
-bench, plot, pack.
+"""``proteus`` command line: train, eval, audit, tune-cache, quantize, artifact inspect, kernels
+report, bench, plot, pack.
 
 The top of the layers: argument parsing, printing and exit codes. Every model/train/eval option
 is generated from the config dataclasses (see ``proteus/config.py``). Bad input — unknown preset,
@@ -173,6 +173,25 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     tc.add_argument("--iterations", type=int, default=200, help="L-BFGS iterations")
     add_config_arguments(tc, sections=("eval",))
 
+    q = sub.add_parser("quantize", help="quantise a float checkpoint into an artifact (RTN or "
+                       "GPTQ, LQER, int7/int8 embeddings)", description="Quantise model.ckpt "
+                       "into an artifact. GPTQ calibrates on training tokens (never validation "
+                       "tokens: refused by content).")
+    q.add_argument("path", help="a float checkpoint (model.ckpt)")
+    q.add_argument("--method", default="rtn", help="rtn or gptq (default rtn)")
+    q.add_argument("--clip-sigmas", type=float, default=0.0, help="GPTQ's per-row clip in "
+                   "standard deviations (0 = RTN's clip search, default)")
+    q.add_argument("--lqer-rank", type=int, default=0, help="rank of the LQER correction (0 = "
+                   "off)")
+    q.add_argument("--lqer-top-k", type=int, default=3, help="int6 matrices (largest error "
+                   "first) that get the LQER correction")
+    q.add_argument("--embed-bits", type=int, default=8, help="7 or 8")
+    q.add_argument("--calib-files", default="", help="glob of training shards for GPTQ's "
+                   "calibration (default: the checkpoint's training shards)")
+    q.add_argument("--calib-batches", type=int, default=16, help="calibration batches")
+    q.add_argument("--calib-seqs", type=int, default=8, help="sequences per calibration batch")
+    q.add_argument("--out", default="", help="the artifact to write")
+
     art = sub.add_parser("artifact", help="artifact tools")
     art_sub = art.add_subparsers(dest="artifact_command", metavar="ACTION", parser_class=_Parser)
     ins = art_sub.add_parser("inspect", help="print an artifact's tensor table and sizes")
@@ -237,11 +256,39 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     sb.add_argument("--baseline", action="append", default=None, metavar="VALUES|RUN_DIR",
                     help="the previous best: bpb numbers or run directories (repeatable)")
 
+    dt = sub.add_parser("data", help="data tools")
+    dt_sub = dt.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    sv = dt_sub.add_parser("synth-val", help="write a validation stand-in of the challenge's "
+                           "size from the bundled documents (for time and memory at scale)",
+                           description="Splice pieces of the bundled documents into --docs "
+                           "new documents (BOS first, real length distribution) and write them "
+                           "as validation shards in --out; see docs/eval_scale.md for what "
+                           "differs from the real set.")
+    sv.add_argument("--docs", type=int, default=50_000, help="documents (the challenge: 50000)")
+    sv.add_argument("--out", required=True, metavar="DIR", help="directory for the shards")
+    sv.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     pk = sub.add_parser("pack", help="write the code a submission ships: one compressed, "
                         "self-extracting script (python SCRIPT train ... runs like proteus)",
                         description="Pack the modules training and evaluation import into one "
                         "self-extracting script and print its size next to the sources'.")
     pk.add_argument("--out", default="proteus_packed.py", help="the script to write")
+    ir = sub.add_parser("import-record", help="turn the pg-record entry's saved state dict "
+                        "into a proteus model.ckpt",
+                        description="Map a state dict saved by the pg-record entry's "
+                        "train_gpt.py (its final_model.pt: 3-D weight banks) onto our layout "
+                        "(docs/pg_record.md) and write it as a model.ckpt that `proteus eval` "
+                        "reads. The model options must be the ones the entry was run with.")
+    ir.add_argument("path", help="the entry's torch.save'd state dict")
+    ir.add_argument("--out", default="model.ckpt", help="the checkpoint to write (refused if "
+                    "it exists)")
+    ir.add_argument("--preset", default="pg-record", help="the preset the model options start "
+                    "from (default pg-record)")
+    ir.add_argument("--tokenizer", dest="train.tokenizer", default=None,
+                    help="the SentencePiece model the entry was trained with (recorded in the "
+                    "checkpoint for eval; '' = the bundled one)")
+    ir.add_argument("--val-files", dest="train.val_files", default=None,
+                    help="glob of the validation shards eval reads by default")
+    add_config_arguments(ir, sections=("model",))
     return p
 
 
@@ -369,6 +416,10 @@ def _dispatch(parser, args) -> int:
         if args.command == "eval":
             return main_eval(args.path, values, args.like_run, args.json)
         return main_audit(args.path, values, args.like_run)
+    if args.command == "import-record":
+        from proteus.commands import main_import_record
+
+        return main_import_record(args.path, args.out, build_config(args.preset, values, {}))
     if args.command == "tune-cache":
         from proteus.commands import main_tune_cache
 
@@ -376,6 +427,13 @@ def _dispatch(parser, args) -> int:
             raise ConfigError("--tune-tokens must be >= 0 and --iterations >= 1")
         return main_tune_cache(args.path, values, args.tune_files, args.tune_tokens,
                                args.out, args.iterations)
+    if args.command == "quantize":
+        from proteus.commands import main_quantize
+        from proteus.gptq import QuantChoices
+
+        choices = QuantChoices(args.method, args.clip_sigmas, args.lqer_rank, args.lqer_top_k,
+                               args.embed_bits, args.calib_batches, args.calib_seqs)
+        return main_quantize(args.path, choices, args.out, args.calib_files)
     if args.command == "artifact" and args.artifact_command == "inspect":
         from proteus.commands import main_inspect
 
@@ -384,6 +442,16 @@ def _dispatch(parser, args) -> int:
         from proteus.bench import run_report
 
         return run_report(args.json)
+    if args.command == "data":
+        if args.data_command != "synth-val":
+            raise ConfigError("data: name an action (synth-val; see proteus data --help)")
+        from proteus.synth import synth_val
+
+        rec = synth_val(args.out, args.docs, args.seed)
+        print(f"proteus data synth-val: {rec['docs']:,} documents, {rec['tokens']:,} tokens in "
+              f"{len(rec['shards'])} shard(s) under {args.out} (record: synth_val.json); "
+              "spliced from the bundled sample: for time and memory, not for bpb")
+        return 0
     if args.command == "pack":
         from proteus.commands import main_pack
 

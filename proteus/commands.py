@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from proteus import data as D
-from proteus.artifact import ARTIFACT_LIMIT, inspect_artifact
-from proteus.checkpoint import load_model, load_train_state
+from proteus.artifact import ARTIFACT_LIMIT, inspect_artifact, write_artifact
+from proteus.checkpoint import load_model, load_train_state, save_checkpoint
 from proteus.config import (
     ConfigError,
     EvalConfig,
@@ -43,7 +43,11 @@ from proteus.eval.plan import ngram_config
 from proteus.eval.scoring import score_tokens
 from proteus.eval.ttt_audit import run_ttt_audit
 from proteus.files import atomic_write_json
+from proteus.fingerprint import fingerprint, reference_fingerprints, refuse_overlaps
+from proteus.gptq import QuantChoices, quantize_with_calibration
+from proteus.model import GPT
 from proteus.pack import pack, source_bytes
+from proteus.record_compat import load_record_state_dict
 from proteus.run import check_inputs, find_resume, open_run_dir, run
 from proteus.submit import (
     baseline_values,
@@ -268,6 +272,9 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
     model, cfg, _ = load_model(path, None)
     ec = eval_overrides(cfg.eval, cli)
     files = held_out_files(cfg, tune_files)
+    refs = reference_fingerprints(cfg.train.train_files, cfg.train.val_files)
+    overlaps = refuse_overlaps(files, refs, "cache parameters are fitted on held-out training "
+                               "tokens only")
     tokens = _load_files(files, tune_tokens)
     lut = D.tokenizer_lut(cfg.train.tokenizer, cfg.model.vocab_size)
     seq = eval_window(dataclasses.replace(cfg, eval=ec))
@@ -280,7 +287,11 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
     meta = dict(fitted_on=dict(checkpoint=path,
                                files=[os.path.basename(f) for f in files],
                                targets=info["targets"], bytes=info["bytes"], stride=ec.stride,
-                               seq_len=seq),
+                               seq_len=seq, fingerprint=fingerprint(tokens).summary(),
+                               refused_by_content=dict(
+                                   {label: fp.summary() for label, fp in refs},
+                                   overlaps={os.path.basename(f): o
+                                             for f, o in overlaps.items()})),
                 bpb=dict(model=info["bpb_model"], start=info["bpb_start"],
                          fitted=info["bpb_fitted"]))
     atomic_write_json(dest, cache_params_dict(fitted, cfg.model.vocab_size, **meta))
@@ -298,6 +309,38 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
 def _load_files(files: list[str], limit: int) -> torch.Tensor:
     tokens = torch.cat([D.load_tokens(f, "tune") for f in files])
     return tokens[: limit + 1] if limit else tokens
+
+
+def main_quantize(path: str, choices: QuantChoices, out: str, calib_files: str = "") -> int:
+    """``proteus quantize``: a float checkpoint -> an artifact, with the quantiser ``choices``
+    (GPTQ calibrates on ``calib_files``, default the checkpoint's training shards, refused by
+    content when they overlap the validation tokens); prints sizes and seconds."""
+    try:
+        choices.validate()
+    except ValueError as e:
+        raise ConfigError(f"proteus quantize: {e}") from None
+    if not out:
+        raise ConfigError("proteus quantize: pass --out FILE for the artifact")
+    model, cfg, info = load_model(path, None)
+    if info["source"] == "artifact":
+        raise ConfigError(f"{path} is already an artifact; quantize a float checkpoint "
+                          "(model.ckpt)")
+    files = D.resolve_files(calib_files or cfg.train.train_files or D.bundled_train_glob(),
+                            "calibration")
+    qs, rep = quantize_with_calibration(model, choices, files, cfg.train.seq_len,
+                                        cfg.model.vocab_size, cfg.train.val_files)
+    meta = {"run_config": cfg.to_dict(), "float_bpb": info.get("float_bpb"), "quantiser": rep}
+    art = write_artifact(out, qs, meta)
+    calib = rep.get("calibration")
+    print(f"proteus quantize: {path} -> {out}: {art.total_bytes:,} bytes ({choices.method}, "
+          f"int{choices.embed_bits} embeddings"
+          + (f", LQER rank {choices.lqer_rank} on {', '.join(rep['lqer'])}" if rep["lqer"]
+             else "") + ")")
+    if calib:
+        print(f"  calibration: {calib['tokens']:,} training tokens from "
+              f"{', '.join(calib['files'])} in {calib['seconds']:.2f}s")
+    print(f"  quantise: {rep['seconds']:.2f}s; evaluate it with: proteus eval {out}")
+    return 0
 
 
 def main_inspect(path: str) -> int:
@@ -320,4 +363,25 @@ def main_pack(out: str) -> int:
         raise ConfigError(f"cannot write {out}: {e.strerror}") from None
     print(f"{out}: {len(text.encode()):,} bytes (the modules training and evaluation import: "
           f"{source_bytes():,} bytes of source); run it as `python {out} train ...`")
+    return 0
+
+
+def main_import_record(path: str, out: str, cfg: RunConfig) -> int:
+    """``proteus import-record``: the entry's state dict -> our ``model.ckpt``."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"import-record: {path}: no such file")
+    if os.path.exists(out):
+        raise ConfigError(f"import-record: {out} exists; pick another --out or remove it")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same bad input
+        raise ConfigError(f"import-record: {path} is not a torch state dict "
+                          f"({str(e).strip().splitlines()[0][:120]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"import-record: {path} does not hold a state dict (name -> tensor)")
+    model = GPT(cfg.model)
+    model.load_state_dict(load_record_state_dict(sd, cfg.model))
+    save_checkpoint(Path(out), model, cfg, {"imported_from": os.path.abspath(path)})
+    print(f"import-record: {len(sd)} tensors of {path} -> {out} ({model.num_params():,} "
+          f"parameters, preset {cfg.train.preset})")
     return 0
