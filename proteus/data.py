@@ -23,13 +23,15 @@ import sentencepiece as spm
 import torch
 
 from proteus.config import ProteusError
-from proteus.files import atomic_write
+from proteus.files import InputError, atomic_write, check_file
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 BOS_ID = 1
+MAX_TOKENIZER_BYTES = 64 << 20  # a 1024-token SentencePiece model is ~250 KB
+MAX_SHARD_BYTES = 1 << 36  # a FineWeb shard is ~200 MB
 
 
 class DataError(ProteusError):
@@ -55,6 +57,10 @@ def bundled_val_glob() -> str:
 def read_shard_header(path: str | os.PathLike) -> int:
     """Check a shard's header against its size; return its token count."""
     path = str(path)
+    try:
+        check_file(path, "shard", MAX_SHARD_BYTES)  # a FIFO or a device is refused, not read
+    except InputError as e:
+        raise DataError(str(e)) from None
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -216,6 +222,10 @@ def load_tokenizer(path: str = ""):
             f"tokenizer {path} not found; pass --tokenizer with the fineweb_1024_bpe.model "
             "path or leave it empty for the bundled one"
         )
+    try:
+        check_file(path, "tokenizer", MAX_TOKENIZER_BYTES)  # /dev/zero would be read forever
+    except InputError as e:
+        raise DataError(str(e)) from None
     sp = spm.SentencePieceProcessor()
     try:
         ok = sp.Load(path)
