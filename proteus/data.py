@@ -58,7 +58,8 @@ def read_shard_header(path: str | os.PathLike) -> int:
     """Check a shard's header against its size; return its token count."""
     path = str(path)
     try:
-        check_file(path, "shard", MAX_SHARD_BYTES)  # a FIFO or a device is refused, not read
+        if os.path.exists(path):  # a FIFO or a device is refused, not read
+            check_file(path, "shard", MAX_SHARD_BYTES)
     except InputError as e:
         raise DataError(str(e)) from None
     try:

@@ -54,7 +54,8 @@ MAX_JSON_DEPTH = 32  # the deepest JSON proteus writes nests 4 levels
 SEAL_KEY = "seal"
 
 # the temporary name atomic_write uses: a leading dot, the file's name, ".tmp", the writer's pid
-_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
+# (files of older writers have no dot)
+_TEMP = re.compile(r"^\.?(?P<name>.+)\.tmp(?P<pid>\d+)$")
 
 
 def temp_path(path: Path) -> Path:
@@ -261,7 +262,7 @@ def parse_json(raw: bytes, where: str, max_depth: int = MAX_JSON_DEPTH):
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as e:
-        raise InputError(f"{where} is not valid JSON ({str(e).splitlines()[0][:80]})") from None
+        raise InputError(f"{where} is not JSON ({str(e).splitlines()[0][:80]})") from None
 
 
 def read_json(path: str | os.PathLike, what: str, limit: int = MAX_JSON_BYTES, *,

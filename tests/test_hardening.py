@@ -184,7 +184,7 @@ def test_fuzz_cache_params(tmp_path):
         path.write_text(json.dumps(bad))
         refused += _only_one_line_errors(lambda: load_cache_params(str(path), 5, True, 1024), p)
     assert refused > 0
-    for text, needle in (("[" * 100_000, "nests 100000 levels"), ("\xff", "not valid JSON")):
+    for text, needle in (("[" * 100_000, "nests 100000 levels"), ("\xff", "is not JSON")):
         path.write_text(text)
         with pytest.raises(ProteusError, match=needle):
             load_cache_params(str(path), 5, True, 1024)
@@ -244,7 +244,7 @@ def test_fuzz_run_log(tmp_path):
             (run / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
             _only_one_line_errors(lambda: read_run_log(run), (i, p))
     for raw, needle in ((b"\x80\x81 junk\n", "not UTF-8"), (b"[" * 5000 + b"\n", "nests"),
-                        (b'{"event": "step"\n', "not valid JSON")):
+                        (b'{"event": "step"\n', "is not JSON")):
         (run / "log.jsonl").write_bytes(raw)
         with pytest.raises(ProteusError, match=needle):
             read_run_log(run)
