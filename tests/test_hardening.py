@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from proteus import checkpoint as K
+from proteus import commands
 from proteus import dist as P
 from proteus.artifact import read_artifact, write_artifact
 from proteus.cli import main
@@ -335,6 +336,17 @@ def test_no_refused_run_leaves_a_directory(clean_env, capsys, monkeypatch, args,
     if "GiB of memory" in needle:
         assert "needs at least" in err and "available" in err  # the estimate and the limit
     assert not out.exists() or not list(out.iterdir()), list(out.iterdir())
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), RuntimeError("CUDA out of memory. Tried")])
+def test_an_out_of_memory_exit_leaves_no_directory(clean_env, capsys, monkeypatch, exc):
+    def oom(*a, **k):
+        raise exc
+    monkeypatch.setattr(commands, "run", oom)
+    out = clean_env / "runs"
+    _one_line(capsys, ["train", "--preset", "smoke", "--out-dir", str(out)], "out of memory",
+              code=1)
+    assert out.is_dir() and not list(out.iterdir())
 
 
 def test_a_half_made_run_directory_is_reused_or_named(clean_env, capsys):
