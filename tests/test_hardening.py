@@ -239,11 +239,13 @@ def test_fuzz_run_log(tmp_path):
             {"event": "step", "step": 1, "train_s": 0.5, "loss": 6.0, "tok_s": 100.0},
             {"event": "val", "step": 1, "bpb": 3.0, "train_s": 0.5},
             {"event": "final", "val": {"bpb": 3.0}, "steps": 1, "train_seconds": 0.5}]
+    refused = 0
     for i, rec in enumerate(good):
         for p, bad in _variants(rec):
             lines = [*good[:i], bad, *good[i + 1 :]]
             (run / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-            _only_one_line_errors(lambda: read_run_log(run), (i, p))
+            refused += _only_one_line_errors(lambda: read_run_log(run), (i, p))
+    assert refused >= 100  # every mistyped field the figure reads
     for raw, needle in ((b"\x80\x81 junk\n", "not UTF-8"), (b"[" * 5000 + b"\n", "nests"),
                         (b'{"event": "step"\n', "is not JSON")):
         (run / "log.jsonl").write_bytes(raw)
