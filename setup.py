@@ -17,7 +17,8 @@ setup(
     python_requires=">=3.10",
     packages=["proteus", "proteus.kernels"],
     package_dir={"proteus": "proteus", "proteus.kernels": "kernels"},
-    package_data={"proteus": ["data/*.bin", "data/*.model", "data/*.vocab", "data/README.md"]},
+    package_data={"proteus": ["data/*.bin", "data/*.model", "data/*.vocab", "data/README.md",
+                              "data/sp8192_caseops/*.bin", "data/sp8192_caseops/*.model"]},
     include_package_data=True,
     # torch is pinned by the install commands (pip install torch==2.13.0) before this
     # package; the open range here never asks for a different build once one is present.
@@ -25,7 +26,8 @@ setup(
     # plot: the charts of `proteus bench --plot` and `proteus plot` (the tests draw them too)
     # and docs/plot_gains.py (the README's figure); mutation: tools/mutation.py, run before a
     # release
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.5"],
+    # protobuf: the SentencePiece piece spans that tools/build_caseops_data.py and its test use
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.5", "protobuf"],
                     "plot": ["matplotlib>=3.5"],
                     "mutation": ["cosmic-ray>=8.7"]},
     entry_points={"console_scripts": ["proteus=proteus.cli:main"]},

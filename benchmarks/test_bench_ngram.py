@@ -21,15 +21,10 @@ import pytest
 import torch
 
 from proteus import data as D
+from proteus.eval.blend import NgramConfig, ngram_blend_logprobs
+from proteus.eval.counts import doc_counts_ref, earlier_counts, earlier_counts_numpy
+from proteus.eval.hashed import hashed_numpy_cache_logprobs
 from proteus.kernels.ngram_table import NgramTable, NgramTableRef
-from proteus.ngram import (
-    NgramConfig,
-    doc_counts_ref,
-    earlier_counts,
-    earlier_counts_numpy,
-    hashed_numpy_cache_logprobs,
-    ngram_blend_logprobs,
-)
 
 from .conftest import ON_GPU, Case, check_then_time, run_timed, sweep
 from .peers import SortedCountsTable

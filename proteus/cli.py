@@ -48,6 +48,16 @@ def _cli_values(ns: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(ns).items() if "." in k}
 
 
+def _like_run_and_no_audit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--like-run", action="store_true",
+                   help="start from the run's own saved evaluation config (its stride, cache, "
+                   "TTT, validation tokens...) instead of the defaults below; options given "
+                   "still apply")
+    p.add_argument("--no-audit", dest="eval.audit", action="store_const", const="none",
+                   default=None, help="skip the audit (said so in the output); same as "
+                   "--audit none")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="proteus", description="PROTEUS: fused Triton kernels, GPT training and "
                 "honest evaluation for the Parameter Golf workload.")
@@ -68,12 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--baseline", action="append", default=None, metavar="VALUES|RUN_DIR",
                    help="with --seeds: the previous best to test against, as bpb numbers "
                    "(1.2244,1.2250) or earlier run directories (repeatable)")
+    t.add_argument("--no-audit", dest="eval.audit", action="store_const", const="none",
+                   default=None, help="skip the evaluation's audit (said so in the output and "
+                   "in summary.json); same as --audit none")
     add_config_arguments(t)
 
     e = sub.add_parser("eval", help="re-evaluate a checkpoint or an int6 artifact",
                        description="Evaluate val bpb of a checkpoint (model.ckpt) or an int6 "
-                       "artifact; with --cache ngram also the honest n-gram cache.")
+                       "artifact: with no options, plain bpb over every validation token and "
+                       "the cheap audit; each heavier step is an option (--stride, --cache "
+                       "ngram, --ttt, --audit full), or replay the run's own evaluation with "
+                       "--like-run.")
     e.add_argument("path", help="model.ckpt or artifact file")
+    _like_run_and_no_audit(e)
+    e.add_argument("--json", default=None, metavar="FILE",
+                   help="also write every reported number, at full precision, to FILE")
     add_config_arguments(e, sections=("eval",))
     e.add_argument("--kernels", dest="train.kernels", default=None, choices=("ref", "triton"),
                    help="ref or triton")
@@ -82,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("audit", help="audit the n-gram cache's distributions (sum to 1, causal)")
     a.add_argument("path", help="model.ckpt or artifact file")
+    a.add_argument("--like-run", action="store_true",
+                   help="audit the evaluation the run itself ran (its saved evaluation config) "
+                   "instead of `proteus eval`'s defaults")
     add_config_arguments(a, sections=("eval",))
 
 
@@ -290,8 +312,9 @@ def _dispatch(parser, args) -> int:
     if args.command in ("eval", "audit"):
         from proteus.commands import main_audit, main_eval
 
-        fn = main_eval if args.command == "eval" else main_audit
-        return fn(args.path, values)
+        if args.command == "eval":
+            return main_eval(args.path, values, args.like_run, args.json)
+        return main_audit(args.path, values, args.like_run)
     if args.command == "tune-cache":
         from proteus.commands import main_tune_cache
 

@@ -19,6 +19,7 @@ from proteus.artifact import ARTIFACT_LIMIT, inspect_artifact
 from proteus.checkpoint import load_model, load_train_state, newest_intact_state
 from proteus.config import (
     ConfigError,
+    EvalConfig,
     ProteusError,
     RunConfig,
     RunInterrupted,
@@ -33,18 +34,21 @@ from proteus.dist import (
     env_rank,
     setup_dist,
 )
-from proteus.evaluate import (
-    evaluate_bpb,
+from proteus.eval import (
+    EvalResult,
+    check_ttt_fits,
+    eval_window,
+    evaluate,
     format_bpb,
-    held_out_files,
     load_eval_tokens,
-    ngram_config,
-    run_audit,
-    score_tokens,
-    sliding_and_cache,
+    make_plan,
 )
+from proteus.eval.cache import run_audit
+from proteus.eval.fit import cache_params_dict, fit_cache_params, held_out_files
+from proteus.eval.plan import ngram_config
+from proteus.eval.scoring import score_tokens
+from proteus.eval.ttt_audit import run_ttt_audit
 from proteus.files import atomic_write_json
-from proteus.ngram import cache_params_dict, fit_cache_params
 from proteus.pack import pack, source_bytes
 from proteus.run import (
     check_inputs,
@@ -65,7 +69,6 @@ from proteus.submit import (
     write_records,
 )
 from proteus.train import StopSignal
-from proteus.ttt import check_ttt_fits, run_ttt_audit, ttt_report
 
 
 def main_train(cfg: RunConfig, resume: tuple[Path, dict | None] | None = None,
@@ -177,64 +180,82 @@ def main_resume(path: str, cli: dict) -> int:
     return main_train(cfg, resume=(run_dir, state))
 
 
-def main_eval(path: str, cli: dict) -> int:
-    """``proteus eval``: plain bpb, and sliding window / n-gram cache as the options ask."""
+def main_eval(path: str, cli: dict, like_run: bool = False, json_path: str | None = None
+              ) -> int:
+    """``proteus eval``: plain bpb, and the sliding window, the n-gram cache and TTT as the
+    options ask (``like_run``: as the run that made ``path`` evaluated it), then the audit;
+    ``json_path``: every number, at full precision, in a JSON file."""
     rank, world = setup_dist()
     failed = True
     try:
-        code = _eval(path, cli, rank, world)
+        code = _eval(path, cli, rank, world, like_run, json_path)
         failed = False
     finally:
         close_process_group(failed)
     return code
 
 
-def _eval(path: str, cli: dict, rank: int, world: int) -> int:
+def eval_config(cfg: RunConfig, cli: dict, like_run: bool, default_audit: str = "") -> RunConfig:
+    """``cfg`` (a checkpoint's or an artifact's) with the evaluation an evaluation command runs:
+    the options given over the defaults (``proteus eval --help``'s), or with ``like_run`` over
+    the run's own saved evaluation config (its stride, cache, TTT, validation tokens...).
+    ``default_audit``: the audit level when none is given (``proteus audit``: full)."""
+    base = cfg.eval if like_run else EvalConfig()
+    if default_audit and "eval.audit" not in cli:
+        base = dataclasses.replace(base, audit=default_audit)
+    return dataclasses.replace(cfg, eval=eval_overrides(base, cli))
+
+
+def _eval(path: str, cli: dict, rank: int, world: int, like_run: bool = False,
+          json_path: str | None = None) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     model, cfg, info = load_model(path, cli.get("train.kernels"))
-    ec = eval_overrides(cfg.eval, cli)
-    val_files = cli.get("train.val_files") or cfg.train.val_files or D.bundled_val_glob()
-    lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
+    cfg = eval_config(cfg, cli, like_run)
+    ec = cfg.eval
+    vocab = cfg.model.vocab_size
+    val_files = cli.get("train.val_files") or cfg.train.val_files or D.bundled_val_glob(vocab)
+    lut = D.tokenizer_lut(cfg.train.tokenizer, cfg.model.vocab_size)
     tokens, first = load_eval_tokens(val_files, ec, cfg.model.vocab_size)
-    seq = ec.eval_seq_len or cfg.train.seq_len
-    if ec.cache == "ngram":
-        ngram_config(ec, cfg.model.vocab_size)  # a bad parameter file fails before any work
+    plan = make_plan(cfg)  # a bad cache parameter file fails before any work
     if ec.ttt:
-        check_ttt_fits(ec, tokens.numel() - 1, seq, model)
+        check_ttt_fits(ec, tokens.numel() - 1, plan.seq, model)
     say(f"proteus eval: {path} ({info['source']}), kernels={model.ops.name}, "
         f"{tokens.numel() - 1:,} targets (validation tokens {first:,}.."
-        f"{first + tokens.numel() - 1:,}), window {seq}, {world} process(es)")
+        f"{first + tokens.numel() - 1:,}), window {plan.seq}, {world} process(es)")
     if info["source"] == "artifact" and rank == 0:
         say(f"  {artifact_provenance(path)}")
     if info.get("float_bpb") is not None:
         say(f"  bpb before quantisation (recorded at training, in the file's header): "
             f"{format_bpb(info['float_bpb'])}")
-    r = evaluate_bpb(model, tokens, lut, seq, 0, ec.eval_batch_seqs)
-    say(f"  val bpb {format_bpb(r['bpb'])} (plain, loss {r['loss']:.4f})")
-    rep = sliding_and_cache(model, cfg, ec, tokens, lut, seq, rank, world)
-    if ec.ttt:
-        rep["ttt"] = ttt_report(model, cfg, ec, tokens, lut, seq, rank, world,
-                                progress=True)
-    if ec.stride or ec.ttt:
-        for line in summary_lines(r, rep, ec, seq):
-            say(line)
-    if rank == 0 and "cache" in rep and not rep["cache"]["audit_passed"]:
+    r = evaluate(model, tokens, plan, lut=lut, progress=True)
+    for line in summary_lines(r, plan.seq):
+        say(line)
+    if json_path and rank == 0:
+        atomic_write_json(json_path, dict(
+            path=path, source=info["source"], world=world, first_token=first,
+            eval_config=dataclasses.asdict(ec), seconds=r.seconds, **r.summary()))
+        say(f"  wrote {json_path} (every number at full precision)")
+    if rank == 0 and r.audit_passed is False:
+        failed = ", ".join(k for k, v in r.audit["checks"].items() if not v)
+        print(f"proteus: the evaluation's audit failed ({failed}): the numbers above are not "
+              "to be trusted", file=sys.stderr)
         return 1
     return 0
 
 
-def summary_lines(plain: dict, rep: dict, ec, seq: int) -> list[str]:
+def summary_lines(r: EvalResult, seq: int) -> list[str]:
     """The evaluation's bpb side by side, with the seconds each method takes (scoring passes)
     and adds (the cache over the scores it blends)."""
+    plain = r.plain
     rows = [(f"plain (windows of {seq})", plain["bpb"], f"{plain['seconds']:.1f}")]
-    name = f"sliding window, stride {ec.stride}" if ec.stride else "the same windows"
-    if "val_sliding" in rep:
-        rows.append((name, rep["val_sliding"]["bpb"], f"{rep['val_sliding']['seconds']:.1f}"))
-    if "cache" in rep:
-        c = rep["cache"]
+    if r.sliding is not None:
+        rows.append((f"sliding window, stride {r.sliding['stride']}", r.sliding["bpb"],
+                     f"{r.sliding['seconds']:.1f}"))
+    if r.cache is not None:
+        c = r.cache
         rows.append(("  + n-gram cache", c["bpb_cache"], f"+{c['seconds']:.1f}"))
-    if "ttt" in rep:
-        t = rep["ttt"]
+    if r.ttt is not None:
+        t = r.ttt
         rows.append((f"score-first TTT ({t['chunks']} chunks)", t["bpb"],
                      f"{t['score_seconds'] + t['train_seconds']:.1f} (scoring "
                      f"{t['score_seconds']:.1f} + training {t['train_seconds']:.1f})"))
@@ -243,25 +264,34 @@ def summary_lines(plain: dict, rep: dict, ec, seq: int) -> list[str]:
                          f"+{t['cache']['seconds']:.1f}"))
     out = ["  summary:                                 bpb     seconds"]
     out += [f"    {label:<36} {format_bpb(b)}  {secs}" for label, b, secs in rows]
+    a = r.audit or {}
+    if a.get("level", "none") != "none":
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[a["passed"]]
+        out.append(f"    {'audit (' + a['level'] + ')':<36} {verdict:<6}  +{a['seconds']:.1f}")
+    else:
+        out.append("    audit                                skipped (--no-audit)")
     return out
 
 
-def main_audit(path: str, cli: dict) -> int:
+def main_audit(path: str, cli: dict, like_run: bool = False) -> int:
     """``proteus audit``: our cache must pass, the record's hashed cache must be flagged; with
-    ``--ttt`` also the score-first TTT audit (over the cache too when it is on)."""
+    ``--ttt`` also the score-first TTT audit (over the cache too when it is on). The
+    evaluation config is ``proteus eval``'s (``like_run``: the run's), the level full."""
     model, cfg, _ = load_model(path, None)
-    ec = eval_overrides(cfg.eval, cli)
-    tokens, first = load_eval_tokens(cfg.train.val_files or D.bundled_val_glob(), ec,
-                                     cfg.model.vocab_size)
+    cfg = eval_config(cfg, cli, like_run, default_audit="full")
+    if cfg.eval.audit == "none":
+        raise ConfigError("proteus audit with --no-audit (audit none) audits nothing: drop it")
+    ec = cfg.eval
+    plan = make_plan(cfg)
+    vocab = cfg.model.vocab_size
+    tokens, first = load_eval_tokens(cfg.train.val_files or D.bundled_val_glob(vocab), ec, vocab)
     if tokens.numel() < 4:
         raise D.DataError(f"the audit needs at least 4 validation tokens, got {tokens.numel()}")
     print(f"proteus audit: {path}, validation tokens {first:,}..{first + tokens.numel():,}")
-    ok = run_audit(model, cfg, ec, tokens, hashed=True,
-                   chunks=(ec.ttt_chunk,) if ec.ttt else ())
+    ok = run_audit(model, plan, tokens, hashed=True, chunks=(ec.ttt_chunk,) if ec.ttt else ())
     if ec.ttt:
-        lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
-        ok = run_ttt_audit(model, cfg, ec, tokens, lut, ec.eval_seq_len or cfg.train.seq_len) \
-            and ok
+        lut = D.tokenizer_lut(cfg.train.tokenizer, cfg.model.vocab_size)
+        ok = run_ttt_audit(model, plan, tokens, lut) and ok
     return 0 if ok else 1
 
 
@@ -273,8 +303,8 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
     ec = eval_overrides(cfg.eval, cli)
     files = held_out_files(cfg, tune_files)
     tokens = _load_files(files, tune_tokens)
-    lut = D.build_byte_lut(D.load_tokenizer(cfg.train.tokenizer), cfg.model.vocab_size)
-    seq = ec.eval_seq_len or cfg.train.seq_len
+    lut = D.tokenizer_lut(cfg.train.tokenizer, cfg.model.vocab_size)
+    seq = eval_window(dataclasses.replace(cfg, eval=ec))
     start = ngram_config(ec, cfg.model.vocab_size)
     print(f"proteus tune-cache: {path}, {tokens.numel() - 1:,} held-out training targets from "
           f"{', '.join(os.path.basename(f) for f in files)}, window {seq}, stride {ec.stride}")

@@ -350,6 +350,11 @@ class EvalConfig:
         "help": "random positions the audit samples (besides BOS targets, first tokens after "
                 "BOS, chunk and shard edges and repeated contexts, which it always visits)",
         "range": "[1, 10000000]"})
+    audit: str = field(default="cheap", metadata={
+        "help": "the audit an evaluation runs: cheap (a few positions of each kind; at most ~10% "
+                "of the evaluation's time), full (every kind of position, many edits: "
+                "`proteus audit`'s default) or none (skipped, and said so)",
+        "choices": ("none", "cheap", "full")})
     artifact_eval: str = field(default="plain", metadata={
         "help": "how the run scores its int6 artifact: plain (non-overlapping windows), or full "
                 "(also the sliding window, the cache and TTT as configured: the numbers a "
@@ -512,6 +517,15 @@ PRESETS: dict[str, dict[str, dict]] = {
         ),
         "eval": dict(val_tokens=4096, eval_batch_seqs=8, ttt_chunk=1024),
     },
+}
+
+# cpu-tiny on the bundled SP8192 CaseOps sample (the record entries' tokenizer, the same
+# documents): the vocabulary selects the bundled tokenizer and shards (proteus/data.py)
+PRESETS["cpu-tiny-sp8192"] = {
+    "model": {**PRESETS["cpu-tiny"]["model"], "vocab_size": 8192},
+    "train": dict(PRESETS["cpu-tiny"]["train"]),
+    # no n-gram cache: its packed keys hold 10-bit token ids (vocabularies up to 1024)
+    "eval": {**PRESETS["cpu-tiny"]["eval"], "cache": "none"},
 }
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}

@@ -22,6 +22,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
+from proteus.caseops import OPERATORS as CASEOPS_OPERATORS
 from proteus.config import ProteusError
 from proteus.files import InputError, atomic_write, check_file
 
@@ -38,20 +39,31 @@ class DataError(ProteusError):
     """Missing, corrupt or mismatched data or tokenizer; the message names the file and the fix."""
 
 
-def bundled_dir() -> Path:
-    return Path(str(resources.files("proteus") / "data"))
+# The bundled samples, by vocabulary: SP1024 (the challenge's baseline tokenizer) and SP8192
+# CaseOps (the record entries' tokenizer over the same documents, with the validation shard's
+# byte sidecar); proteus/data/README.md gives their provenance.
+BUNDLED = {1024: ("", "fineweb_1024_bpe.model"),
+           8192: ("sp8192_caseops", "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")}
 
 
-def bundled_tokenizer() -> str:
-    return str(bundled_dir() / "fineweb_1024_bpe.model")
+def bundled_dir(vocab_size: int = 1024) -> Path:
+    if vocab_size not in BUNDLED:
+        raise DataError(f"no bundled data for a vocabulary of {vocab_size} (bundled: "
+                        f"{', '.join(map(str, BUNDLED))}); pass --tokenizer, --train-files and "
+                        "--val-files")
+    return Path(str(resources.files("proteus") / "data")) / BUNDLED[vocab_size][0]
 
 
-def bundled_train_glob() -> str:
-    return str(bundled_dir() / "fineweb_train_*.bin")
+def bundled_tokenizer(vocab_size: int = 1024) -> str:
+    return str(bundled_dir(vocab_size) / BUNDLED[vocab_size][1])
 
 
-def bundled_val_glob() -> str:
-    return str(bundled_dir() / "fineweb_val_*.bin")
+def bundled_train_glob(vocab_size: int = 1024) -> str:
+    return str(bundled_dir(vocab_size) / "fineweb_train_*.bin")
+
+
+def bundled_val_glob(vocab_size: int = 1024) -> str:
+    return str(bundled_dir(vocab_size) / "fineweb_val_*.bin")
 
 
 def read_shard_header(path: str | os.PathLike) -> int:
@@ -118,8 +130,20 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
     atomic_write(path, [header.tobytes(), tokens.astype("<u2").tobytes()])
 
 
+def is_byte_sidecar(path: str | os.PathLike) -> bool:
+    """A byte sidecar (``fineweb_val_bytes_NNNNNN.bin``) is in the shard format but holds byte
+    counts, not tokens: a glob such as ``fineweb_val_*.bin`` never reads one as tokens."""
+    return "_bytes_" in os.path.basename(str(path))
+
+
+def sidecar_path(shard: str | os.PathLike) -> str:
+    """Where the byte sidecar of a validation shard lives: ``fineweb_val_bytes_`` + its number."""
+    head, name = os.path.split(str(shard))
+    return os.path.join(head, name.replace("_val_", "_val_bytes_", 1))
+
+
 def resolve_files(pattern: str, what: str) -> list[str]:
-    files = sorted(glob.glob(pattern))
+    files = sorted(f for f in glob.glob(pattern) if not is_byte_sidecar(f))
     if not files:
         raise DataError(
             f"no {what} shards match {pattern!r}; pass an existing glob "
@@ -140,6 +164,33 @@ def load_tokens(pattern: str, what: str, limit: int = 0, vocab_size: int | None 
             break
     tokens = torch.from_numpy(np.concatenate(parts).astype(np.int64))
     return tokens[:limit] if limit else tokens
+
+
+def load_byte_sidecar(pattern: str, limit: int = 0) -> torch.Tensor | None:
+    """The original UTF-8 bytes of every token of the shards matching ``pattern`` (int64, the
+    same length and order as :func:`load_tokens`), from their byte sidecars; ``None`` when the
+    shards have none (bytes then come from the tokenizer's pieces: :class:`ByteLUT`). Shards
+    with and without sidecars are not mixed, and each sidecar must count its shard's tokens."""
+    shards = resolve_files(pattern, "val")
+    have = [os.path.exists(sidecar_path(f)) for f in shards]
+    if not any(have):
+        return None
+    if not all(have):
+        missing = shards[have.index(False)]
+        raise DataError(f"shard {missing} has no byte sidecar {sidecar_path(missing)} while "
+                        "other shards of the glob do; use shards of one kind")
+    parts, total = [], 0
+    for f in shards:
+        nbytes = load_shard(sidecar_path(f))
+        if nbytes.size != read_shard_header(f):
+            raise DataError(f"byte sidecar {sidecar_path(f)} counts {nbytes.size} tokens, its "
+                            f"shard {f} holds {read_shard_header(f)}")
+        parts.append(nbytes)
+        total += nbytes.size
+        if limit and total >= limit:
+            break
+    out = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+    return out[:limit] if limit else out
 
 
 class TokenStream:
@@ -216,12 +267,13 @@ class TokenStream:
 # Tokenizer and bits per byte
 
 
-def load_tokenizer(path: str = ""):
-    path = path or bundled_tokenizer()
+def load_tokenizer(path: str = "", vocab_size: int = 1024):
+    """The SentencePiece model at ``path``, or the bundled one for ``vocab_size`` when empty."""
+    path = path or bundled_tokenizer(vocab_size)
     if not os.path.exists(path):
         raise DataError(
-            f"tokenizer {path} not found; pass --tokenizer with the fineweb_1024_bpe.model "
-            "path or leave it empty for the bundled one"
+            f"tokenizer {path} not found; pass --tokenizer with the model's .model file "
+            "or leave it empty for the bundled one"
         )
     try:
         check_file(path, "tokenizer", MAX_TOKENIZER_BYTES)  # /dev/zero would be read forever
@@ -239,11 +291,15 @@ def load_tokenizer(path: str = ""):
 
 @dataclass(frozen=True)
 class ByteLUT:
-    """Per-token byte counts for bpb (SPEC.md's rule)."""
+    """Per-token byte counts for bpb, from the tokenizer's pieces (the rule in this module's
+    docstring). For a CaseOps tokenizer (proteus.caseops) the operator pieces count no bytes,
+    except an operator right after ESC, which is a literal character of the text (3 bytes)."""
 
     base_bytes: torch.Tensor  # int64 (V,): UTF-8 bytes of the piece without its leading "▁"
     has_space: torch.Tensor  # bool (V,): piece starts with "▁"
     is_boundary: torch.Tensor  # bool (V,): control/unknown/unused token
+    escaped_bytes: torch.Tensor | None = None  # int64 (V,): bytes after ESC (CaseOps only)
+    esc_id: int = -1  # CaseOps' ESC piece, -1 for other tokenizers
 
     @property
     def vocab_size(self) -> int:
@@ -253,7 +309,10 @@ class ByteLUT:
         """Bytes of each target token given the token before it (same shapes)."""
         nb = self.base_bytes[target]
         extra = self.has_space[target] & ~self.is_boundary[prev]
-        return nb + extra.to(nb.dtype)
+        nb = nb + extra.to(nb.dtype)
+        if self.escaped_bytes is not None:
+            nb = torch.where(prev == self.esc_id, self.escaped_bytes[target], nb)
+        return nb
 
 
 def build_byte_lut(sp, vocab_size: int | None = None) -> ByteLUT:
@@ -266,6 +325,7 @@ def build_byte_lut(sp, vocab_size: int | None = None) -> ByteLUT:
     base = np.zeros(n, dtype=np.int64)
     space = np.zeros(n, dtype=np.bool_)
     boundary = np.zeros(n, dtype=np.bool_)
+    operators = {}
     for i in range(n):
         if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i):
             boundary[i] = True
@@ -274,11 +334,25 @@ def build_byte_lut(sp, vocab_size: int | None = None) -> ByteLUT:
             base[i] = 1
             continue
         piece = sp.IdToPiece(i)
+        if piece in CASEOPS_OPERATORS:
+            operators[piece] = i
         if piece.startswith("\u2581"):
             space[i] = True
             piece = piece[1:]
         base[i] = len(piece.encode("utf-8"))
-    return ByteLUT(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+    if len(operators) < len(CASEOPS_OPERATORS):  # not a CaseOps tokenizer
+        return ByteLUT(torch.from_numpy(base), torch.from_numpy(space),
+                       torch.from_numpy(boundary))
+    escaped = base.copy()
+    for i in operators.values():
+        base[i] = 0
+    return ByteLUT(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary),
+                   torch.from_numpy(escaped), operators[CASEOPS_OPERATORS[-1]])
+
+
+def tokenizer_lut(path: str, vocab_size: int) -> ByteLUT:
+    """The byte table of the tokenizer at ``path`` (or the bundled one for ``vocab_size``)."""
+    return build_byte_lut(load_tokenizer(path, vocab_size), vocab_size)
 
 
 def bits_per_byte(sum_nll_nats: float, total_bytes: int) -> float:

@@ -41,7 +41,7 @@ def package_dirs() -> dict[str, Path]:
     """Folder of each package of the distribution, found without importing ``proteus.kernels``
     (an editable install keeps it in the repository's ``kernels/`` folder)."""
     out = {}
-    for name in ("proteus", "proteus.kernels"):
+    for name in ("proteus", "proteus.eval", "proteus.kernels"):
         spec = importlib.util.find_spec(name)
         out[name] = Path(next(iter(spec.submodule_search_locations)))
     return out

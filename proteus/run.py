@@ -62,12 +62,13 @@ from proteus.dist import (
     local_rank,
     rank_world,
 )
-from proteus.evaluate import (
-    evaluate_bpb,
+from proteus.eval import (
+    EvalPlan,
+    check_ttt_fits,
+    evaluate,
     format_bpb,
     load_eval_tokens,
-    ngram_config,
-    sliding_and_cache,
+    make_plan,
 )
 from proteus.files import (
     InputError,
@@ -83,7 +84,6 @@ from proteus.model import GPT, build_model
 from proteus.pack import packed_code_bytes
 from proteus.quant import QuantizedState, quantize_state_dict
 from proteus.train import StopSignal, batch_layout, train
-from proteus.ttt import check_ttt_fits, ttt_report
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +100,13 @@ def check_inputs(cfg: RunConfig) -> None:
     is made: a typo in a path costs no directory and no work."""
     tc = cfg.train
     check_memory(cfg, *batch_layout(tc, env_world()))
-    D.build_byte_lut(D.load_tokenizer(tc.tokenizer), cfg.model.vocab_size)
-    D.TokenStream(tc.train_files or D.bundled_train_glob())
-    val = D.resolve_files(tc.val_files or D.bundled_val_glob(), "val")
+    vocab = cfg.model.vocab_size
+    D.tokenizer_lut(tc.tokenizer, vocab)
+    D.TokenStream(tc.train_files or D.bundled_train_glob(vocab))
+    val = D.resolve_files(tc.val_files or D.bundled_val_glob(vocab), "val")
     if sum(D.read_shard_header(path) for path in val) < 2:
         raise D.DataError("the validation shards hold fewer than 2 tokens; nothing to score")
-    if cfg.eval.cache_params:  # a bad parameter file fails before any training
-        ngram_config(cfg.eval, cfg.model.vocab_size)
+    make_plan(cfg)  # a bad cache parameter file fails before any training
 
 
 def check_memory(cfg: RunConfig, seqs_per_rank: int, micro: int) -> None:
@@ -349,11 +349,12 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
     failed, ckpt = True, None
     try:
         # Data and tokenizer first: bad paths fail before any work.
-        lut = D.build_byte_lut(D.load_tokenizer(tc.tokenizer), mc.vocab_size)
-        val, _ = load_eval_tokens(tc.val_files or D.bundled_val_glob(), ec, mc.vocab_size)
+        lut = D.tokenizer_lut(tc.tokenizer, mc.vocab_size)
+        val, _ = load_eval_tokens(tc.val_files or D.bundled_val_glob(mc.vocab_size), ec,
+                                  mc.vocab_size)
+        plan = make_plan(cfg)
         if ec.ttt:
-            check_ttt_fits(ec, val.numel() - 1, ec.eval_seq_len or tc.seq_len,
-                           build_model(cfg, "ref"))
+            check_ttt_fits(ec, val.numel() - 1, plan.seq, build_model(cfg, "ref"))
 
         trained = train(cfg, dd=dd, device=device, val=val, lut=lut, jlog=jlog,
                         run_dir=run_dir, resume=resume, stop=stop)
@@ -365,25 +366,18 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
             results["checkpoint"] = str(ckpt)
         heartbeat("evaluation")
 
-        seq = ec.eval_seq_len or tc.seq_len
         t_eval = time.perf_counter()
         results["hardware"] = f"{dd.world}x {device_name(device)}"
+        log.info(f"evaluating on {val.numel() - 1:,} validation tokens ...")
         if dd.main:
-            train_tokens = D.load_tokens(tc.train_files or D.bundled_train_glob(), "train",
+            train_tokens = D.load_tokens(tc.train_files or D.bundled_train_glob(mc.vocab_size),
+                                         "train",
                                          vocab_size=mc.vocab_size)
             results["unigram_bpb"] = D.unigram_bpb(train_tokens, val, lut)
-        log.info(f"evaluating on {val.numel() - 1:,} validation tokens ...")
-        r = evaluate_bpb(model, val, lut, seq, 0, ec.eval_batch_seqs, device, trained.autocast,
-                         progress=True)
-        results["val"] = r
-        log.info(f"  val bpb {format_bpb(r['bpb'])} (loss {r['loss']:.4f}, window {seq}, plain)"
-                 + (f"; unigram baseline {format_bpb(results['unigram_bpb'])}"
-                    if dd.main else ""))
-        results.update(sliding_and_cache(model, cfg, ec, val, lut, seq, dd.rank, dd.world,
-                                         device, trained.autocast, progress=True))
-        if ec.ttt:
-            results["ttt"] = ttt_report(model, cfg, ec, val, lut, seq, dd.rank, dd.world, device,
-                                        trained.autocast, progress=True)
+            log.info(f"  unigram baseline bpb {format_bpb(results['unigram_bpb'])} (the "
+                     "training tokens' unigram frequencies)")
+        results.update(evaluate(model, val, plan, lut=lut, device=device,
+                                autocast=trained.autocast, progress=True).summary())
         results["eval_seconds"] = time.perf_counter() - t_eval
         jlog.write(event="final", **results)
 
@@ -391,8 +385,8 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
             heartbeat("the artifact")
             # every rank takes part: the quantised model's evaluation is shared across ranks
             results["artifact"] = write_run_artifact(
-                model, cfg, run_dir, val, lut, results["val"]["bpb"], rank=dd.rank,
-                world=dd.world, device=device, autocast=trained.autocast)
+                model, cfg, run_dir, val, lut, results["val"]["bpb"], device=device,
+                autocast=trained.autocast, plan=plan)
             results["eval_seconds"] += results["artifact"].get("eval_seconds", 0.0)
             if dd.main:
                 write_summary(run_dir, results, cfg)
@@ -432,16 +426,18 @@ def _text_log(path: Path | None) -> logging.Handler | None:
 
 def write_run_artifact(model: GPT, cfg: RunConfig, run_dir: Path, val: torch.Tensor | None = None,
                        lut: D.ByteLUT | None = None, float_bpb: float | None = None,
-                       rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
-                       autocast: bool = False) -> dict:
+                       device: torch.device | str = "cpu", autocast: bool = False,
+                       plan: EvalPlan | None = None) -> dict:
     """Quantise ``model``, write ``run_dir/model.int6``, report sizes and the budget check, and
     score the artifact: plain windows, and with ``eval.artifact_eval = full`` also the sliding
     window, the n-gram cache and TTT as configured (``scores``: what a submission claims).
+    ``plan``: the run's evaluation plan (made from ``cfg`` when not given).
 
     Under torch.distributed every rank calls this: rank 0 writes the file, and the quantised
     model's evaluation is shared by all ranks (rank 0 reads the artifact back from disk, the
     others rebuild the same quantised weights in memory: ranks hold bit-identical weights and
     quantisation is deterministic)."""
+    rank, _ = rank_world()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     qstate = quantize_state_dict(state)
     path = Path(run_dir) / ARTIFACT_NAME
@@ -450,31 +446,22 @@ def write_run_artifact(model: GPT, cfg: RunConfig, run_dir: Path, val: torch.Ten
         meta = {"run_config": cfg.to_dict(), "float_bpb": float_bpb}
         out.update(_sizes(write_artifact(str(path), qstate, meta), qstate))
     if val is not None and lut is not None:
-        ec, t0 = cfg.eval, time.perf_counter()
-        seq = ec.eval_seq_len or cfg.train.seq_len
+        plan, t0 = plan or make_plan(cfg), time.perf_counter()
+        if cfg.eval.artifact_eval == "full":
+            log.info("  the int6 artifact, evaluated as a submission claims it:")
+        else:
+            plan = plan.plain_only()
         qmodel = load_model(str(path), cfg.train.kernels)[0] if rank == 0 else int6_model(
             cfg, qstate)
         qmodel = qmodel.to(device)
-        r = evaluate_bpb(qmodel, val, lut, seq, 0, ec.eval_batch_seqs, device, autocast)
-        out["quantized_bpb"] = r["bpb"]
-        out["scores"] = {"int6 plain": r["bpb"]}
+        r = evaluate(qmodel, val, plan, lut=lut, device=device, autocast=autocast)
+        out["quantized_bpb"] = r.plain["bpb"]
+        out["scores"] = r.scores("int6")
+        if r.cache is not None:
+            out["audit_passed"] = r.audit_passed
         if float_bpb is not None:
-            log.info(f"  int6 round trip: val bpb {r['bpb']:.4f} (float {float_bpb:.4f}, "
-                     f"{r['bpb'] - float_bpb:+.4f})")
-        if ec.artifact_eval == "full":
-            log.info("  the int6 artifact, evaluated as a submission claims it:")
-            rep = sliding_and_cache(qmodel, cfg, ec, val, lut, seq, rank, world, device,
-                                    autocast)
-            if "val_sliding" in rep:
-                out["scores"][f"int6 sliding {ec.stride}"] = rep["val_sliding"]["bpb"]
-            if "cache" in rep:
-                out["scores"]["int6 + cache"] = rep["cache"]["bpb_cache"]
-                out["audit_passed"] = rep["cache"].get("audit_passed")
-            if ec.ttt:
-                t = ttt_report(qmodel, cfg, ec, val, lut, seq, rank, world, device, autocast)
-                out["scores"]["int6 TTT"] = t["bpb"]
-                if "cache" in t:
-                    out["scores"]["int6 TTT + cache"] = t["cache"]["bpb_cache"]
+            log.info(f"  int6 round trip: val bpb {r.plain['bpb']:.4f} (float {float_bpb:.4f}, "
+                     f"{r.plain['bpb'] - float_bpb:+.4f})")
         out["eval_seconds"] = time.perf_counter() - t0
     return out
 

@@ -48,7 +48,7 @@ from proteus.artifact import ARTIFACT_LIMIT, artifact_meta
 from proteus.checkpoint import load_model
 from proteus.config import ConfigError, RunConfig
 from proteus.device import use_autocast
-from proteus.evaluate import evaluate_bpb, load_eval_tokens, sliding_and_cache
+from proteus.eval import evaluate, load_eval_tokens, make_plan
 from proteus.files import (
     InputError,
     atomic_write,
@@ -67,7 +67,6 @@ from proteus.run import (
     read_run_config,
 )
 from proteus.stats import mean, stdev, welch_one_sided
-from proteus.ttt import ttt_report
 
 TRAIN_LIMIT_S = 600.0
 EVAL_LIMIT_S = 600.0
@@ -196,33 +195,22 @@ def artifact_provenance(path: str | Path) -> str:
 def rescore(r: SeedRun, device: torch.device | None = None) -> dict:
     """Recompute every score of the run's artifact, as its config asks: ``int6 plain``, and
     ``int6 sliding S``, ``int6 + cache`` (with the audit), ``int6 TTT`` (``+ cache``) where the
-    config has a stride, the cache, TTT. Returns the scores and the plain evaluation's loss,
-    tokens and bytes."""
+    config has a stride, the cache, TTT (the whole plan, whatever ``artifact_eval`` the run
+    used). Returns the scores and the plain evaluation's loss, tokens and bytes."""
     cfg = RunConfig.from_dict(r.config)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kernels = "triton" if device.type == "cuda" and cfg.train.kernels == "triton" else "ref"
     model, _, _ = load_model(str(r.path / ARTIFACT_NAME), kernels)
     model = model.to(device)
-    tc, ec, vocab = cfg.train, cfg.eval, cfg.model.vocab_size
-    autocast = use_autocast(tc, device)
-    val, _ = load_eval_tokens(tc.val_files or D.bundled_val_glob(), ec, vocab)
-    lut = D.build_byte_lut(D.load_tokenizer(tc.tokenizer), vocab)
-    seq = ec.eval_seq_len or tc.seq_len
-    plain = evaluate_bpb(model, val, lut, seq, 0, ec.eval_batch_seqs, device, autocast)
-    out = dict(scores={"int6 plain": plain["bpb"]}, loss=plain["loss"], tokens=plain["tokens"],
-               bytes=plain["bytes"], stride=ec.stride or None, audit=None)
-    rep = sliding_and_cache(model, cfg, ec, val, lut, seq, 0, 1, device, autocast)
-    if "val_sliding" in rep:
-        out["scores"][f"int6 sliding {ec.stride}"] = rep["val_sliding"]["bpb"]
-    if "cache" in rep:
-        out["scores"]["int6 + cache"] = rep["cache"]["bpb_cache"]
-        out["audit"] = rep["cache"].get("audit_passed")
-    if ec.ttt:
-        t = ttt_report(model, cfg, ec, val, lut, seq, 0, 1, device, autocast)
-        out["scores"]["int6 TTT"] = t["bpb"]
-        if "cache" in t:
-            out["scores"]["int6 TTT + cache"] = t["cache"]["bpb_cache"]
-    return out
+    tc, vocab = cfg.train, cfg.model.vocab_size
+    val, _ = load_eval_tokens(tc.val_files or D.bundled_val_glob(vocab), cfg.eval, vocab)
+    lut = D.tokenizer_lut(tc.tokenizer, vocab)
+    res = evaluate(model, val, make_plan(cfg), lut=lut, device=device,
+                   autocast=use_autocast(tc, device))
+    plain = res.plain
+    return dict(scores=res.scores("int6"), loss=plain["loss"], tokens=plain["tokens"],
+                bytes=plain["bytes"], stride=(res.sliding or {}).get("stride"),
+                audit=res.audit_passed if res.cache is not None else None)
 
 
 def verify_scores(r: SeedRun, tolerance: float = TOLERANCE_BPB,

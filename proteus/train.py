@@ -64,7 +64,7 @@ from proteus.checkpoint import (
 from proteus.config import ConfigError, RunConfig, RunFailed, RunInterrupted
 from proteus.device import pick_device, require_memory, use_autocast
 from proteus.dist import Dist, collective_timeout, heartbeat, signal_note
-from proteus.evaluate import evaluate_bpb, format_bpb
+from proteus.eval import evaluate, format_bpb, validation_plan
 from proteus.model import GPT, build_model
 from proteus.optim import build_optimizers
 
@@ -285,12 +285,13 @@ def train(cfg: RunConfig, *, dd: Dist | None = None, device: torch.device | None
 
 def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonLog,
            run_dir: Path | None, resume, stop: StopSignal | None) -> Trained:
-    tc, ec = cfg.train, cfg.eval
+    tc = cfg.train
     torch.manual_seed(tc.seed)
     autocast = use_autocast(tc, device)
 
-    stream = D.TokenStream(tc.train_files or D.bundled_train_glob(), dd.rank, dd.world,
-                           cfg.model.vocab_size)
+    vocab = cfg.model.vocab_size
+    stream = D.TokenStream(tc.train_files or D.bundled_train_glob(vocab), dd.rank, dd.world,
+                           vocab)
     seqs_per_rank, micro = batch_layout(tc, dd.world)
     if tc.val_every and (val is None or lut is None):
         raise ValueError("train: val_every needs the validation tokens and byte table (val, lut)")
@@ -438,8 +439,8 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
                 stop_now(save_state())
             if tc.val_every and step % tc.val_every == 0:
                 heartbeat(f"validation at step {step}")
-                r = evaluate_bpb(model, val, lut, tc.seq_len, 0, ec.eval_batch_seqs, device,
-                                 autocast)
+                r = evaluate(model, val, validation_plan(cfg), lut=lut, device=device,
+                             autocast=autocast).plain
                 log.info(f"  val @ step {step}: bpb {format_bpb(r['bpb'])} loss {r['loss']:.4f}")
                 jlog.write(event="val", step=step, train_s=train_s, **r)
             if run_dir is not None and step < tc.iterations and (

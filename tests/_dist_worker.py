@@ -12,15 +12,19 @@ import torch
 from proteus import data as D
 from proteus.config import build_config
 from proteus.dist import close_process_group, reduce_sum, setup_dist
-from proteus.evaluate import TokenScores, cache_scores
+from proteus.eval.cache import cache_scores
+from proteus.eval.plan import ngram_config
+from proteus.eval.scoring import TokenScores
 from proteus.run import run
 
 out = sys.argv[1]
+autocast = sys.argv[2] if len(sys.argv) > 2 else "off"  # bf16 autocast forced on or off
 rank, world = setup_dist()  # the group outlives run(), which leaves it to its creator
 # no wall-clock cap: a time-aware warm-down would give the 1- and 2-process runs different LRs
 cfg = build_config("smoke", {"train.iterations": 5, "train.warmup_steps": 1,
                              "train.batch_tokens": 512, "train.seq_len": 64,
-                             "train.max_wallclock_s": 0.0}, environ={})
+                             "train.max_wallclock_s": 0.0,
+                             "train.autocast_bf16": autocast}, environ={})
 run_dir = os.path.join(out, "run")  # rank 0 writes checkpoint and artifact; all ranks evaluate it
 os.makedirs(run_dir, exist_ok=True)
 res = run(cfg, run_dir=Path(run_dir))
@@ -32,7 +36,8 @@ z = torch.sin(torch.arange(1024, dtype=torch.float64)[None] * (tokens[:-1, None]
 logp = torch.log_softmax(3.0 * z, -1).gather(1, tokens[1:, None])[:, 0]
 lut = D.build_byte_lut(D.load_tokenizer(), 1024)
 scores = TokenScores(1, logp, lut.target_bytes(tokens[:-1], tokens[1:]))
-nll, nbytes, _ = reduce_sum(*cache_scores(scores, tokens, cfg.eval, rank, world))
+ncfg = ngram_config(cfg.eval, cfg.model.vocab_size)
+nll, nbytes, _ = reduce_sum(*cache_scores(scores, tokens, ncfg, "numpy", rank, world))
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"losses": res["losses"], "digest": res["param_digest"], "bpb": res["val"]["bpb"],
                "world": res["world"], "int6_bpb": res["artifact"]["quantized_bpb"],

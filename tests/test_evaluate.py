@@ -4,7 +4,7 @@ The model here is a stand-in whose logits depend on the position inside its wind
 token there, so a target scored by the wrong window, at the wrong place in it, twice, or not at
 all changes the result. The byte table gives every token a different byte count, so a target
 paired with the wrong bytes changes it too. Expected numbers are computed from the lists of
-(target, position in its window) written out below, not from ``proteus.evaluate.windows``.
+(target, position in its window) written out below, not from ``proteus.eval.scoring.windows``.
 """
 
 from __future__ import annotations
@@ -12,28 +12,40 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 
 import pytest
 import torch
 
-import proteus.evaluate as E
+import proteus.eval.scoring as E
 from proteus import data as D
 from proteus.config import build_config
-from proteus.evaluate import (
+from proteus.eval import EvalResult, evaluate, format_bpb, make_plan
+from proteus.eval.blend import NgramConfig, ngram_blend_logprobs
+from proteus.eval.cache import cache_report, cache_scores, run_audit
+from proteus.eval.scoring import (
     TokenScores,
-    cache_report,
-    cache_scores,
-    evaluate_bpb,
-    format_bpb,
     model_logprobs_fn,
-    run_audit,
     score_tokens,
-    sliding_and_cache,
     windows,
 )
-from proteus.ngram import NgramConfig, ngram_blend_logprobs
 
 V = 8
+
+
+def _config(seq: int = 0, **eval_values):
+    """The smoke preset with the evaluation window ``seq`` (0: the training sequence length)
+    and these evaluation options."""
+    cfg = build_config("smoke", environ={})
+    ec = dataclasses.replace(cfg.eval, eval_seq_len=seq, **eval_values)
+    return dataclasses.replace(cfg, eval=ec)
+
+
+def _evaluate(model, tokens, seq: int, stride: int = 0, autocast: bool = False,
+              **eval_values) -> EvalResult:
+    """The entry point, as the command line calls it, with the 8-token byte table."""
+    return evaluate(model, tokens, _config(seq, stride=stride, **eval_values), lut=LUT,
+                    autocast=autocast)
 
 
 class PositionModel(torch.nn.Module):
@@ -120,15 +132,17 @@ def test_uniform_model_bpb_by_hand():
             return torch.zeros(*x.shape, V)
 
     for stride in (0, 2):
-        r = evaluate_bpb(Uniform(), TOKENS, LUT, 4, stride)
+        res = _evaluate(Uniform(), TOKENS, 4, stride)
+        r = res.sliding if stride else res.plain
+        assert (res.sliding is None) == (stride == 0) and res.cache is None and res.ttt is None
         # log-softmax is taken in float32: -ln 8 to float32 rounding
         assert r["bpb"] == pytest.approx(30 / 38, rel=1e-7)
         assert r["loss"] == pytest.approx(math.log(8), rel=1e-7)
         assert (r["tokens"], r["bytes"], r["stride"], r["seq_len"]) == (10, 38, stride, 4)
 
 
-def test_evaluate_bpb_reports_loss_tokens_and_bytes():
-    r = evaluate_bpb(PositionModel(), TOKENS, LUT, 4, 3)
+def test_evaluate_reports_loss_tokens_and_bytes():
+    r = _evaluate(PositionModel(), TOKENS, 4, 3).sliding
     want = _expected_logp(TOKENS, WHERE[4, 3])
     assert r["loss"] == pytest.approx(-want.mean().item(), rel=1e-6)
     assert r["bpb"] == pytest.approx(-want.sum().item() / math.log(2) / 38, rel=1e-6)
@@ -211,15 +225,11 @@ def test_autocast_only_when_asked():
             seen.append(torch.is_autocast_enabled("cpu"))
             return super().logits(x)
 
-    cfg = build_config("smoke", environ={})
-    ec = dataclasses.replace(cfg.eval, stride=2, cache="none")
-    evaluate_bpb(Spy(), TOKENS, LUT, 4)
-    sliding_and_cache(Spy(), cfg, ec, TOKENS, LUT, 4)
-    assert seen and not any(seen)
+    _evaluate(Spy(), TOKENS, 4, 2)
+    assert len(seen) >= 2 and not any(seen)  # the plain pass and the sliding one
     seen.clear()
-    evaluate_bpb(Spy(), TOKENS, LUT, 4, autocast=True)
-    sliding_and_cache(Spy(), cfg, ec, TOKENS, LUT, 4, autocast=True)
-    assert seen and all(seen)
+    _evaluate(Spy(), TOKENS, 4, 2, autocast=True)
+    assert len(seen) >= 2 and all(seen)
 
 
 def test_format_bpb():
@@ -227,16 +237,13 @@ def test_format_bpb():
 
 
 def test_sliding_bpb_of_the_eval_pass():
-    cfg = build_config("smoke", environ={})
-    ec = dataclasses.replace(cfg.eval, stride=2, cache="none")
-    out = sliding_and_cache(PositionModel(), cfg, ec, TOKENS, LUT, 4)
+    out = _evaluate(PositionModel(), TOKENS, 4, 2).summary()
     want = _expected_logp(TOKENS, WHERE[4, 2])
-    assert set(out) == {"val_sliding"}
+    assert set(out) == {"val", "val_sliding", "audit"}
     assert out["val_sliding"]["bpb"] == pytest.approx(-want.sum().item() / math.log(2) / 38,
                                                       rel=1e-6)
     assert (out["val_sliding"]["stride"], out["val_sliding"]["seq_len"]) == (2, 4)
-    assert sliding_and_cache(PositionModel(), cfg, dataclasses.replace(ec, stride=0), TOKENS,
-                             LUT, 4) == {}
+    assert set(_evaluate(PositionModel(), TOKENS, 4, 0).summary()) == {"val", "audit"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,9 +263,9 @@ def _real_scores(n=3000):
 def test_cache_bytes_are_the_scores_bytes_and_nll_is_the_blend(world):
     tok, scores, _ = _real_scores()
     ec = build_config("cpu-tiny", environ={}).eval
-    blend = ngram_blend_logprobs(tok, 1, tok.numel(), scores.logp,
-                                 NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc))
-    parts = [cache_scores(scores, tok, ec, r, world) for r in range(world)]
+    ncfg = NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc)
+    blend = ngram_blend_logprobs(tok, 1, tok.numel(), scores.logp, ncfg)
+    parts = [cache_scores(scores, tok, ncfg, "numpy", r, world) for r in range(world)]
     # every target's bytes counted once: the sum over ranks is the sum over all targets
     assert sum(b for _, b, _ in parts) == int(scores.nbytes.sum())
     assert sum(nll for nll, _, _ in parts) == pytest.approx(-blend.sum().item(), rel=1e-12)
@@ -279,9 +286,8 @@ def _small_case(n=1200):
 
 def test_cache_report_numbers():
     tok, scores = _small_case()
-    cfg = build_config("smoke", environ={})
-    ec = dataclasses.replace(cfg.eval, cache="ngram", audit_positions=3)
-    rep = cache_report(PositionModel(), cfg, ec, tok, scores)
+    res = evaluate(PositionModel(), tok, _config(16, cache="ngram", audit_positions=3), lut=LUT)
+    rep = res.cache
     blend = ngram_blend_logprobs(tok, 1, tok.numel(), scores.logp, NgramConfig())
     nbytes = int(scores.nbytes.sum())
     want_cache = -blend.sum().item() / math.log(2) / nbytes
@@ -290,20 +296,20 @@ def test_cache_report_numbers():
     assert rep["bpb_model"] == pytest.approx(want_model, rel=1e-12)
     assert rep["gain"] == pytest.approx(want_model - want_cache, rel=1e-12)
     assert rep["gain"] > 0 and rep["audit_passed"] is True and rep["tokens_per_s"] > 0
+    assert res.audit["level"] == "cheap" and res.audit_passed is True
 
 def test_run_audit_audits_the_hashed_scheme_only_when_asked(caplog):
     tok, _ = _small_case(600)
-    cfg = build_config("smoke", environ={})
-    ec = dataclasses.replace(cfg.eval, audit_positions=2)
+    plan = make_plan(_config(audit_positions=2))
     # the handler goes on the module's logger itself: a command-line test earlier in the run
     # may have stopped the "proteus" logger from propagating to the root, where caplog listens
-    logger = logging.getLogger("proteus.evaluate")
+    logger = logging.getLogger("proteus.eval.cache")
     logger.addHandler(caplog.handler)
     try:
-        with caplog.at_level("INFO", logger="proteus.evaluate"):
-            assert run_audit(PositionModel(), cfg, ec, tok) is True
+        with caplog.at_level("INFO", logger="proteus.eval.cache"):
+            assert run_audit(PositionModel(), plan, tok) is True
             assert "negative example" not in caplog.text and "audit: PASS" in caplog.text
-            assert run_audit(PositionModel(), cfg, ec, tok, hashed=True) is True
+            assert run_audit(PositionModel(), plan, tok, hashed=True) is True
             assert "negative example: FAIL" in caplog.text
     finally:
         logger.removeHandler(caplog.handler)
@@ -312,14 +318,12 @@ def test_run_audit_audits_the_hashed_scheme_only_when_asked(caplog):
 def test_cache_throughput_and_the_cache_in_the_eval_pass(monkeypatch):
     # a clock that advances 0.25 s per reading: the cache scoring takes exactly 0.25 s
     tok, _ = _small_case(700)
-    cfg = build_config("smoke", environ={})
-    ec = dataclasses.replace(cfg.eval, cache="ngram", stride=0, audit_positions=2)
     clock = iter(range(10**6))
-    monkeypatch.setattr(E.time, "perf_counter", lambda: next(clock) * 0.25)
-    out = sliding_and_cache(PositionModel(), cfg, ec, tok, LUT, 16)
-    assert set(out) == {"cache"}
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock) * 0.25)
+    out = _evaluate(PositionModel(), tok, 16, 0, cache="ngram", audit_positions=2).summary()
+    assert set(out) == {"val", "cache", "audit"}
     assert out["cache"]["tokens_per_s"] == pytest.approx(699 / 0.25)
-    plain = evaluate_bpb(PositionModel(), tok, LUT, 16)
+    plain = out["val"]
     assert out["cache"]["bpb_model"] == pytest.approx(plain["bpb"], rel=1e-12)
     assert plain["seconds"] > 0
 
@@ -327,7 +331,6 @@ def test_cache_throughput_and_the_cache_in_the_eval_pass(monkeypatch):
 def test_cache_throughput_of_an_instant_scoring(monkeypatch):
     # a clock that does not move: the throughput is large and finite, not a division by zero
     tok, scores = _small_case(300)
-    cfg = build_config("smoke", environ={})
-    ec = dataclasses.replace(cfg.eval, cache="ngram", audit_positions=1)
-    monkeypatch.setattr(E.time, "perf_counter", lambda: 5.0)
-    assert cache_report(PositionModel(), cfg, ec, tok, scores)["tokens_per_s"] == 299 / 1e-9
+    plan = make_plan(_config(cache="ngram", audit_positions=1))
+    monkeypatch.setattr(time, "perf_counter", lambda: 5.0)
+    assert cache_report(plan, tok, scores)["tokens_per_s"] == 299 / 1e-9

@@ -33,6 +33,8 @@ from proteus import dist as P
 from proteus.artifact import read_artifact, write_artifact
 from proteus.cli import main
 from proteus.config import ProteusError, build_config
+from proteus.eval.blend import NgramConfig
+from proteus.eval.fit import cache_params_dict, load_cache_params
 from proteus.files import (
     SEAL_KEY,
     InputError,
@@ -43,7 +45,6 @@ from proteus.files import (
     write_sealed_json,
 )
 from proteus.model import build_model
-from proteus.ngram import NgramConfig, cache_params_dict, load_cache_params
 from proteus.plot import read_run_log
 from proteus.quant import quantize_state_dict
 from proteus.run import SUMMARY_SEAL, open_run_dir, read_run_config

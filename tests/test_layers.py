@@ -22,12 +22,18 @@ ROOT = Path(__file__).resolve().parent.parent
 # Each inner list is one layer, its modules in the order they may import each other.
 LAYERS = [
     ["proteus.kernels"],  # kernels/: torch and triton only
-    ["proteus.config", "proteus.files", "proteus.data", "proteus.dist", "proteus.device",
+    ["proteus.config", "proteus.files", "proteus.caseops", "proteus.data", "proteus.dist",
+     "proteus.device",
      "proteus.pack", "proteus.stats"],
+    # the n-gram cache: counts, the blend, fitting, the negative example, the audit
     ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.artifact",
-     "proteus.ngram"],
+     "proteus.tilt",
+     "proteus.eval.progress", "proteus.eval.counts", "proteus.eval.blend", "proteus.eval.fit",
+     "proteus.eval.hashed", "proteus.eval.cache_audit"],
     ["proteus.checkpoint"],
-    ["proteus.evaluate", "proteus.ttt"],
+    # evaluation, sequenced in one place (pipeline) behind one entry point (the package)
+    ["proteus.eval.scoring", "proteus.eval.plan", "proteus.eval.cache", "proteus.eval.ttt",
+     "proteus.eval.ttt_audit", "proteus.eval.pipeline", "proteus.eval"],
     ["proteus.train", "proteus.run", "proteus.submit"],
     ["proteus.plot", "proteus.bench", "proteus.commands", "proteus.cli", "proteus.__main__"],
 ]
@@ -47,6 +53,9 @@ def _rank(module: str) -> tuple[int, int] | None:
 def _sources() -> dict[str, Path]:
     out = {"proteus." + p.stem: p for p in (ROOT / "proteus").glob("*.py")
            if p.stem != "__init__"}
+    out.update({"proteus.eval." + p.stem: p for p in (ROOT / "proteus" / "eval").glob("*.py")
+                if p.stem != "__init__"})
+    out["proteus.eval"] = ROOT / "proteus" / "eval" / "__init__.py"
     out.update({"proteus.kernels." + p.stem: p for p in (ROOT / "kernels").glob("*.py")})
     return out
 
@@ -110,9 +119,10 @@ def test_no_function_local_imports_outside_the_allowed_places():
 def test_the_layer_check_catches_an_upward_import(tmp_path):
     # the checker itself: a data module importing the evaluator is reported
     src = tmp_path / "data.py"
-    src.write_text("from proteus.evaluate import score_tokens\n")
+    src.write_text("from proteus.eval.scoring import score_tokens\n")
     names = [n for n, _, _ in _imports(src, "proteus.data")]
-    assert names == ["proteus.evaluate"] and _rank("proteus.evaluate") > _rank("proteus.data")
+    assert names == ["proteus.eval.scoring"] and _rank("proteus.eval.scoring") > _rank(
+        "proteus.data")
 
 
 def test_the_local_import_check_tells_a_function_from_an_optional_import(tmp_path):

@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_packed_modules_are_what_training_imports_and_nothing_else():
     mods = set(needed_modules())
-    for m in ("proteus.run", "proteus.train", "proteus.evaluate", "proteus.commands",
+    for m in ("proteus.run", "proteus.train", "proteus.eval", "proteus.eval.pipeline",
+              "proteus.eval.counts", "proteus.eval.ttt", "proteus.commands",
               "proteus.kernels.xsa_attention", "proteus.kernels.leaky_relu2",
               "proteus.kernels.int6_matmul", "proteus.kernels.ngram_table", "proteus.cli"):
         assert m in mods, m

@@ -22,7 +22,7 @@ import torch
 from proteus import data as D
 from proteus.cli import main
 from proteus.config import build_config
-from proteus.evaluate import load_eval_tokens
+from proteus.eval import load_eval_tokens
 from proteus.files import SEAL_KEY, atomic_write_json, seal_json
 from proteus.model import build_model
 from proteus.pack import packed_code_bytes

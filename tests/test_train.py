@@ -75,7 +75,7 @@ def test_plot_of_the_run(smoke_run, tmp_path, capsys):
 def test_eval_of_checkpoint_reproduces_train_bpb(smoke_run):
     run_dir, _ = smoke_run
     summary = json.loads((run_dir / "summary.json").read_text())
-    r = run_cli("eval", str(run_dir / "model.ckpt"))
+    r = run_cli("eval", str(run_dir / "model.ckpt"), "--like-run")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{summary['val']['bpb']:.4f}" in r.stdout
 
@@ -89,14 +89,14 @@ def test_artifact_eval_triton_equals_ref_to_4_decimals(smoke_run):
         r = run_cli("eval", art, "--kernels", kind, "--val-tokens", "512", "--cache", "none")
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"kernels={kind}" in r.stdout
-        line = next(ln for ln in r.stdout.splitlines() if "(plain" in ln)
+        line = next(ln for ln in r.stdout.splitlines() if "plain)" in ln)
         out[kind] = line.split()[2]
     assert out["ref"] == out["triton"]
 
 
 def test_audit_command_passes_ours_and_flags_the_record(smoke_run):
     run_dir, _ = smoke_run
-    r = run_cli("audit", str(run_dir / "model.ckpt"), "--audit-positions", "8",
+    r = run_cli("audit", str(run_dir / "model.ckpt"), "--like-run", "--audit-positions", "8",
                 "--val-tokens", "1024")  # holds a BOS target and one after it
     assert r.returncode == 0, r.stderr[-3000:]
     assert "audit: PASS" in r.stdout and "negative example: FAIL" in r.stdout
@@ -116,7 +116,9 @@ def test_artifact_inspect(smoke_run):
         (["train", "--preset", "smoke", "--bogus", "1"], {}, "unrecognized arguments: --bogus"),
         (["train", "--preset", "smoke"], {"PROTEUS_BOGUS": "1"}, "unknown environment variable"),
         (["train", "--preset", "smoke", "--vocab-size", "2048"], {},
-         "does not match the tokenizer"),
+         "no bundled data for a vocabulary of 2048"),
+        (["train", "--preset", "smoke", "--vocab-size", "2048", "--tokenizer",
+          str(D.bundled_dir() / "fineweb_1024_bpe.model")], {}, "does not match the tokenizer"),
         (["train", "--preset", "smoke", "--seq-len", "100"], {}, "does not divide batch_tokens"),
         (["train", "--preset", "smoke", "--tokenizer", "/nope.model"], {}, "tokenizer /nope.model"),
         (["train", "--preset", "smoke", "--train-files", "/nope/*.bin"], {}, "no train shards"),

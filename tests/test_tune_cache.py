@@ -15,7 +15,8 @@ import torch
 from proteus import data as D
 from proteus.checkpoint import save_checkpoint
 from proteus.config import build_config
-from proteus.evaluate import held_out_files, load_eval_tokens
+from proteus.eval import load_eval_tokens
+from proteus.eval.fit import held_out_files
 from proteus.model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -56,7 +56,7 @@ class Target:
 
 
 TARGETS = {
-    "evaluate": Target("proteus/evaluate.py", "tests/test_evaluate.py"),
+    "evaluate": Target("proteus/eval/scoring.py", "tests/test_evaluate.py"),
     "data": Target("proteus/data.py", "tests/test_data.py"),
     "quant": Target("proteus/quant.py", "tests/test_quant.py"),
     # the per-row quantiser lives with the int6 kernel (one quantiser for model and artifact)
@@ -65,8 +65,11 @@ TARGETS = {
     "artifact": Target("proteus/artifact.py", "tests/test_quant.py"),
     # the device-table backend runs on the Triton interpreter here (minutes per mutant); its
     # counts are tested equal to the reference by the interpret-marked tests
-    "ngram": Target("proteus/ngram.py", "tests/test_ngram.py -m 'not interpret'",
+    "ngram": Target("proteus/eval/counts.py", "tests/test_ngram.py -m 'not interpret'",
                     skip=("earlier_counts_triton",)),
+    "blend": Target("proteus/eval/blend.py", "tests/test_ngram.py -m 'not interpret'"),
+    "cache_audit": Target("proteus/eval/cache_audit.py",
+                          "tests/test_ngram.py -m 'not interpret'"),
     "optim": Target("proteus/optim.py", "tests/test_optim.py tests/test_model.py -k "
                     "'muon or newton or optimizer or optim'"),
     "train": Target("proteus/train.py", "tests/test_train.py -k 'lr_ or momentum or average'",

@@ -26,19 +26,20 @@ through its backward with respect to x, backward), so the first chunk is scored 
 artifact scores it; named parameters train over the dequantised weights (the exact int6
 values as fp32 matrices, ``Linear(Q·s)``), which makes the block matrices nameable.
 
-Under torchrun each chunk's windows are split over the ranks and the scores gathered; each
-rank computes the gradient of its share of the rows, weighted by its share, and one all-reduce
-sums them, so every rank takes the identical step. After every chunk the ranks compare a
-sha256 digest of the trained parameters and stop with an error if any differs. 1 and 2
-processes differ only in float summation order (tests/test_ttt.py states the tolerance).
+Under torchrun each chunk's windows are split over the ranks and the scores gathered; a
+chunk's training rows fall into at most 8 fixed groups, the ranks share the groups, every rank
+receives every group's gradient and adds them in group order (``_train_chunk``), so every rank
+takes the identical step, and 1, 2, 3 or 8 processes take the same step to the last bit. After
+every chunk the ranks compare a sha256 digest of the trained parameters and stop with an error
+if any differs.
 
-The audit (``audit_ttt``, ``proteus audit CKPT --ttt``): rerun the whole pass with every token
-from an edit point on replaced (the first target of chunk i+1 for each i, and points inside a
-chunk) and require every score before the edit point to stay bit-identical, the n-gram cache's
-blended scores too when the cache is on; at chunk edges, BOS targets and random positions the
-scorer's full distribution over the vocabulary (captured from the very forward that scored the
-target) must sum to 1 and hold the scored value, and with the cache the blended distribution
-must sum to 1 and hold the blended score.
+The audit (``proteus/eval/ttt_audit.py``, ``proteus audit CKPT --ttt``): rerun the whole pass
+with every token from an edit point on replaced (the first target of chunk i+1 for each i, and
+points inside a chunk) and require every score before the edit point to stay bit-identical, the
+n-gram cache's blended scores too when the cache is on; at chunk edges, BOS targets and random
+positions the scorer's full distribution over the vocabulary (captured from the very forward
+that scored the target) must sum to 1 and hold the scored value, and with the cache the blended
+distribution must sum to 1 and hold the blended score.
 """
 
 from __future__ import annotations
@@ -55,29 +56,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from proteus import data as D
-from proteus.config import ConfigError, EvalConfig, RunConfig
+from proteus.config import ConfigError, EvalConfig
 from proteus.data import ByteLUT
-from proteus.dist import all_reduce_flat, gather_ordered, rank_world
-from proteus.evaluate import (
+from proteus.dist import gather_ordered, rank_world
+from proteus.eval.scoring import (
     TokenScores,
-    cache_report,
     format_bpb,
-    ngram_backend,
-    ngram_config,
     score_windows,
     token_scores,
     windows,
 )
 from proteus.kernels import dequantize_int6
 from proteus.model import GPT, Linear
-from proteus.ngram import (
-    NgramConfig,
-    cache_distribution,
-    edit_after,
-    ngram_blend_logprobs,
-    yes_no,
-)
 from proteus.quant import Int6Linear
 
 log = logging.getLogger(__name__)
@@ -183,7 +173,7 @@ def ttt_parameters(model: GPT, ec: EvalConfig) -> list[nn.Parameter]:
 
 def chunk_windows(n_targets: int, seq_len: int, stride: int, chunk: int
                   ) -> list[list[tuple[int, int, int]]]:
-    """The evaluation's windows (see ``evaluate.windows``) grouped by the chunk of their scored
+    """The evaluation's windows (see ``scoring.windows``) grouped by the chunk of their scored
     targets; a window whose targets cross a chunk boundary is cut in two at the boundary (both
     pieces start where the window starts, so every target keeps the context it has without
     test-time training)."""
@@ -228,30 +218,56 @@ def _check_ranks_agree(params: list[torch.Tensor], chunk: int, world: int) -> No
                            f"{chunk} (digests {digests.tolist()})")
 
 
+TTT_GROUPS = 8  # a chunk's rows are split into at most this many groups, for any world size
+
+
+def row_groups(rows: int) -> list[tuple[int, int]]:
+    """The fixed groups [lo, hi) of a chunk's ``rows``: at most ``TTT_GROUPS``, as equal as can
+    be. They depend on ``rows`` only, never on the number of processes."""
+    g = min(rows, TTT_GROUPS)
+    return [(rows * i // g, rows * (i + 1) // g) for i in range(g)]
+
+
 def _train_chunk(model: GPT, params: list[nn.Parameter], opt: torch.optim.Optimizer,
                  tokens: torch.Tensor, k: int, ec: EvalConfig, seq: int, device, autocast: bool,
                  rank: int, world: int) -> None:
-    """``ec.ttt_steps`` steps on chunk k's targets (rows of ``seq``, split over the ranks);
-    the summed gradient is the mean over all rows, identical on every rank."""
+    """``ec.ttt_steps`` steps on chunk k's targets (rows of ``seq``). The rows fall into fixed
+    groups (``row_groups``); the ranks share the groups, each group's gradient (of its rows'
+    mean loss, weighted by its share of the rows) is computed alone, every rank receives every
+    group's gradient, and they are added in group order. So the step, to the last bit, is the
+    same for 1, 2, 3 or 8 processes: what changes with the world size is only who computes
+    which group."""
     c = ec.ttt_chunk
     rows = c // seq
-    lo, hi = rows * rank // world, rows * (rank + 1) // world
     base = k * c
-    if hi > lo:
-        span = tokens[base + lo * seq : base + hi * seq + 1].to(device)
-        x, y = span[:-1].view(hi - lo, seq), span[1:].view(hi - lo, seq)
+    groups = row_groups(rows)
+    mine = groups[len(groups) * rank // world : len(groups) * (rank + 1) // world]
     was_training = model.training
     model.train()
     for _ in range(ec.ttt_steps):
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        if hi > lo:
+        grads = []
+        for lo, hi in mine:
+            span = tokens[base + lo * seq : base + hi * seq + 1].to(device)
+            x, y = span[:-1].view(hi - lo, seq), span[1:].view(hi - lo, seq)
+            for p in params:
+                p.grad = None
             with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                                 enabled=autocast):
                 loss = model(x, y)
             (loss * ((hi - lo) / rows)).backward()
+            grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
+                                    .reshape(-1).float().cpu() for p in params]))
+        flat = torch.cat(grads) if grads else torch.zeros(0)
         if world > 1:
-            all_reduce_flat([p.grad for p in params])
+            flat = gather_ordered(flat)
+        per_group = flat.view(len(groups), -1)
+        total = per_group[0].clone()
+        for g in per_group[1:]:  # group order: the same additions on every rank, any world
+            total += g
+        offset = 0
+        for p in params:
+            p.grad = total[offset : offset + p.numel()].view_as(p).to(p.device, p.dtype)
+            offset += p.numel()
         opt.step()
     model.train(was_training)
 
@@ -304,118 +320,18 @@ def ttt_score(model: GPT, tokens: torch.Tensor, lut: ByteLUT, seq: int, ec: Eval
                      _digest(params))
 
 
-def ttt_report(model: GPT, cfg: RunConfig, ec: EvalConfig, tokens: torch.Tensor, lut: ByteLUT,
-               seq: int, rank: int = 0, world: int = 1, device="cpu", autocast: bool = False,
-               progress: bool = False) -> dict:
-    """bpb with score-first test-time training and, with ``ec.cache == "ngram"``, with the
-    n-gram cache blended over its scores (not audited again here: ``proteus audit --ttt``
-    audits the combination); seconds each takes."""
+def ttt_report(model: GPT, ec: EvalConfig, tokens: torch.Tensor, lut: ByteLUT, seq: int,
+               device="cpu", autocast: bool = False, progress: bool = False,
+               quiet: bool = False) -> tuple[dict, TokenScores]:
+    """bpb with score-first test-time training, the seconds it takes, and its per-token scores
+    (the n-gram cache blends over them when it is on)."""
     r = ttt_score(model, tokens, lut, seq, ec, device, autocast, progress=progress)
     out = dict(bpb=r.scores.bpb(), chunks=r.chunks, chunk=ec.ttt_chunk, steps=ec.ttt_steps,
                lr=ec.ttt_lr, params=ec.ttt_params, trained_params=r.trained_params,
                score_seconds=r.score_seconds, train_seconds=r.train_seconds)
-    log.info(f"  val bpb {format_bpb(out['bpb'])} with score-first TTT ({ec.ttt_params}, "
-             f"{r.chunks} chunks of {ec.ttt_chunk}, {ec.ttt_steps} step(s) each, lr "
-             f"{ec.ttt_lr}; scoring {r.score_seconds:.1f} s, training {r.train_seconds:.1f} s)")
-    if ec.cache == "ngram":
-        out["cache"] = cache_report(model, cfg, ec, tokens, r.scores, rank, world, with_audit=False,
-                                    what="TTT + the n-gram cache")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The audit
-
-
-@dataclass
-class TTTAuditReport:
-    passed: bool
-    chunks: int
-    edits: list[int]  # edit points: every token from each on was replaced, one rerun each
-    edits_ok: bool  # every score before each edit point stayed bit-identical
-    changed: bool  # and each edit did change a later score (the check is not vacuous)
-    positions: int  # where the full distribution was captured
-    max_sum_error: float  # of the model's distribution there
-    consistent: bool  # the captured distribution holds the scored value, bit for bit
-    cache_max_sum_error: float | None = None  # of the blended distribution there
-    cache_consistent: bool | None = None  # the blended score is that distribution's value
-    cache_edits_ok: bool | None = None
-
-    def __str__(self) -> str:
-        yn = yes_no
-        parts = [f"{'PASS' if self.passed else 'FAIL'} (score-first TTT, {self.chunks} chunks, "
-                 f"edits from targets {', '.join(f'{e:,}' for e in self.edits)}): every earlier "
-                 f"score bit-identical={yn(self.edits_ok)}, later scores changed="
-                 f"{yn(self.changed)}",
-                 f"at {self.positions} positions max |sum p - 1| = {self.max_sum_error:.1e}, "
-                 f"scores match the distribution={yn(self.consistent)}"]
-        if self.cache_consistent is not None:
-            parts.append(f"with the n-gram cache: earlier blended scores bit-identical="
-                         f"{yn(self.cache_edits_ok)}, max |sum p - 1| = "
-                         f"{self.cache_max_sum_error:.1e}, scores match="
-                         f"{yn(self.cache_consistent)}")
-        return "; ".join(parts)
-
-
-def audit_ttt(model: GPT, tokens: torch.Tensor, lut: ByteLUT, seq: int, ec: EvalConfig,
-              ncfg: NgramConfig | None = None, n_chunks: int = 3, device="cpu",
-              autocast: bool = False, tol: float = 1e-6, seed: int = 0) -> TTTAuditReport:
-    """Audit score-first TTT (and the n-gram cache over its scores, with ``ncfg``) on the
-    first ``n_chunks`` chunks of ``tokens`` (see the module docstring)."""
-    c = ec.ttt_chunk
-    tokens = tokens[: n_chunks * c + 1]
-    n = tokens.numel()
-    check_ttt_fits(ec, n - 1, seq)
-    g = torch.Generator().manual_seed(seed)
-    n_ch = -(-(n - 1) // c)
-    edges = [t for k in range(1, n_ch) for t in (k * c, k * c + 1)]
-    bos = (torch.nonzero(tokens[1:] == D.BOS_ID)[:, 0] + 1).tolist()[:3]
-    rand = torch.randint(1, n, (4,), generator=g).tolist()
-    positions = sorted({t for t in (*edges, *bos, *rand) if 1 <= t < n})
-    capture: dict[int, torch.Tensor | None] = dict.fromkeys(positions)
-    base = ttt_score(model, tokens, lut, seq, ec, device, autocast, capture).scores.logp
-    backend = ngram_backend(ec)
-    blended = ngram_blend_logprobs(tokens, 1, n, base, ncfg, backend) if ncfg else None
-
-    # edits: from the first target of each later chunk, and from the middle of the first two
-    mids = {k * c + c // 2 + 1 for k in range(min(2, n_ch))}
-    edits = sorted({k * c + 1 for k in range(1, n_ch)} | {e for e in mids if e < n})
-    edits_ok, changed, cache_ok = True, True, True
-    for e in edits:
-        other = edit_after(tokens, e, g, lut.vocab_size)
-        got = ttt_score(model, other, lut, seq, ec, device, autocast).scores.logp
-        edits_ok = edits_ok and torch.equal(got[: e - 1], base[: e - 1])
-        changed = changed and not torch.equal(got[e - 1 :], base[e - 1 :])
-        if ncfg is not None:
-            b2 = ngram_blend_logprobs(other, 1, n, got, ncfg, backend)
-            cache_ok = cache_ok and torch.equal(b2[: e - 1], blended[: e - 1])
-
-    sum_err, consistent = 0.0, True
-    c_err, c_cons = 0.0, True
-    for t in positions:
-        row = capture[t]
-        tgt = int(tokens[t])
-        sum_err = max(sum_err, abs(row.exp().sum().item() - 1.0))
-        consistent = consistent and row[tgt].item() == base[t - 1].item()
-        if ncfg is not None:
-            p = cache_distribution(tokens, t, row, ncfg)
-            c_err = max(c_err, abs(p.sum().item() - 1.0))
-            c_cons = c_cons and math.isclose(p[tgt].item(), blended[t - 1].exp().item(),
-                                             rel_tol=1e-9, abs_tol=1e-15)
-    rep = TTTAuditReport(False, n_ch, edits, edits_ok, changed, len(positions),
-                         sum_err, consistent)
-    passed = edits_ok and changed and sum_err <= tol and consistent
-    if ncfg is not None:
-        rep.cache_max_sum_error, rep.cache_consistent, rep.cache_edits_ok = c_err, c_cons, cache_ok
-        passed = passed and c_err <= tol and c_cons and cache_ok
-    rep.passed = passed
-    return rep
-
-
-def run_ttt_audit(model: GPT, cfg: RunConfig, ec: EvalConfig, tokens: torch.Tensor,
-                  lut: ByteLUT, seq: int) -> bool:
-    """``proteus audit --ttt``: the TTT audit (with the cache when ``ec.cache == "ngram"``)."""
-    ncfg = ngram_config(ec, cfg.model.vocab_size) if ec.cache == "ngram" else None
-    rep = audit_ttt(model, tokens, lut, seq, ec, ncfg)
-    log.info(f"  TTT audit: {rep}")
-    return rep.passed
+    if not quiet:
+        log.info(f"  val bpb {format_bpb(out['bpb'])} with score-first TTT ({ec.ttt_params}, "
+                 f"{r.chunks} chunks of {ec.ttt_chunk}, {ec.ttt_steps} step(s) each, lr "
+                 f"{ec.ttt_lr}; scoring {r.score_seconds:.1f} s, training "
+                 f"{r.train_seconds:.1f} s)")
+    return out, r.scores

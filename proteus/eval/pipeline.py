@@ -1,0 +1,145 @@
+"""The one place an evaluation is sequenced: ``evaluate(model, tokens, config) -> EvalResult``.
+
+The steps, each as the plan (``proteus/eval/plan.py``) asks:
+
+1. plain: non-overlapping windows (always);
+2. one scoring pass with the sliding window (``stride``), whose per-token scores give the
+   sliding bpb and, with the cache on, the n-gram cache's blended bpb over them (with stride 0
+   the plain pass's scores are reused: they are the same numbers); the cache's audit on rank 0;
+3. score-first test-time training, and the cache blended over its scores.
+
+``proteus eval``, the run's evaluation, the run's artifact evaluation and training's periodic
+validation all call ``evaluate``; nothing else calls the steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from proteus import data as D
+from proteus.config import RunConfig
+from proteus.data import ByteLUT
+from proteus.dist import rank_world
+from proteus.eval.cache import cache_report, run_audit
+from proteus.eval.plan import EvalPlan, make_plan
+from proteus.eval.scoring import TokenScores, exact_sum, format_bpb, score_tokens
+from proteus.eval.ttt import ttt_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    """Every number one evaluation produced. ``plain`` and ``sliding`` (with a stride): bpb,
+    loss, tokens, bytes, seconds, stride, seq_len.
+    ``cache``: bpb_model, bpb_cache, gain, tokens_per_s, seconds, and on rank 0
+    audit_passed, audit_seconds (with the cache). ``ttt``: bpb, chunks, seconds, ... and its
+    own ``cache`` (with TTT). ``audit``: level, passed, seconds, checks. ``seconds``: the whole
+    evaluation."""
+
+    plain: dict
+    sliding: dict | None = None
+    cache: dict | None = None
+    ttt: dict | None = None
+    audit: dict | None = None
+    seconds: float = 0.0
+
+    @property
+    def audit_passed(self) -> bool | None:
+        """The audit's verdict (None: it did not run here)."""
+        return None if self.audit is None else self.audit["passed"]
+
+    def summary(self) -> dict:
+        """The run summary's keys: ``val``, and ``val_sliding``, ``cache``, ``ttt`` for the
+        steps that ran."""
+        out = {"val": self.plain}
+        for key, value in (("val_sliding", self.sliding), ("cache", self.cache),
+                           ("ttt", self.ttt), ("audit", self.audit)):
+            if value is not None:
+                out[key] = value
+        return out
+
+    def scores(self, prefix: str) -> dict[str, float]:
+        """Each step's bpb under a name (``prefix plain``, ``prefix sliding S``, ``prefix +
+        cache``, ``prefix TTT``, ``prefix TTT + cache``): what a submission may claim."""
+        out = {f"{prefix} plain": self.plain["bpb"]}
+        if self.sliding is not None:
+            out[f"{prefix} sliding {self.sliding['stride']}"] = self.sliding["bpb"]
+        if self.cache is not None:
+            out[f"{prefix} + cache"] = self.cache["bpb_cache"]
+        if self.ttt is not None:
+            out[f"{prefix} TTT"] = self.ttt["bpb"]
+            if "cache" in self.ttt:
+                out[f"{prefix} TTT + cache"] = self.ttt["cache"]["bpb_cache"]
+        return out
+
+
+def _pass_numbers(scores: TokenScores, seq: int, stride: int, seconds: float) -> dict:
+    n = scores.logp.numel()
+    return dict(bpb=scores.bpb(), loss=-exact_sum(scores.logp) / n, tokens=n,
+                bytes=int(scores.nbytes.sum()), seconds=seconds, stride=stride, seq_len=seq)
+
+
+def evaluate(model, tokens: torch.Tensor, config: RunConfig | EvalPlan, *,
+             lut: ByteLUT | None = None, device: str | torch.device = "cpu",
+             autocast: bool = False, progress: bool = False) -> EvalResult:
+    """Evaluate ``model`` on every target of ``tokens`` (1-D int64, BOS first) as ``config``
+    asks (a ``RunConfig``, or the ``EvalPlan`` made from one). ``lut``: the tokenizer's byte
+    table (read from ``config``'s tokenizer when not given). Under torch.distributed every rank
+    calls this and every rank gets the same numbers (the audit runs on rank 0)."""
+    plan = config if isinstance(config, EvalPlan) else make_plan(config)
+    cfg, ec, seq = plan.cfg, plan.ec, plan.seq
+    if lut is None:
+        vocab = cfg.model.vocab_size
+        lut = D.tokenizer_lut(cfg.train.tokenizer, vocab)
+    rank, world = rank_world()
+    t0 = time.perf_counter()
+    scores = score_tokens(model, tokens, lut, seq, 0, ec.eval_batch_seqs, device, autocast,
+                          progress)
+    plain = _pass_numbers(scores, seq, 0, time.perf_counter() - t0)
+    if not plan.quiet:
+        log.info(f"  val bpb {format_bpb(plain['bpb'])} (loss {plain['loss']:.4f}, window {seq}, "
+                 "plain)")
+    res = EvalResult(plain)
+    if plan.stride:
+        t1 = time.perf_counter()
+        scores = score_tokens(model, tokens, lut, seq, plan.stride, ec.eval_batch_seqs, device,
+                              autocast, progress=progress)
+        res.sliding = _pass_numbers(scores, seq, plan.stride, time.perf_counter() - t1)
+        if not plan.quiet:
+            log.info(f"  val bpb {format_bpb(scores.bpb())} (sliding window {seq}, stride "
+                     f"{plan.stride})")
+    if plan.cache:
+        res.cache = cache_report(plan, tokens, scores, rank, world)
+    if plan.ttt:
+        res.ttt, t_scores = ttt_report(model, ec, tokens, lut, seq, device, autocast,
+                                       progress=progress, quiet=plan.quiet)
+        if plan.cache:
+            res.ttt["cache"] = cache_report(plan, tokens, t_scores, rank, world,
+                                            what="TTT + the n-gram cache")
+    res.audit = _audit(model, plan, tokens, res, rank)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _audit(model, plan: EvalPlan, tokens: torch.Tensor, res: EvalResult, rank: int) -> dict:
+    """The audit the plan asks for, on rank 0: ``level``, ``passed`` (None where it did not
+    run), ``seconds`` and each check's verdict."""
+    if plan.audit == "none":
+        if plan.ec.audit == "none" and not plan.quiet:
+            log.info("  audit skipped (--no-audit): the numbers above are not audited")
+        return dict(level="none", passed=None, seconds=0.0, checks={})
+    t0 = time.perf_counter()
+    checks: dict[str, bool] = {}
+    if rank == 0 and plan.cache:
+        checks["cache"] = run_audit(model, plan, tokens)
+    passed = all(checks.values()) if rank == 0 else None
+    out = dict(level=plan.audit, passed=passed, seconds=time.perf_counter() - t0, checks=checks)
+    if res.cache is not None and rank == 0:
+        res.cache["audit_passed"] = checks["cache"]
+        res.cache["audit_seconds"] = out["seconds"]
+    return out

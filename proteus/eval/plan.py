@@ -1,0 +1,74 @@
+"""What one evaluation does, decided once: the window, the passes, the cache's parameters (its
+file read once, here) and the counting backend. ``evaluate`` takes a plan or builds one from a
+``RunConfig``; a bad parameter file fails when the plan is made, before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from proteus.config import EvalConfig, RunConfig
+from proteus.eval.blend import NgramConfig
+from proteus.eval.fit import load_cache_params
+from proteus.eval.scoring import eval_window
+
+
+def ngram_config(ec: EvalConfig, vocab_size: int) -> NgramConfig:
+    """The cache's parameters: the shipped ones, or the file of ``ec.cache_params`` (checked
+    against the evaluation's order, document switch and vocabulary)."""
+    if ec.cache_params:
+        return load_cache_params(ec.cache_params, ec.ngram_order, ec.ngram_doc, vocab_size)
+    return NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc)
+
+
+def ngram_backend(ec: EvalConfig) -> str:
+    if ec.ngram_backend == "auto":
+        return "triton" if torch.cuda.is_available() else "numpy"
+    return ec.ngram_backend
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """One evaluation's steps. ``plain`` always runs; ``stride`` > 0 adds the sliding-window
+    pass; ``cache`` blends the n-gram cache (parameters ``ncfg``, counted by ``backend``) over
+    that pass's scores (and over TTT's); ``ttt`` adds score-first test-time training;
+    ``audit`` (none, cheap or full) audits what ran, on rank 0. ``quiet``: no result lines
+    (training's periodic validation prints its own)."""
+
+    cfg: RunConfig
+    seq: int
+    stride: int
+    cache: bool
+    ncfg: NgramConfig
+    backend: str
+    ttt: bool
+    audit: str
+    quiet: bool = False
+
+    @property
+    def ec(self) -> EvalConfig:
+        return self.cfg.eval
+
+    def plain_only(self) -> EvalPlan:
+        return dataclasses.replace(self, stride=0, cache=False, ttt=False, audit="none")
+
+
+def make_plan(cfg: RunConfig) -> EvalPlan:
+    """The plan ``cfg.eval`` asks for (the cache's parameter file, when one is given, read and
+    checked here, whether or not the cache is on)."""
+    ec = cfg.eval
+    cache = ec.cache == "ngram"
+    return EvalPlan(cfg=cfg, seq=eval_window(cfg), stride=ec.stride, cache=cache,
+                    ncfg=ngram_config(ec, cfg.model.vocab_size), backend=ngram_backend(ec),
+                    ttt=ec.ttt, audit=ec.audit)
+
+
+def validation_plan(cfg: RunConfig) -> EvalPlan:
+    """Training's periodic validation: plain windows of the training sequence length, no
+    result lines (the loop prints its own)."""
+    ec = cfg.eval
+    return EvalPlan(cfg=cfg, seq=cfg.train.seq_len, stride=0, cache=False,
+                    ncfg=NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc),
+                    backend=ngram_backend(ec), ttt=False, audit="none", quiet=True)

@@ -1,0 +1,91 @@
+"""The token-only n-gram tilt: exact longest-match hints (against a brute-force search), a
+normalised tilt, a hint that never reads its target, and the fit of β."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from proteus.tilt import TiltConfig, fit_beta, longest_match_hints, tilt_distribution, tilt_logprobs
+
+
+def _brute_hints(tok: list[int], max_order: int, min_order: int) -> tuple[list[int], list[int]]:
+    n = len(tok)
+    hint, order = [-1] * n, [0] * n
+    for t in range(1, n):
+        for k in range(min(max_order, t), min_order - 1, -1):
+            ctx = tok[t - k : t]
+            found = next((j for j in range(t - k - 1, -1, -1) if tok[j : j + k] == ctx), None)
+            if found is not None:
+                hint[t], order[t] = tok[found + k], k
+                break
+    return hint, order
+
+
+@pytest.mark.parametrize("vocab, n, max_order, min_order", [
+    (2, 200, 16, 1), (3, 300, 5, 2), (5, 257, 16, 1), (50, 120, 16, 3), (4, 64, 7, 7)])
+def test_hints_are_the_longest_most_recent_earlier_match(vocab, n, max_order, min_order):
+    g = torch.Generator().manual_seed(vocab * 1000 + n)
+    tok = torch.randint(0, vocab, (n,), generator=g)
+    tok[100:140] = tok[10:50].clone() if n > 140 else tok[100:140]  # a long repeat
+    hint, order = longest_match_hints(tok, max_order, min_order)
+    want_h, want_o = _brute_hints(tok.tolist(), max_order, min_order)
+    assert hint.tolist() == want_h
+    assert order.tolist() == want_o
+
+
+def test_a_hint_depends_only_on_earlier_tokens():
+    g = torch.Generator().manual_seed(1)
+    tok = torch.randint(0, 4, (400,), generator=g)
+    hint, _ = longest_match_hints(tok)
+    for t in (1, 17, 200, 399):
+        edited = tok.clone()
+        edited[t:] = torch.randint(0, 4, (400 - t,), generator=g)
+        assert longest_match_hints(edited)[0][: t + 1].tolist() == hint[: t + 1].tolist()
+
+
+def test_no_collisions_at_high_order_on_a_large_vocabulary():
+    # two contexts of 16 tokens that share 15: only an exact comparison tells them apart
+    base = list(range(1000, 1016))
+    other = list(range(1000, 1015)) + [7]
+    tok = torch.tensor(base + [1] + other + [2] + other + [9])
+    hint, order = longest_match_hints(tok)
+    assert hint[-1] == 2 and order[-1] == 16  # "other" again: followed by 2 last time
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.7, 3.0])
+def test_the_tilted_distribution_is_normalised_and_matches_the_scorer(beta):
+    g = torch.Generator().manual_seed(2)
+    logp = torch.log_softmax(torch.randn(8192, generator=g, dtype=torch.float64), -1)
+    for h in (-1, 0, 4321):
+        p = tilt_distribution(logp, h, beta)
+        assert float(p.sum()) == pytest.approx(1.0, abs=1e-12)
+        for a in (0, 4321, 17):
+            got = tilt_logprobs(logp[a : a + 1], logp[max(h, 0) : max(h, 0) + 1],
+                                torch.tensor([a]), torch.tensor([h]), beta)
+            assert float(got) == pytest.approx(math.log(float(p[a])), rel=1e-12, abs=1e-12)
+
+
+def test_fit_beta_finds_the_minimum_of_the_tilted_nll():
+    g = torch.Generator().manual_seed(3)
+    n = 2000
+    lt = torch.log(torch.rand(n, generator=g, dtype=torch.float64) * 0.5 + 0.01)
+    lh = torch.log(torch.rand(n, generator=g, dtype=torch.float64) * 0.5 + 0.01)
+    target = torch.randint(0, 10, (n,), generator=g)
+    hint = torch.where(torch.rand(n, generator=g) < 0.4, target, (target + 1) % 10)
+    lh = torch.where(hint == target, lt, lh)  # the model's log-prob of the hint, where it hits
+    beta = fit_beta(lt, lh, target, hint)
+    grid = torch.linspace(0, 8, 801).tolist()
+    best = min(grid, key=lambda b: -float(tilt_logprobs(lt, lh, target, hint, b).sum()))
+    assert beta == pytest.approx(best, abs=0.02) and beta > 0
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(max_order=17), "max_order"),
+                                     (dict(min_order=0), "min_order"),
+                                     (dict(beta=-1.0), "beta"),
+                                     (dict(beta=float("nan")), "beta")])
+def test_bad_parameters_are_one_clear_error(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        TiltConfig(**kw).validate()
