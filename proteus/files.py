@@ -75,7 +75,7 @@ def atomic_write(path: str | os.PathLike, chunks: bytes | Iterable[bytes]) -> No
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
@@ -89,7 +89,7 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make the rename itself durable (a crash right after it keeps the new file)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -73,6 +73,7 @@ from proteus.eval import (
 from proteus.files import (
     InputError,
     OutputError,
+    fsync_dir,
     json_digest,
     read_sealed_json,
     remove_stale_temps,
@@ -227,26 +228,13 @@ def _create_atomically(path: Path, cfg: RunConfig) -> bool:
             if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
                 return False
             raise
-        _fsync_parent(path)
+        fsync_dir(path.parent)
         return True
     finally:
         if tmp.exists():
             (tmp / CONFIG_NAME).unlink(missing_ok=True)
             remove_stale_temps(tmp)
             tmp.rmdir()
-
-
-def _fsync_parent(path: Path) -> None:
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def discard_run_dir(path: Path) -> bool:
