@@ -22,12 +22,15 @@ setup(
     include_package_data=True,
     # torch is pinned by the install commands (pip install torch==2.13.0) before this
     # package; the open range here never asks for a different build once one is present.
-    install_requires=["torch>=2.4", "triton>=3.2", "numpy>=1.24", "sentencepiece>=0.2"],
-    # plot: the charts of `proteus bench --plot` and `proteus plot` (the tests draw them too)
-    # and docs/plot_gains.py (the README's figure); mutation: tools/mutation.py, run before a
-    # release
+    # matplotlib is a regular dependency: `proteus plot` and `proteus bench --plot` are
+    # commands of the package, and must work after the README's first command (pip install
+    # -e .); it is wheels only on every platform torch supports, small beside torch.
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy>=1.24", "sentencepiece>=0.2",
+                      "matplotlib>=3.5"],
+    # plot: kept (nothing beyond the requirements now) so that `pip install -e ".[plot]"` in
+    # older instructions still works; mutation: tools/mutation.py, run before a release;
     # protobuf: the SentencePiece piece spans that tools/build_caseops_data.py and its test use
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.5", "protobuf"],
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "protobuf"],
                     "plot": ["matplotlib>=3.5"],
                     "mutation": ["cosmic-ray>=8.7"]},
     entry_points={"console_scripts": ["proteus=proteus.cli:main"]},

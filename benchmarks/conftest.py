@@ -20,7 +20,13 @@ shapes are used and ``extra_info`` carries the bytes and FLOPs from which ``prot
 derives GB/s, TFLOPS and % of the roofline.
 
 Options (``proteus bench`` passes them): ``--providers a,b`` keeps only those providers;
-``--skips-json FILE`` writes every skipped benchmark with its reason.
+``--skips-json FILE`` writes every skipped benchmark with its reason; ``--quick`` leaves out
+the compiled providers (a fresh ``torch.compile`` each: most of a full run's time on a CPU)
+and the cache scoring pass over the bundled validation tokens;
+``--records-jsonl FILE`` appends each benchmark's record (pytest-benchmark's, without the raw
+samples) or skip as soon as it finishes, so an interrupted run keeps what it measured;
+``--progress-lines`` prints the estimated duration first, then one line per benchmark (status,
+p50, elapsed, time left) instead of pytest's dots.
 """
 
 from __future__ import annotations
@@ -251,17 +257,72 @@ def pytest_addoption(parser):
                      help="comma-separated providers to keep (default: all)")
     parser.addoption("--skips-json", default="",
                      help="write the skipped benchmarks and their reasons to this JSON file")
+    parser.addoption("--quick", action="store_true",
+                     help="the quick subset: no compiled providers (each is a fresh "
+                     "torch.compile) and no cache scoring pass, unless --providers names them")
+    parser.addoption("--records-jsonl", default="",
+                     help="append each benchmark's record (or its skip) to this file as soon "
+                     "as it finishes, so an interrupted run keeps what it measured")
+    parser.addoption("--progress-lines", action="store_true",
+                     help="one line per finished benchmark (status, elapsed, time left) "
+                     "instead of pytest's dots; the estimated duration before the first")
+
+
+# Compiled providers: each is a fresh inductor compile, most of a full run's time on a CPU.
+COMPILED = ("ref-compile", "proteus-compile")
+# Benchmarks the quick subset leaves out as well: the cache scoring over the 1,040,297 bundled
+# validation tokens (about a minute per provider on a 2-core CPU).
+QUICK_LEAVES_OUT = ("test_bench_cache_scoring",)
+# Estimated seconds per benchmark (check + time), for the duration printed before a run and
+# the time left after each benchmark: compiled providers on any device; the cache scoring pass
+# (numpy, on any device); others on a GPU; others on CPU per benchmark file (the Triton kernels
+# on the interpreter). The CPU figures are one quick run's on this 2-core machine under a load
+# average of 16 (2026-12-05: 77 benchmarks in 3m26s, 2m35s of it the cache scoring); the
+# compiled ones from the full run of 2026-12-01 (27 min).
+EST_COMPILED_S = 90.0
+EST_GPU_S = 3.0
+EST_BY_TEST_S = {"test_bench_cache_scoring": 50.0}
+EST_CPU_S = {"xsa_attention": 2.0, "leaky_relu2": 0.5, "int6_matmul": 0.3, "ngram": 0.3,
+             "train_step": 30.0}
+
+
+def _provider(item) -> str | None:
+    params = getattr(item, "callspec", None)
+    if params is None:
+        return None
+    prov = params.params.get("provider")
+    return prov if isinstance(prov, str) else None
+
+
+def _is_compiled(item) -> bool:
+    return _provider(item) in COMPILED
+
+
+def estimate_s(item) -> float:
+    """Estimated seconds of one benchmark item (see ``EST_*``)."""
+    if _is_compiled(item):
+        return EST_COMPILED_S
+    if item.originalname in EST_BY_TEST_S:
+        return EST_BY_TEST_S[item.originalname]
+    if ON_GPU:
+        return EST_GPU_S
+    stem = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return EST_CPU_S.get(stem.removeprefix("test_bench_"), 3.0)
 
 
 def pytest_collection_modifyitems(config, items):
     keep = {p for p in config.getoption("--providers").split(",") if p}
-    if not keep:
-        return
     chosen, dropped = [], []
     for item in items:
-        params = getattr(item, "callspec", None)
-        provider = params.params.get("provider") if params else None
-        (chosen if provider in keep else dropped).append(item)
+        provider = _provider(item)
+        named = provider in keep
+        if keep and not named:
+            dropped.append(item)
+        elif config.getoption("--quick") and not named and (
+                _is_compiled(item) or item.originalname in QUICK_LEAVES_OUT):
+            dropped.append(item)
+        else:
+            chosen.append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = chosen
@@ -270,10 +331,96 @@ def pytest_collection_modifyitems(config, items):
 _SKIPS: list[dict] = []
 
 
+class _Progress:
+    """The run's progress: items done, estimated seconds of those left, the outcome of each."""
+
+    def __init__(self):
+        self.t0 = time.monotonic()
+        self.total = 0
+        self.est: dict[str, float] = {}
+        self.done_est = 0.0
+        self.done = 0
+        self.outcome: dict[str, str] = {}
+
+
+_PROGRESS = _Progress()
+
+
+def _fmt(s: float) -> str:
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def _say(config, text: str) -> None:
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(text, flush=True)
+    else:
+        print(text, flush=True)
+
+
+def pytest_collection_finish(session):
+    items = session.items
+    _PROGRESS.total = len(items)
+    _PROGRESS.est = {it.nodeid: estimate_s(it) for it in items}
+    _PROGRESS.t0 = time.monotonic()
+    if session.config.getoption("--progress-lines"):
+        est = sum(_PROGRESS.est.values())
+        quick = (" (the quick subset: no compiled providers, no cache scoring; --full runs "
+                 "everything)") if session.config.getoption("--quick") else ""
+        _say(session.config, f"proteus bench: {len(items)} benchmarks{quick}, estimated "
+             f"{_fmt(est)} on {'this GPU' if ON_GPU else 'CPU'}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_report_teststatus(report, config):
+    outcome = yield
+    if config.getoption("--progress-lines"):
+        cat, _short, verbose = outcome.get_result()
+        outcome.force_result((cat, "", verbose))  # our lines instead of pytest's dots
+
+
+def _append_record(config, record: dict) -> None:
+    path = config.getoption("--records-jsonl")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+
+
+def _finished(item) -> None:
+    """One benchmark done: its progress line (with --progress-lines)."""
+    p = _PROGRESS
+    p.done += 1
+    p.done_est += p.est.get(item.nodeid, 0.0)
+    if not item.config.getoption("--progress-lines"):
+        return
+    elapsed = time.monotonic() - p.t0
+    left_est = max(0.0, sum(p.est.values()) - p.done_est)
+    rate = elapsed / p.done_est if p.done_est > 0 else 1.0  # measured / estimated so far
+    bench = item.funcargs.get("benchmark") if hasattr(item, "funcargs") else None
+    status = p.outcome.get(item.nodeid, "?")
+    if status == "ok" and bench is not None and "p50" in bench.extra_info:
+        status = f"ok, p50 {bench.extra_info['p50'] * 1e3:.3f} ms"
+    name = item.nodeid.split("::", 1)[-1]
+    _say(item.config, f"[{p.done:3d}/{p.total}] {name}: {status}  (elapsed {_fmt(elapsed)}, "
+         f"~{_fmt(left_est * rate)} left)")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
+    if rep.when == "teardown":
+        _finished(item)
+        return
+    if rep.failed:
+        _PROGRESS.outcome[item.nodeid] = f"FAILED ({rep.when})"
+    elif rep.when == "call" and rep.passed:
+        _PROGRESS.outcome[item.nodeid] = "ok"
+        bench = item.funcargs.get("benchmark")
+        if bench is not None and getattr(bench, "stats", None) is not None:
+            _append_record(item.config, {"kind": "benchmark",
+                                         **bench.stats.as_dict(include_data=False)})
     if not rep.skipped or call.when == "teardown":
         return
     longrepr = rep.longrepr
@@ -285,9 +432,20 @@ def pytest_runtest_makereport(item, call):
     _SKIPS.append({"nodeid": item.nodeid, "group": getattr(bench, "group", None),
                    "reason": reason, **info,
                    "provider": info.get("provider") or params.get("provider")})
+    short = reason if len(reason) <= 100 else reason[:97].rstrip() + "..."
+    _PROGRESS.outcome[item.nodeid] = f"skipped ({short})"
+    _append_record(item.config, {"kind": "skip", **_SKIPS[-1]})
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
+    # a benchmark stopped by Ctrl-C has no samples, and pytest-benchmark's JSON writer (which
+    # runs inside this wrapper) fails on one: keep those that measured something
+    bs = getattr(session.config, "_benchmarksession", None)
+    if bs is not None:
+        bs.benchmarks[:] = [b for b in bs.benchmarks
+                            if getattr(getattr(b, "stats", None), "data", None)]
+    yield
     path = session.config.getoption("--skips-json")
     if path:
         with open(path, "w") as f:

@@ -14,6 +14,9 @@ load.
   that layout (``xsa_post_op_bthd``).
 * LeakyReLU²: Liger-Kernel's ReLU² (``LigerReLUSquaredFunction``; Liger has no leaky variant,
   so it is checked against our reference at slope 0, the same function).
+* softcapped cross-entropy: Liger-Kernel's fused linear cross-entropy with its ``softcap``
+  (``liger_fused_linear_cross_entropy``): the output head's matmul, the cap and the loss in one
+  chunked op, so it is timed against our head (``F.linear``, then our kernel) on the same x, W.
 * int6 matmul: torchao's int8 and int4 weight-only linear (``Int8WeightOnlyConfig``,
   ``Int4WeightOnlyConfig``) quantising the dequantised int6 weights themselves (their own
   rounding: checked by relative error, see the benchmark).
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,6 +161,28 @@ def liger_relu_squared() -> Callable[[torch.Tensor], torch.Tensor]:
         return y[0] if isinstance(y, tuple) else y
 
     return act
+
+
+# ---------------------------------------------------------------------------------------------
+# Softcapped cross-entropy
+
+
+def liger_fused_linear_softcapped_ce() -> Callable[..., torch.Tensor]:
+    """Liger-Kernel's fused linear cross-entropy with a soft-cap: ``fn(x, w, y, softcap)`` is
+    the mean ``F.cross_entropy(softcap * tanh((x @ w.T) / softcap), y)``, differentiable in x
+    and w. Releases without the ``softcap`` argument raise ``Unavailable``."""
+    mod = _import("liger_kernel.transformers.functional",
+                  "Liger-Kernel with its fused linear cross-entropy")
+    fused = getattr(mod, "liger_fused_linear_cross_entropy", None)
+    if fused is None or "softcap" not in inspect.signature(fused).parameters:
+        raise Unavailable(f"Liger-Kernel {_version('liger_kernel')} has no fused linear "
+                          "cross-entropy with a softcap argument")
+
+    def run(x, w, y, softcap):
+        out = fused(x, w, y, softcap=softcap)
+        return out[0] if isinstance(out, tuple) else out  # some releases add the z-loss
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """PROTEUS Triton kernels, each beside the PyTorch reference that specifies it.
 
-One op per file: ``leaky_relu2``, ``xsa_attention``, ``int6_matmul``, ``ngram_table``; their
-public surface is re-exported here (``from proteus.kernels import xsa_attention``). Each op has
+One op per file: ``leaky_relu2``, ``xsa_attention``, ``int6_matmul``, ``ngram_table``,
+``softcapped_ce``; their public surface is re-exported here (``from proteus.kernels import
+xsa_attention``). Each op has
 three surfaces under one name: the function (``leaky_relu2_mlp``), its differentiable custom op
 with fake, autograd and autocast registrations (``leaky_relu2_mlp_op``, also
 ``torch.ops.proteus.leaky_relu2_mlp``) and an ``nn.Module`` (``FusedLeakyReLU2MLP``).
@@ -12,9 +13,19 @@ compiled on a CUDA GPU (nothing process-wide changes), Triton's interpreter on a
 one (Triton's interpreter switch and three documented interpreter patches; ``TRITON_INTERPRET``
 overrides; see ``_backend`` for the exact list). It must run before any ``@triton.jit``
 decorator below, which is why it happens at import.
+
+Before that, one check of where the import came from (no file is read): a folder named
+``proteus`` in the current folder or the script's folder (a clone of this repository, say)
+comes first on ``sys.path`` and shadows the installed package, so ``proteus`` and
+``proteus.kernels`` would come from two different trees (or ``proteus`` from a folder with no
+``__init__.py`` at all). That is an ``ImportError`` of one line naming the shadowing folder,
+instead of a confusing failure later on.
 """
 
-from . import _backend  # noqa: F401  (first: kernel modules below are decorated in its mode)
+from . import _origin  # noqa: F401  (first, before torch: the one-tree check above)
+
+# isort: split
+from . import _backend  # noqa: F401  (next: kernel modules below are decorated in its mode)
 from .int6_matmul import (
     Int6Linear,
     dequantize_int6,
@@ -37,6 +48,12 @@ from .leaky_relu2 import (
     leaky_relu2_ref,
 )
 from .ngram_table import NgramTable, NgramTableRef, pack_keys, types_keys
+from .softcapped_ce import (
+    SoftcappedCrossEntropy,
+    softcapped_ce,
+    softcapped_ce_op,
+    softcapped_ce_ref,
+)
 from .xsa_attention import (
     XSAAttention,
     doc_ids_from_bos,
@@ -69,6 +86,10 @@ __all__ = [
     "pack_keys",
     "quantize_rows",
     "replace_linear_int6",
+    "SoftcappedCrossEntropy",
+    "softcapped_ce",
+    "softcapped_ce_op",
+    "softcapped_ce_ref",
     "types_keys",
     "unpack_int6",
     "XSAAttention",

@@ -46,6 +46,7 @@ KERNEL_MODULES = (
     "proteus.kernels.xsa_attention",
     "proteus.kernels.int6_matmul",
     "proteus.kernels.ngram_table",
+    "proteus.kernels.softcapped_ce",
 )
 
 _SASS_OP = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)", re.M)

@@ -57,6 +57,7 @@ from torch import nn
 from ._backend import interpreting
 from ._common import FLOAT_DTYPES, AotSpec, cast_inputs, check_same_device, check_tensor
 from ._common import register_autocast as _register_autocast
+from .gptq import gptq_quantize, input_hessians, lqer_factors, quantize_factor
 
 QMAX = 31
 CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
@@ -412,12 +413,17 @@ class Int6Linear(nn.Module):
     ``nn.Parameter`` (the Linear's own, kept by :meth:`from_linear`) or None. Differentiable with
     respect to its input and bias. ``use_kernel=False`` runs the PyTorch reference instead of the
     Triton kernel (for machines where the kernel would run on Triton's interpreter).
+
+    Optional LQER factors (buffers ``lqer_a`` (out, r) and ``lqer_b`` (r, in), fp32, the
+    dequantised int8 factors) add the low-rank correction ``(x Bᵀ) Aᵀ``: one extra pair of
+    small matmuls (r is a few), not fused into the int6 kernel.
     """
 
     quantized = True  # what proteus.model checks to route around fused fp weights
 
     def __init__(self, packed_w: torch.Tensor, scale: torch.Tensor,
-                 bias: torch.Tensor | None = None, *, use_kernel: bool = True):
+                 bias: torch.Tensor | None = None, *, use_kernel: bool = True,
+                 lqer: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         _check_weights("Int6Linear", packed_w, scale, bias)
         self.out_features, _, g = packed_w.shape
@@ -429,45 +435,90 @@ class Int6Linear(nn.Module):
         else:
             self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
         self.use_kernel = use_kernel
+        if lqer is not None:
+            a, b = lqer
+            ok = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2
+                  and b.dim() == 2 and a.shape[0] == self.out_features
+                  and b.shape[1] == self.in_features and a.shape[1] == b.shape[0] >= 1)
+            if not ok:
+                raise ValueError(f"Int6Linear: lqer factors must be (A ({self.out_features}, r), "
+                                 f"B (r, {self.in_features})), got "
+                                 f"{[tuple(getattr(t, 'shape', ())) for t in lqer]}")
+            self.register_buffer("lqer_a", a.detach().float().to(packed_w.device))
+            self.register_buffer("lqer_b", b.detach().float().to(packed_w.device))
+        else:
+            self.lqer_a = self.lqer_b = None
 
     @classmethod
     def from_quantized(cls, q: torch.Tensor, scale: torch.Tensor,
-                       bias: torch.Tensor | None = None, *, use_kernel: bool = True
-                       ) -> Int6Linear:
+                       bias: torch.Tensor | None = None, *, use_kernel: bool = True,
+                       lqer: tuple[torch.Tensor, torch.Tensor] | None = None) -> Int6Linear:
         """From int8 values in [-31, 31] (out, in) and their per-row scale."""
-        return cls(pack_int6(q), scale.half(), bias, use_kernel=use_kernel)
+        return cls(pack_int6(q), scale.half(), bias, use_kernel=use_kernel, lqer=lqer)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, percentiles=CLIP_PERCENTILES,
-                    use_kernel: bool = True) -> Int6Linear:
-        """Quantise ``linear.weight`` per row (:func:`quantize_rows`); its bias Parameter is
-        kept (the same object)."""
+                    use_kernel: bool = True, method: str = "rtn",
+                    hessian: torch.Tensor | None = None, clip_sigmas: float | None = None,
+                    lqer_rank: int = 0) -> Int6Linear:
+        """Quantise ``linear.weight`` per row; its bias Parameter is kept (the same object).
+
+        ``method="rtn"``: round to nearest (:func:`quantize_rows`). ``method="gptq"``: GPTQ
+        under ``hessian`` = Σ xᵀx of the layer's inputs (``proteus.kernels.gptq``), with a clip
+        of ``clip_sigmas`` standard deviations per row, or RTN's clip when it is None.
+        ``lqer_rank`` > 0 adds int8 rank-r factors of the remaining error."""
         name = "Int6Linear.from_linear"
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name}: linear must be an nn.Linear, got {type(linear).__name__}")
         if linear.in_features % 4:
             raise ValueError(f"{name}: in_features={linear.in_features} must be a multiple of 4 "
                              "(int6 packs 4 values in 3 bytes)")
-        q, s = quantize_rows(linear.weight, QMAX, percentiles)
+        if method not in ("rtn", "gptq"):
+            raise ValueError(f"{name}: method must be 'rtn' or 'gptq', got {method!r}")
+        if (method == "gptq") != (hessian is not None):
+            raise ValueError(f"{name}: method='gptq' needs hessian= (and only it takes one)")
+        if not isinstance(lqer_rank, int) or lqer_rank < 0:
+            raise ValueError(f"{name}: lqer_rank must be an int >= 0, got {lqer_rank!r}")
+        w = linear.weight.detach().float()
+        q, s = quantize_rows(w, QMAX, percentiles)
+        if method == "gptq":
+            q, s = gptq_quantize(w, hessian.to(w.device), QMAX, clip_sigmas,
+                                 scale=None if clip_sigmas else s)
+        lqer = None
+        if lqer_rank:
+            a, b = lqer_factors(w - q.float() * s.float()[:, None], lqer_rank)
+            lqer = tuple(qq.float() * ss.float()[:, None]
+                         for qq, ss in (quantize_factor(a), quantize_factor(b)))
         return cls(pack_int6(q.cpu()).to(linear.weight.device), s, linear.bias,
-                   use_kernel=use_kernel)
+                   use_kernel=use_kernel, lqer=lqer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = int6_matmul if self.use_kernel else int6_matmul_ref
-        return fn(x, self.packed, self.scale, self.bias)
+        y = fn(x, self.packed, self.scale, self.bias)
+        if self.lqer_a is not None:
+            y = y + nn.functional.linear(nn.functional.linear(x, self.lqer_b.to(x.dtype)),
+                                         self.lqer_a.to(x.dtype))
+        return y
 
     def extra_repr(self) -> str:
+        r = "" if self.lqer_a is None else f", lqer_rank={self.lqer_a.shape[1]}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}{r}")
 
 
 def replace_linear_int6(module: nn.Module, *,
                         filter: Callable[[str, nn.Linear], bool] | None = None,
-                        use_kernel: bool = True) -> nn.Module:
+                        use_kernel: bool = True, calibration=None,
+                        clip_sigmas: float | None = None, lqer_rank: int = 0) -> nn.Module:
     """Swap every ``nn.Linear`` inside ``module`` (those ``filter(qualified_name, linear)``
     accepts) for ``Int6Linear.from_linear(linear)``, in place; returns ``module`` (or the new
     layer, when ``module`` is itself a Linear). A Linear whose weight is tied to another module
     (an output head tied to an embedding) is quantised on its own; the other keeps fp weights.
+
+    ``calibration``: an iterable of batches (a tensor, or a tuple of ``module``'s arguments).
+    Given, each Linear is GPTQ-quantised under the Hessian of its inputs over those batches
+    (:func:`input_hessians`; a Linear that saw no input falls back to round-to-nearest).
+    ``lqer_rank`` > 0 adds LQER factors to every swapped layer.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"replace_linear_int6: module must be an nn.Module, got "
@@ -475,15 +526,25 @@ def replace_linear_int6(module: nn.Module, *,
     if filter is not None and not callable(filter):
         raise TypeError(f"replace_linear_int6: filter must be a callable (name, linear) -> bool "
                         f"or None, got {type(filter).__name__}")
+    chosen = {n for n, m in module.named_modules() if isinstance(m, nn.Linear)
+              and (filter is None or not n or filter(n, m))}
+    hessians = input_hessians(module, calibration, chosen) if calibration is not None else {}
+
+    def swap(name: str, lin: nn.Linear) -> Int6Linear:
+        h = hessians.get(name)
+        return Int6Linear.from_linear(lin, use_kernel=use_kernel, lqer_rank=lqer_rank,
+                                      method="rtn" if h is None else "gptq", hessian=h,
+                                      clip_sigmas=clip_sigmas)
+
     if isinstance(module, nn.Linear):
-        return Int6Linear.from_linear(module, use_kernel=use_kernel)
+        return swap("", module)
 
     def walk(parent: nn.Module, prefix: str) -> None:
         for name, child in parent.named_children():
             full = f"{prefix}{name}"
             if isinstance(child, nn.Linear):
-                if filter is None or filter(full, child):
-                    setattr(parent, name, Int6Linear.from_linear(child, use_kernel=use_kernel))
+                if full in chosen:
+                    setattr(parent, name, swap(full, child))
             else:
                 walk(child, full + ".")
 

@@ -443,6 +443,13 @@ class FusedLeakyReLU2MLP(nn.Module):
     ``proj.weight`` and, with ``bias=True``, ``fc.bias``, ``proj.bias``). ``slope`` is required.
     :meth:`from_linears` adopts a model's existing two Linear layers (the same modules and
     Parameters, not copies), so optimisers and tied references keep working.
+
+    Composes with ``replace_linear_int6`` in either order: when ``fc`` or ``proj`` is a
+    quantised layer (``Int6Linear``, which has no fp ``weight`` for the fused matmuls to read),
+    or any other module put there after construction, the forward is
+    ``proj(leaky_relu2(fc(x), slope))`` through each layer's own forward (the int6 kernel for
+    the quantised ones, the elementwise LeakyReLU² kernel between them): the function the
+    fused path computes on the dequantised weights.
     """
 
     def __init__(self, dim: int, hidden: int, *, slope: float, bias: bool = False,
@@ -454,12 +461,15 @@ class FusedLeakyReLU2MLP(nn.Module):
         self.proj = nn.Linear(hidden, dim if dim_out is None else dim_out, **kw)
 
     @classmethod
-    def from_linears(cls, fc: nn.Linear, proj: nn.Linear, *, slope: float) -> FusedLeakyReLU2MLP:
-        """The MLP ``proj(leaky_relu2(fc(x), slope))`` around the given layers themselves."""
+    def from_linears(cls, fc: nn.Module, proj: nn.Module, *, slope: float
+                     ) -> FusedLeakyReLU2MLP:
+        """The MLP ``proj(leaky_relu2(fc(x), slope))`` around the given layers themselves:
+        ``nn.Linear`` layers, or layers ``replace_linear_int6`` already quantised."""
         name = "FusedLeakyReLU2MLP.from_linears"
         for arg, lin in (("fc", fc), ("proj", proj)):
-            if not isinstance(lin, nn.Linear):
-                raise TypeError(f"{name}: {arg} must be an nn.Linear, got {type(lin).__name__}")
+            if not (isinstance(lin, nn.Linear) or _is_quantized_linear(lin)):
+                raise TypeError(f"{name}: {arg} must be an nn.Linear (or an Int6Linear), got "
+                                f"{type(lin).__name__}")
         if proj.in_features != fc.out_features:
             raise ValueError(f"{name}: proj.in_features={proj.in_features} must equal "
                              f"fc.out_features={fc.out_features} (the hidden width)")
@@ -470,11 +480,22 @@ class FusedLeakyReLU2MLP(nn.Module):
         return mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return leaky_relu2_mlp(x, self.fc.weight, self.proj.weight, self.slope,
-                               b_up=self.fc.bias, b_down=self.proj.bias)
+        if isinstance(self.fc, nn.Linear) and isinstance(self.proj, nn.Linear):
+            return leaky_relu2_mlp(x, self.fc.weight, self.proj.weight, self.slope,
+                                   b_up=self.fc.bias, b_down=self.proj.bias)
+        # a quantised (or otherwise swapped) layer: each layer's own forward
+        return self.proj(leaky_relu2(self.fc(x), self.slope))
 
     def extra_repr(self) -> str:
         return f"slope={self.slope}"
+
+
+def _is_quantized_linear(layer: nn.Module) -> bool:
+    """A packed-weight linear layer (``Int6Linear``): it marks itself ``quantized`` and has
+    ``in_features``/``out_features`` (checked by attribute, so this file needs no import of the
+    int6 op)."""
+    return (isinstance(layer, nn.Module) and getattr(layer, "quantized", False) is True
+            and hasattr(layer, "in_features") and hasattr(layer, "out_features"))
 
 
 # ---------------------------------------------------------------------------------------------

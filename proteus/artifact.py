@@ -16,7 +16,7 @@ tiled exactly, the memory it needs) before anything is decoded, so a damaged or 
 raises one ArtifactError instead of half-loading, asking for terabytes or crashing.
 
 Payload sections: ``side`` (LZMA of: per-tensor scales, row/column classes, the frequency
-tables, and the small fp16/fp32 tensors), then one rANS stream per integer kind (``int6``,
+tables, and the small fp16/fp32 tensors), then one rANS stream per integer kind (``int6``, ``int7``,
 ``int8``). Values are symbols (int6: q + 32; int8: q + 128); each symbol's context is a
 bucket of its predicted magnitude from its row's and column's mean |q|: 16 buckets whose
 static frequency tables (quantised to 2^14) are shared by all tensors of the kind (see
@@ -25,6 +25,17 @@ a 32-bit state and 16-bit renormalisation over interleaved lanes, so encoding an
 are numpy-vectorised across lanes. The contexts capture structure a single order-0 model
 misses: trained matrices have input columns and output rows of very different
 spread, so the value distribution depends on where it sits.
+
+Grouped coding (format v2 files without it still read): a stream may split its tables by role
+(``attn.c_q.weight``, ``mlp.fc.weight``, ... across layers; LQER factors form one role). Each
+role then has its own 16 tables (stream ``groups``/``roles``, entry ``group``). The writer
+splits only when the estimated code length plus the compressed tables comes out smaller.
+Rows are never reordered. A context model with static tables codes a matrix in the same
+number of bits whatever the order of its rows. A permutation would only add bytes; it pays
+for LZ-style coders such as the record's lrzip, not here.
+
+LQER factors (``QTensor.lqer``) are int8 entries ``<name>#lqer_a`` / ``#lqer_b`` tied to their
+int6/int7 matrix by ``lqer_of``; their shapes are checked against it before decoding.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import io
 import json
 import lzma
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -44,7 +56,7 @@ import torch
 from proteus.config import ProteusError
 from proteus.device import require_memory
 from proteus.files import InputError, atomic_write, parse_json, read_bounded
-from proteus.quant import ArtifactError, QTensor, QuantizedState
+from proteus.quant import INT_QMAX, ArtifactError, QTensor, QuantizedState
 
 ARTIFACT_MAGIC = b"PROTEUS\x00"
 ARTIFACT_VERSION = 2
@@ -165,7 +177,8 @@ def rans_decode(blob: bytes, n: int, ctx: np.ndarray, freqs: np.ndarray, lanes: 
 # (quarter-octaves), so encoder and decoder derive identical contexts. On a trained cpu-tiny
 # model this took the int6 payload from 396 KB (order-0 entropy) to 385 KB of rANS output.
 N_CTX = 16
-CTX_OFFSET = {"int6": 12, "int8": 4}  # puts the predicted log2 magnitude range on 16 buckets
+# puts the predicted log2 magnitude range on 16 buckets (int7: one octave above int6)
+CTX_OFFSET = {"int6": 12, "int7": 8, "int8": 4}
 
 
 def _log_means(q2: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -190,7 +203,17 @@ class ArtifactInfo:
     section_bytes: dict
 
 
-KIND_ALPHABET = {"int6": (64, 32), "int8": (256, 128)}  # alphabet, offset (symbol = q + offset)
+KIND_ALPHABET = {"int6": (64, 32), "int7": (128, 64), "int8": (256, 128)}  # symbol = q + offset
+LQER_SUFFIX = ("#lqer_a", "#lqer_b")  # table entries of a tensor's LQER factors (int8 kind)
+
+
+def _entries(qstate: QuantizedState):
+    """(name, tensor, the tensor its LQER factor belongs to or None), factors after their
+    tensor: each factor is an int8 entry of its own, tied to it by ``lqer_of``."""
+    for name, t in qstate.tensors.items():
+        yield name, t, None
+        for suffix, f in zip(LQER_SUFFIX, t.lqer or (), strict=False):
+            yield name + suffix, f, name
 
 
 def _encode_payload(qstate: QuantizedState) -> tuple[list[dict], dict[str, bytes]]:
@@ -200,8 +223,11 @@ def _encode_payload(qstate: QuantizedState) -> tuple[list[dict], dict[str, bytes
     table: list[dict] = []
     streams = {k: ([], []) for k in KIND_ALPHABET}
     sym_offset = {k: 0 for k in KIND_ALPHABET}
-    for name, t in qstate.tensors.items():
+    roles: dict[str, list[tuple[dict, str]]] = {k: [] for k in KIND_ALPHABET}
+    for name, t, owner in _entries(qstate):
         e = dict(name=name, kind=t.kind, shape=list(t.shape))
+        if owner is not None:
+            e["lqer_of"] = owner
         if t.kind in KIND_ALPHABET:
             alphabet, off = KIND_ALPHABET[t.kind]
             q2 = t.q.numpy().reshape(t.q.shape[0], -1)
@@ -214,6 +240,7 @@ def _encode_payload(qstate: QuantizedState) -> tuple[list[dict], dict[str, bytes
             side.write(cl.tobytes())
             streams[t.kind][0].append(q2.astype(np.int64).ravel() + off)
             streams[t.kind][1].append(ctx)
+            roles[t.kind].append((e, "lqer" if owner else re.sub(r"^blocks\.\d+\.", "", name)))
             sym_offset[t.kind] += q2.size
         else:
             arr = t.data.contiguous()
@@ -226,14 +253,21 @@ def _encode_payload(qstate: QuantizedState) -> tuple[list[dict], dict[str, bytes
         if not syms:
             continue
         alphabet, _ = KIND_ALPHABET[kind]
-        sym, ctx = np.concatenate(syms), np.concatenate(ctxs)
-        n_ctx = N_CTX
-        counts = np.zeros((n_ctx, alphabet), np.int64)
-        np.add.at(counts, (ctx, sym), 1)
-        freqs = np.stack([_freq_table(c) for c in counts])
-        freqs[counts.sum(1) == 0, 0] = 1 << PROB_BITS  # unused contexts: any valid table
+        sym = np.concatenate(syms)
+        names = sorted({r for _, r in roles[kind]})
+        group_of = [names.index(r) for _, r in roles[kind]]
+        grouped = np.concatenate([c + g * N_CTX for c, g in zip(ctxs, group_of, strict=True)])
+        ctx, freqs = _tables(sym, np.concatenate(ctxs), alphabet, 1)
+        g_ctx, g_freqs = _tables(sym, grouped, alphabet, len(names))
+        groups = 1
+        if len(names) > 1 and _cost(sym, g_ctx, g_freqs) < _cost(sym, ctx, freqs):
+            ctx, freqs, groups = g_ctx, g_freqs, len(names)
+            for (e, _), g in zip(roles[kind], group_of, strict=True):
+                e["group"] = g
         blob, lanes = rans_encode(sym, ctx, freqs)
         stream_meta[kind] = dict(side=side.tell(), n=int(sym.size), lanes=lanes)
+        if groups > 1:
+            stream_meta[kind].update(groups=groups, roles=names)
         side.write(freqs.astype("<u2").tobytes())
         sections[kind] = blob
     sections["side"] = lzma.compress(side.getvalue(), preset=9 | lzma.PRESET_EXTREME)
@@ -241,7 +275,24 @@ def _encode_payload(qstate: QuantizedState) -> tuple[list[dict], dict[str, bytes
     return table, sections
 
 
-SECTION_ORDER = ("side", "int6", "int8")
+def _tables(sym: np.ndarray, ctx: np.ndarray, alphabet: int, groups: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.zeros((groups * N_CTX, alphabet), np.int64)
+    np.add.at(counts, (ctx, sym), 1)
+    freqs = np.stack([_freq_table(c) for c in counts])
+    freqs[counts.sum(1) == 0, 0] = 1 << PROB_BITS  # unused contexts: any valid table
+    return ctx, freqs
+
+
+def _cost(sym: np.ndarray, ctx: np.ndarray, freqs: np.ndarray) -> float:
+    """Bytes the rANS stream will take (its ideal code length under ``freqs``) plus the
+    compressed tables: what decides whether grouping tensors by role pays."""
+    bits = -np.log2(freqs[ctx, sym] / (1 << PROB_BITS)).sum()
+    tables = lzma.compress(freqs.astype("<u2").tobytes(), preset=9 | lzma.PRESET_EXTREME)
+    return bits / 8 + len(tables)
+
+
+SECTION_ORDER = ("side", "int6", "int7", "int8")
 
 
 def write_artifact(path: str, qstate: QuantizedState, meta: dict) -> ArtifactInfo:
@@ -360,8 +411,9 @@ def _check_table(path: str, hdr, payload_len: int) -> tuple[list[dict], dict, in
     for kind, sm in streams.items():
         _need(kind in KIND_ALPHABET and kind in names and isinstance(sm, dict)
               and _is_int(sm.get("side")) and _is_int(sm.get("n"))
-              and _is_int(sm.get("lanes"), 1, 1 << 20), path, f"bad stream entry {kind}")
-        regions.append((sm["side"], 2 * N_CTX * KIND_ALPHABET[kind][0]))  # frequency tables
+              and _is_int(sm.get("lanes"), 1, 1 << 20)
+              and _is_int(sm.get("groups", 1), 1, 256), path, f"bad stream entry {kind}")
+        regions.append((sm["side"], 2 * _n_ctx(sm) * KIND_ALPHABET[kind][0]))  # tables
     tiles: dict[str, list[tuple[int, int]]] = {k: [] for k in streams}
     total = 0
     for e in entries:
@@ -377,18 +429,51 @@ def _check_table(path: str, hdr, payload_len: int) -> tuple[list[dict], dict, in
             _need(kind in streams and _is_int(r, 1) and _is_int(c, 1) and len(shape) >= 1
                   and r == shape[0] and r * c == count and _is_int(e.get("sym"))
                   and _is_int(e.get("ml"), -128, 127), path, f"{name}: bad {kind} entry")
+            _need(_is_int(e.get("group", 0), 0, streams[kind].get("groups", 1) - 1), path,
+                  f"{name}: bad group {e.get('group')}")
             tiles[kind].append((e["sym"], r * c))
             regions.append((e["side"], 3 * r + c))  # fp16 scales, row and column classes
         else:
             _need(e.get("dtype") in _NP_DTYPES, path, f"{name}: unsupported dtype "
                   f"{e.get('dtype')}")
             regions.append((e["side"], count * np.dtype(_NP_DTYPES[e["dtype"]]).itemsize))
+    _check_lqer(path, entries)
     for kind, spans in tiles.items():
         _tile(path, spans, streams[kind]["n"], f"the {kind} symbol stream")
     side_end = _tile(path, regions, None, "the side section")
     # decoding holds ~5 int64 arrays per symbol; the weights then take 4 bytes per value
     require_memory(40 * total, torch.device("cpu"), f"artifact {path}")
     return entries, streams, side_end
+
+
+def _n_ctx(stream: dict) -> int:
+    """Contexts of a stream: 16 magnitude buckets per role group (one group unless grouped)."""
+    return N_CTX * stream.get("groups", 1)
+
+
+def _check_lqer(path: str, entries: list[dict]) -> None:
+    """LQER factor entries: int8, named after an int6/int7 matrix that holds both, of shapes
+    (rows, r) and (r, cols) with 1 <= r <= min(rows, cols)."""
+    by_name = {e["name"]: e for e in entries}
+    for e in entries:
+        owner = e.get("lqer_of")
+        if owner is None:
+            _need(not e["name"].endswith(LQER_SUFFIX), path, f"{e['name']}: a factor name "
+                  "without its lqer_of")
+            continue
+        base = by_name.get(owner) if isinstance(owner, str) else None
+        _need(base is not None and base.get("lqer_of") is None
+              and base["kind"] in ("int6", "int7") and len(base["shape"]) == 2
+              and e["kind"] == "int8" and len(e["shape"]) == 2
+              and e["name"] in (owner + LQER_SUFFIX[0], owner + LQER_SUFFIX[1]), path,
+              f"{e['name']}: bad LQER factor of {str(owner)[:80]}")
+        pair = [by_name.get(owner + s) for s in LQER_SUFFIX]
+        _need(all(p is not None and p.get("lqer_of") == owner for p in pair), path,
+              f"{owner}: LQER needs both factors")
+        (rows, cols), (ar, r), (br, bc) = base["shape"], pair[0]["shape"], pair[1]["shape"]
+        _need(ar == rows and bc == cols and br == r and 1 <= r <= min(rows, cols), path,
+              f"{owner}: LQER factors of shapes {pair[0]['shape']} and {pair[1]['shape']} do "
+              f"not fit ({rows}, {cols})")
 
 
 def _tile(path: str, spans: list[tuple[int, int]], total: int | None, what: str) -> int:
@@ -450,7 +535,7 @@ def _read(path: str, raw: bytes, expected_shapes) -> tuple[QuantizedState, dict]
     decoded = {}
     for kind, sm in streams.items():
         alphabet, _ = KIND_ALPHABET[kind]
-        n_ctx = N_CTX
+        n_ctx = _n_ctx(sm)
         freqs = np.frombuffer(side, "<u2", n_ctx * alphabet, sm["side"]).astype(np.int64)
         freqs = freqs.reshape(n_ctx, alphabet)
         _need(bool(np.all(freqs.sum(1) == 1 << PROB_BITS)), path,
@@ -461,7 +546,8 @@ def _read(path: str, raw: bytes, expected_shapes) -> tuple[QuantizedState, dict]
                 r, c = e["rows"], e["cols"]
                 rl = np.frombuffer(side, np.int8, r, e["side"] + 2 * r)
                 cl = np.frombuffer(side, np.int8, c, e["side"] + 3 * r)
-                ctx[e["sym"] : e["sym"] + r * c] = _contexts(kind, rl, cl, e["ml"])
+                ctx[e["sym"] : e["sym"] + r * c] = (_contexts(kind, rl, cl, e["ml"])
+                                                    + N_CTX * e.get("group", 0))
         decoded[kind] = rans_decode(sections[kind], sm["n"], ctx, freqs, sm["lanes"])
     qs = QuantizedState()
     for e in entries:
@@ -477,14 +563,19 @@ def _read(path: str, raw: bytes, expected_shapes) -> tuple[QuantizedState, dict]
             count = int(np.prod(shape)) if shape else 1
             arr = np.frombuffer(side, dt, count, e["side"]).copy().reshape(shape)
             qs.tensors[name] = QTensor(kind, shape, data=torch.from_numpy(arr))
+    for e in entries:  # the factors join their tensor (checked: both there, shapes fit)
+        if e.get("lqer_of") is not None and e["name"].endswith(LQER_SUFFIX[0]):
+            owner = qs.tensors[e["lqer_of"]]
+            owner.lqer = (qs.tensors.pop(e["name"]),
+                          qs.tensors.pop(e["lqer_of"] + LQER_SUFFIX[1]))
     return qs, hdr["meta"]
 
 
 def lzma_baseline_bytes(qstate: QuantizedState) -> int:
     """The record's encoding: one byte per quantised value (+ scales, + small tensors), LZMA."""
     buf = io.BytesIO()
-    for t in qstate.tensors.values():
-        if t.kind in ("int6", "int8"):
+    for _, t, _ in _entries(qstate):
+        if t.kind in INT_QMAX:
             buf.write(t.q.numpy().astype(np.int8).tobytes())
             buf.write(t.scale.numpy().tobytes())
         else:
@@ -498,7 +589,7 @@ def value_coding_report(qstate: QuantizedState, info: ArtifactInfo) -> dict[str,
     order-0 entropy."""
     out = {}
     for kind in KIND_ALPHABET:
-        vals = [t.q.numpy().astype(np.int8).ravel() for t in qstate.tensors.values()
+        vals = [t.q.numpy().astype(np.int8).ravel() for _, t, _ in _entries(qstate)
                 if t.kind == kind]
         if not vals or kind not in info.section_bytes:
             continue
@@ -522,15 +613,15 @@ def inspect_artifact(path: str) -> str:
     for s in hdr["sections"]:
         lines.append(f"  section {s['name']:5s} {s['nbytes']:>12,} bytes  crc32 {s['crc32']:08x}")
     counts = {}
-    for t in qs.tensors.values():
+    for _, t, _ in _entries(qs):
         counts[t.kind] = counts.get(t.kind, 0) + int(np.prod(t.shape))
-    for kind in ("int6", "int8"):
+    for kind in KIND_ALPHABET:
         sec = next((s for s in hdr["sections"] if s["name"] == kind), None)
         if sec:
             bits = 8 * sec["nbytes"] / counts[kind]
             lines.append(f"  {kind}: {counts[kind]:,} values, {bits:.3f} "
                          "bits/value in the rANS stream")
     lines.append(f"{'tensor':42s} {'kind':5s} {'shape':>16s}")
-    for name, t in qs.tensors.items():
+    for name, t, _ in _entries(qs):
         lines.append(f"{name:42s} {t.kind:5s} {str(tuple(t.shape)):>16s}")
     return "\n".join(lines)

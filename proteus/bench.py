@@ -1,6 +1,10 @@
 """``proteus bench``, its H100 suite, and ``proteus kernels report``.
 
-``bench`` runs the pytest-benchmark suite in ``benchmarks/`` (every benchmark checks its
+``bench`` runs the pytest-benchmark suite in ``benchmarks/`` — by default the quick subset
+(the kernels without their compiled providers, no cpu-tiny training step unless named;
+``full`` runs everything), printing its estimated duration first and one
+line per benchmark, each record appended to ``<json>.partial.jsonl`` as it is measured (an
+interrupted run writes the JSON and CSV of those, exit code 130) — (every benchmark checks its
 provider against the reference before timing it; peers that cannot run here are skipped with
 a reason), then puts the results on record: the pytest-benchmark JSON gains a ``proteus``
 section (the environment: device, torch / triton / CUDA versions, commit, date; and one record
@@ -53,12 +57,16 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
                       "flash-attn", "fa3"),
     "leaky_relu2": (*OURS, "liger"),
     "int6_matmul": (*OURS, "dense", "torchao-int8", "torchao-int4"),
+    "softcapped_ce": (*OURS, "liger"),
     "ngram": ("triton", "ref", "numpy-sorted", "numpy", "numpy-history-only", "hashed-record"),
     "train_step": ("plain-eager", "proteus-eager-plain-features", "proteus-eager",
                    "proteus-compile"),
 }
+# Left out of the quick default run unless asked for with --benchmark: the cpu-tiny training
+# step (17 steps per provider and precision: minutes on a loaded CPU).
+QUICK_LEAVES_OUT = ("train_step",)
 # The H100 suite: the kernels (not the CPU-only cache scoring or the cpu-tiny train step).
-H100_SUITE = ("xsa_attention", "leaky_relu2", "int6_matmul", "ngram")
+H100_SUITE = ("xsa_attention", "leaky_relu2", "int6_matmul", "softcapped_ce", "ngram")
 H100_SUITE_DESELECT = "not cache_scoring"
 
 CSV_FIELDS = ("benchmark", "family", "group", "shape", "x_name", "x", "provider", "status",
@@ -398,18 +406,64 @@ def _writable_file(path: Path, what: str) -> None:
         raise ConfigError(f"cannot write the {what} {path}: {e.strerror or e}") from None
 
 
-def _run_pytest_bench(json_path: str, pytest_args, bench_names, providers) -> tuple[int, dict,
-                                                                                    list]:
+def _partial_path(json_path: str) -> Path:
+    """Where the records go as each benchmark finishes (one JSON object a line)."""
+    return Path(json_path).with_suffix(".partial.jsonl")
+
+
+def read_partial(path: Path) -> tuple[dict, list]:
+    """The pytest-benchmark-like data and the skips of a ``--records-jsonl`` file (a run that
+    was interrupted keeps these); a torn last line (killed mid-write) is left out."""
+    data: dict = {"benchmarks": []}
+    skips: list = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return data, skips
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        kind = rec.pop("kind", None)
+        if kind == "benchmark" and "stats" in rec:
+            data["benchmarks"].append(rec)
+        elif kind == "skip":
+            skips.append(rec)
+    return data, skips
+
+
+def _run_pytest_bench(json_path: str, pytest_args, bench_names, providers, quick: bool = False
+                      ) -> tuple[int, dict, list, bool]:
+    """Run the benchmarks in a pytest subprocess: (exit code, pytest-benchmark data, skips,
+    interrupted). Each finished benchmark is appended to the partial JSONL file at once, so
+    an interrupted run (Ctrl-C) still has the records of what it measured."""
     bench = _bench_dir()
+    if not bench_names and quick:
+        bench_names = [b for b in BENCHMARKS if b not in QUICK_LEAVES_OUT]
     files = [str(bench / f"test_bench_{b}.py") for b in bench_names] or [str(bench)]
     skips_path = Path(json_path).with_suffix(".skips.json")
+    partial = _partial_path(json_path)
+    partial.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", *files, "-o", "addopts=", "-p", "no:cacheprovider",
            "-q", "-rs", f"--rootdir={bench.parent}", f"--benchmark-json={json_path}",
            "--benchmark-columns=median,iqr,rounds", f"--skips-json={skips_path}",
+           f"--records-jsonl={partial}", "--progress-lines",
+           "-o", "console_output_style=classic", *(["--quick"] if quick else []),
            *([f"--providers={','.join(providers)}"] if providers else []),
            *(pytest_args or [])]
     print("proteus bench:", " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, cwd=bench.parent)
+    proc = subprocess.Popen(cmd, cwd=bench.parent)
+    interrupted = False
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached pytest too: let it finish its current record
+        interrupted = True
+        try:
+            rc = proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            rc = proc.wait()
     data, skips = {}, []
     try:
         data = json.loads(Path(json_path).read_text())
@@ -420,21 +474,31 @@ def _run_pytest_bench(json_path: str, pytest_args, bench_names, providers) -> tu
         skips_path.unlink()
     except (OSError, ValueError):
         pass
-    return rc, data, skips
+    if interrupted or not data.get("benchmarks"):
+        kept, kept_skips = read_partial(partial)  # what was measured before the stop
+        if len(kept["benchmarks"]) > len(data.get("benchmarks", [])):
+            data = {**data, **kept}
+        if len(kept_skips) > len(skips):
+            skips = kept_skips
+    if not interrupted:
+        partial.unlink(missing_ok=True)
+    return rc, data, skips, interrupted
 
 
 def _bench(json_path: str, pytest_args=None, benchmarks=(), providers=(),
-           plot_dir: str | None = None, csv_path: str | None = None):
+           plot_dir: str | None = None, csv_path: str | None = None, full: bool = True):
     bench_names, prov = check_selection(benchmarks, providers)
     csv_file = _csv_path(json_path, csv_path)
     _writable_file(Path(json_path), "results file")
     _writable_file(csv_file, "CSV file")
     out_dir = plot.prepare_dir(plot_dir) if plot_dir else None
     env = environment()
-    rc, data, skips = _run_pytest_bench(json_path, pytest_args, bench_names, prov)
+    rc, data, skips, interrupted = _run_pytest_bench(json_path, pytest_args, bench_names, prov,
+                                                     quick=not full)
     recs = records(data, skips, env)
     if data.get("benchmarks"):
-        data["proteus"] = {"environment": env, "records": _public(recs)}
+        data["proteus"] = {"environment": env, "records": _public(recs),
+                           "complete": not interrupted, "quick": not full}
         atomic_write_json(Path(json_path), data)
         write_csv(csv_file, _public(recs))
         print(summarize(data, skips, env))
@@ -448,6 +512,12 @@ def _bench(json_path: str, pytest_args=None, benchmarks=(), providers=(),
                 print(f"chart: {path}")
     elif rc == 0:
         rc = 5  # pytest's "no tests collected"
+    if interrupted:
+        n = len(data.get("benchmarks", []))
+        print(f"proteus bench: interrupted; the {n} benchmark(s) measured before the stop are on "
+              f"record" + (f" ({json_path}, {csv_file}; as they came: "
+                           f"{_partial_path(json_path)})" if n else ""), file=sys.stderr)
+        return 130, recs, env
     if rc != 0:
         print(f"proteus bench: pytest exited with {rc} (a kernel failed its check or a "
               "benchmark errored; see above)", file=sys.stderr)
@@ -455,9 +525,12 @@ def _bench(json_path: str, pytest_args=None, benchmarks=(), providers=(),
 
 
 def run_bench(json_path: str, pytest_args: list[str] | None = None, *, benchmarks=(),
-              providers=(), plot_dir: str | None = None, csv_path: str | None = None) -> int:
-    """``proteus bench``: check and time, print the tables, write JSON + CSV (+ charts)."""
-    return _bench(json_path, pytest_args, benchmarks, providers, plot_dir, csv_path)[0]
+              providers=(), plot_dir: str | None = None, csv_path: str | None = None,
+              full: bool = False) -> int:
+    """``proteus bench``: check and time, print the tables, write JSON + CSV (+ charts).
+    Without ``full``, the quick subset: no compiled providers unless ``providers`` names
+    them, and no ``train_step`` unless ``benchmarks`` names it."""
+    return _bench(json_path, pytest_args, benchmarks, providers, plot_dir, csv_path, full)[0]
 
 
 def run_suite(suite: str, out_dir: str | None = None, pytest_args: list[str] | None = None

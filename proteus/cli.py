@@ -1,5 +1,5 @@
-"""``proteus`` command line: train, eval, audit, tune-cache, artifact inspect, kernels report,
-bench, plot, pack.
+"""``proteus`` command line: train, eval, audit, tune-cache, quantize, artifact inspect, kernels
+report, bench, plot, pack.
 
 The top of the layers: argument parsing, printing and exit codes. Every model/train/eval option
 is generated from the config dataclasses (see ``proteus/config.py``). Bad input — unknown preset,
@@ -14,10 +14,14 @@ ignored. Progress lines of the library (the ``proteus`` logger) are printed on r
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
+import re
 import sys
+from pathlib import Path
 
+import proteus
 from proteus.config import (
     PRESETS,
     ConfigError,
@@ -27,6 +31,8 @@ from proteus.config import (
     build_config,
     command_env,
 )
+
+DEFAULT_PRESET = "cpu-tiny"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,16 +64,71 @@ def _like_run_and_no_audit(p: argparse.ArgumentParser) -> None:
                    "--audit none")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def version_text() -> str:
+    """``proteus --version``: this package's version and where it was imported from (a clone
+    that shadows the installed package shows here), with torch's and triton's versions."""
+    def dist(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    where = Path(proteus.__file__).resolve().parent
+    return (f"proteus {proteus.__version__} ({where}); torch {dist('torch')}, triton "
+            f"{dist('triton')}, python {sys.version.split()[0]}")
+
+
+class _Version(argparse.Action):
+    """``--version``, printed as one unwrapped line (argparse's own action wraps it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit(0)
+
+
+def _preset_asked(argv: list[str]) -> str:
+    """The ``--preset`` of a ``train`` command line, looked at before parsing so that
+    ``train --preset X --help`` can show X's values (unknown or absent: the default preset)."""
+    name = None
+    for i, a in enumerate(argv):
+        if a == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif a.startswith("--preset="):
+            name = a.split("=", 1)[1]
+    return name if name in PRESETS else DEFAULT_PRESET
+
+
+def _show_preset_values(parser: argparse.ArgumentParser, preset: str) -> None:
+    """Each option's help gives the value ``preset`` sets (the dataclass default where the
+    preset sets none), not the bare dataclass default, which is the h100 record's."""
+    cfg = build_config(preset, environ={})
+    for action in parser._actions:
+        if "." not in (action.dest or "") or not action.help:
+            continue
+        section, name = action.dest.split(".", 1)
+        value = getattr(getattr(cfg, section), name)
+        text = f"[{preset}: {value!r}".replace("%", "%%")
+        # the config options' "[default X; range; env NAME]" (not e.g. --no-audit's own text)
+        action.help = re.sub(r"\[default [^;\]]*", lambda _m, t=text: t, action.help, count=1)
+
+
+def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
+    """The whole command line; ``preset``: whose values ``train --help`` shows."""
     p = _Parser(prog="proteus", description="PROTEUS: fused Triton kernels, GPT training and "
                 "honest evaluation for the Parameter Golf workload.")
+    p.add_argument("--version", action=_Version, nargs=0,
+                   help="print the version, where it is installed, torch's and triton's, exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a preset, evaluate it, write checkpoint + artifact",
                        description="Train, evaluate val bpb, write the run directory "
-                       "(config.json, log.jsonl, model.ckpt, artifact, summary.json).")
+                       "(config.json, log.jsonl, model.ckpt, artifact, summary.json). Each "
+                       f"option shows the value of the {preset} preset"
+                       + (" (the default; `--preset NAME --help` shows another's)"
+                          if preset == DEFAULT_PRESET else "")
+                       + ": what a run with that preset and no other option uses.")
     t.add_argument("--preset", default=None,
-                   help=f"one of {', '.join(PRESETS)} (default cpu-tiny)")
+                   help=f"one of {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a stopped run from its newest checkpoint (or from a "
                    "RUN_DIR/checkpoints/step-N.ckpt), with its own config")
@@ -82,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="skip the evaluation's audit (said so in the output and "
                    "in summary.json); same as --audit none")
     add_config_arguments(t)
+    _show_preset_values(t, preset)
 
     e = sub.add_parser("eval", help="re-evaluate a checkpoint or an int6 artifact",
                        description="Evaluate val bpb of a checkpoint (model.ckpt) or an int6 "
@@ -122,6 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--iterations", type=int, default=200, help="L-BFGS iterations")
     add_config_arguments(tc, sections=("eval",))
 
+    q = sub.add_parser("quantize", help="quantise a float checkpoint into an artifact (RTN or "
+                       "GPTQ, LQER, int7/int8 embeddings)", description="Quantise model.ckpt "
+                       "into an artifact. GPTQ calibrates on training tokens (never validation "
+                       "tokens: refused by content).")
+    q.add_argument("path", help="a float checkpoint (model.ckpt)")
+    q.add_argument("--method", default="rtn", help="rtn or gptq (default rtn)")
+    q.add_argument("--clip-sigmas", type=float, default=0.0, help="GPTQ's per-row clip in "
+                   "standard deviations (0 = RTN's clip search, default)")
+    q.add_argument("--lqer-rank", type=int, default=0, help="rank of the LQER correction (0 = "
+                   "off)")
+    q.add_argument("--lqer-top-k", type=int, default=3, help="int6 matrices (largest error "
+                   "first) that get the LQER correction")
+    q.add_argument("--embed-bits", type=int, default=8, help="7 or 8")
+    q.add_argument("--calib-files", default="", help="glob of training shards for GPTQ's "
+                   "calibration (default: the checkpoint's training shards)")
+    q.add_argument("--calib-batches", type=int, default=16, help="calibration batches")
+    q.add_argument("--calib-seqs", type=int, default=8, help="sequences per calibration batch")
+    q.add_argument("--out", default="", help="the artifact to write")
+
     art = sub.add_parser("artifact", help="artifact tools")
     art_sub = art.add_subparsers(dest="artifact_command", metavar="ACTION", parser_class=_Parser)
     ins = art_sub.add_parser("inspect", help="print an artifact's tensor table and sizes")
@@ -137,14 +218,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Check every provider (ours and the peers installed) against "
                        "the reference, time it, print the tables and write the JSON and CSV "
                        "records (p20/p50/p80, throughput, peak memory, device, versions, "
-                       "commit, date).")
+                       "commit, date). By default the quick subset: the kernels, without the "
+                       "compiled providers (one torch.compile each) or the cpu-tiny training "
+                       "step unless --provider/--benchmark names them; --full runs everything "
+                       "(27 minutes on a loaded 2-core CPU). It prints its estimated "
+                       "duration first and a line per benchmark, and keeps each record as it "
+                       "is measured, so an interrupted run (Ctrl-C) writes what it measured.")
+    b.add_argument("--full", action="store_true",
+                   help="every benchmark: the compiled providers (ref-compile, "
+                   "proteus-compile) and the cpu-tiny training step too")
     b.add_argument("--json", default="bench-results.json",
                    help="pytest-benchmark JSON output, with the records added")
     b.add_argument("--csv", default=None, help="CSV of the records (default: the JSON's name "
                    "with .csv)")
     b.add_argument("--benchmark", action="append", default=[], metavar="NAME",
                    help="run only these benchmarks (repeat or comma-separate): "
-                   "xsa_attention, leaky_relu2, int6_matmul, ngram, train_step")
+                   "xsa_attention, leaky_relu2, int6_matmul, softcapped_ce, ngram, train_step")
     b.add_argument("--provider", action="append", default=[], metavar="NAME",
                    help="time only these providers (repeat or comma-separate), e.g. "
                    "triton,sdpa-flash")
@@ -232,7 +321,8 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_preset_asked(argv) if "train" in argv else DEFAULT_PRESET)
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -293,7 +383,7 @@ def _dispatch(parser, args) -> int:
             return main_resume(args.resume, {**_cli_values(args), "train.preset": args.preset})
         from proteus.commands import main_train
 
-        cfg = build_config("cpu-tiny" if args.preset is None else args.preset,
+        cfg = build_config(DEFAULT_PRESET if args.preset is None else args.preset,
                            _cli_values(args))
         if seeds and len(seeds) == 1 and "," not in args.seeds:  # a count
             seeds = [cfg.train.seed + i for i in range(seeds[0])]
@@ -322,6 +412,13 @@ def _dispatch(parser, args) -> int:
             raise ConfigError("--tune-tokens must be >= 0 and --iterations >= 1")
         return main_tune_cache(args.path, values, args.tune_files, args.tune_tokens,
                                args.out, args.iterations)
+    if args.command == "quantize":
+        from proteus.commands import main_quantize
+        from proteus.gptq import QuantChoices
+
+        choices = QuantChoices(args.method, args.clip_sigmas, args.lqer_rank, args.lqer_top_k,
+                               args.embed_bits, args.calib_batches, args.calib_seqs)
+        return main_quantize(args.path, choices, args.out, args.calib_files)
     if args.command == "artifact" and args.artifact_command == "inspect":
         from proteus.commands import main_inspect
 
@@ -343,7 +440,8 @@ def _dispatch(parser, args) -> int:
                                   "drop --benchmark/--provider, or drop --suite")
             return run_suite(args.suite, args.plot, args.pytest_args)
         return run_bench(args.json, args.pytest_args, benchmarks=args.benchmark,
-                         providers=args.provider, plot_dir=args.plot, csv_path=args.csv)
+                         providers=args.provider, plot_dir=args.plot, csv_path=args.csv,
+                         full=args.full)
     if args.command == "plot":
         from proteus.plot import main_plot
 

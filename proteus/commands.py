@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from proteus import data as D
-from proteus.artifact import ARTIFACT_LIMIT, inspect_artifact
+from proteus.artifact import ARTIFACT_LIMIT, inspect_artifact, write_artifact
 from proteus.checkpoint import load_model, load_train_state, newest_intact_state
 from proteus.config import (
     ConfigError,
@@ -49,6 +49,8 @@ from proteus.eval.plan import ngram_config
 from proteus.eval.scoring import score_tokens
 from proteus.eval.ttt_audit import run_ttt_audit
 from proteus.files import atomic_write_json
+from proteus.fingerprint import fingerprint, reference_fingerprints, refuse_overlaps
+from proteus.gptq import QuantChoices, quantize_with_calibration
 from proteus.pack import pack, source_bytes
 from proteus.run import (
     check_inputs,
@@ -302,6 +304,9 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
     model, cfg, _ = load_model(path, None)
     ec = eval_overrides(cfg.eval, cli)
     files = held_out_files(cfg, tune_files)
+    refs = reference_fingerprints(cfg.train.train_files, cfg.train.val_files)
+    overlaps = refuse_overlaps(files, refs, "cache parameters are fitted on held-out training "
+                               "tokens only")
     tokens = _load_files(files, tune_tokens)
     lut = D.tokenizer_lut(cfg.train.tokenizer, cfg.model.vocab_size)
     seq = eval_window(dataclasses.replace(cfg, eval=ec))
@@ -314,7 +319,11 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
     meta = dict(fitted_on=dict(checkpoint=path,
                                files=[os.path.basename(f) for f in files],
                                targets=info["targets"], bytes=info["bytes"], stride=ec.stride,
-                               seq_len=seq),
+                               seq_len=seq, fingerprint=fingerprint(tokens).summary(),
+                               refused_by_content=dict(
+                                   {label: fp.summary() for label, fp in refs},
+                                   overlaps={os.path.basename(f): o
+                                             for f, o in overlaps.items()})),
                 bpb=dict(model=info["bpb_model"], start=info["bpb_start"],
                          fitted=info["bpb_fitted"]))
     atomic_write_json(dest, cache_params_dict(fitted, cfg.model.vocab_size, **meta))
@@ -332,6 +341,38 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
 def _load_files(files: list[str], limit: int) -> torch.Tensor:
     tokens = torch.cat([D.load_tokens(f, "tune") for f in files])
     return tokens[: limit + 1] if limit else tokens
+
+
+def main_quantize(path: str, choices: QuantChoices, out: str, calib_files: str = "") -> int:
+    """``proteus quantize``: a float checkpoint -> an artifact, with the quantiser ``choices``
+    (GPTQ calibrates on ``calib_files``, default the checkpoint's training shards, refused by
+    content when they overlap the validation tokens); prints sizes and seconds."""
+    try:
+        choices.validate()
+    except ValueError as e:
+        raise ConfigError(f"proteus quantize: {e}") from None
+    if not out:
+        raise ConfigError("proteus quantize: pass --out FILE for the artifact")
+    model, cfg, info = load_model(path, None)
+    if info["source"] == "artifact":
+        raise ConfigError(f"{path} is already an artifact; quantize a float checkpoint "
+                          "(model.ckpt)")
+    files = D.resolve_files(calib_files or cfg.train.train_files or D.bundled_train_glob(),
+                            "calibration")
+    qs, rep = quantize_with_calibration(model, choices, files, cfg.train.seq_len,
+                                        cfg.model.vocab_size, cfg.train.val_files)
+    meta = {"run_config": cfg.to_dict(), "float_bpb": info.get("float_bpb"), "quantiser": rep}
+    art = write_artifact(out, qs, meta)
+    calib = rep.get("calibration")
+    print(f"proteus quantize: {path} -> {out}: {art.total_bytes:,} bytes ({choices.method}, "
+          f"int{choices.embed_bits} embeddings"
+          + (f", LQER rank {choices.lqer_rank} on {', '.join(rep['lqer'])}" if rep["lqer"]
+             else "") + ")")
+    if calib:
+        print(f"  calibration: {calib['tokens']:,} training tokens from "
+              f"{', '.join(calib['files'])} in {calib['seconds']:.2f}s")
+    print(f"  quantise: {rep['seconds']:.2f}s; evaluate it with: proteus eval {out}")
+    return 0
 
 
 def main_inspect(path: str) -> int:

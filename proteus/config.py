@@ -288,6 +288,25 @@ class TrainConfig:
         "help": "seconds a collective may wait for a peer before every rank stops (0 = the "
                 "time cap max_wallclock_s, at least 120, at most 1800; 1800 without a cap)",
         "range": "[0, 1e6]", "resume": True})
+    # the artifact's quantiser (proteus.gptq; `proteus quantize` takes the same choices)
+    quant_method: str = field(default="rtn", metadata={
+        "help": "int6 quantiser of the artifact: rtn (round to nearest) or gptq (calibrated on "
+                "training tokens)", "choices": ("rtn", "gptq"), "resume": True})
+    quant_clip_sigmas: float = field(default=0.0, metadata={
+        "help": "GPTQ's per-row clip in standard deviations (0 = RTN's clip search)",
+        "range": "[0, 64]", "resume": True})
+    quant_calib_batches: int = field(default=16, metadata={
+        "help": "GPTQ calibration batches (of the training batch's sequences)",
+        "range": "[1, 4096]", "resume": True})
+    lqer_rank: int = field(default=0, metadata={
+        "help": "LQER: rank of the int8 low-rank correction of the quantisation error (0 = off)",
+        "range": "[0, 64]", "resume": True})
+    lqer_top_k: int = field(default=3, metadata={
+        "help": "LQER: how many int6 matrices (largest error first) get the correction",
+        "range": "[1, 4096]", "resume": True})
+    embed_bits: int = field(default=8, metadata={
+        "help": "bits of the artifact's embeddings (7 or 8)", "range": "[7, 8]",
+        "resume": True})
 
     def validate(self) -> None:
         check_fields(self)
@@ -333,8 +352,16 @@ class EvalConfig:
     )
     eval_batch_seqs: int = field(default=16, metadata={"help": "windows per eval forward",
                                                        "range": "[1, 2**20]"})
-    cache: str = field(default="none", metadata={"help": "eval cache: none or ngram",
-                                                 "choices": ("none", "ngram")})
+    cache: str = field(default="none", metadata={
+        "help": "eval cache: none, ngram (the exact normalised n-gram cache) or tilt (the "
+                "token-only n-gram tilt, proteus/tilt.py)", "choices": ("none", "ngram", "tilt")})
+    tilt_beta: float = field(default=1.0, metadata={
+        "help": "the tilt's strength beta (p'(h) ~ e^beta p(h) for the hint h)",
+        "range": "[0, 20]"})
+    tilt_order: int = field(default=16, metadata={
+        "help": "the tilt's longest context match, in tokens", "range": "[1, 16]"})
+    tilt_min_order: int = field(default=1, metadata={
+        "help": "the tilt's shortest context match: no hint below it", "range": "[1, 16]"})
     ngram_order: int = field(default=5, metadata={"help": "highest n-gram order of the cache",
                                                   "range": f"[2, {MAX_ORDER}]"})
     ngram_doc: bool = field(default=True, metadata={
@@ -385,6 +412,9 @@ class EvalConfig:
         if not [p for p in self.ttt_params.split(",") if p.strip()]:
             raise ConfigError("ttt_params (--ttt-params) must be 'lora' or parameter-name "
                               "patterns, got ''")
+        if self.tilt_min_order > self.tilt_order:
+            raise ConfigError(f"tilt_min_order {self.tilt_min_order} (--tilt-min-order) is above "
+                              f"tilt_order {self.tilt_order} (--tilt-order)")
 
 
 @dataclass(frozen=True)

@@ -441,8 +441,11 @@ class GPT(nn.Module):
         if self.lm_head is not None and getattr(self.lm_head, "quantized", False):
             return F.cross_entropy(self.logits(idx).view(y.numel(), -1), y)
         x = self._features(idx)
+        x = x.reshape(-1, x.size(-1))
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return head_cross_entropy(x.reshape(-1, x.size(-1)), w, y, cap)
+        if self.ops.softcapped_ce is not None and cap > 0:  # the fused kernel on (N, V) logits
+            return self.ops.softcapped_ce(F.linear(x, w.to(x.dtype)), y, cap)
+        return head_cross_entropy(x, w, y, cap)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -23,6 +23,7 @@ from proteus.kernels import (
     leaky_relu2_mlp,
     leaky_relu2_mlp_ref,
     leaky_relu2_ref,
+    softcapped_ce,
     xsa_attention,
     xsa_attention_ref,
 )
@@ -39,6 +40,9 @@ class Ops:
     attention: Callable[..., torch.Tensor]
     # y = x @ (Q*s).T from packed int6 weights (eval of a quantised artifact)
     int6_matmul: Callable[..., torch.Tensor]
+    # mean CE of softcap*tanh(z/softcap) for logits z (N, V), fused; None in `ref`, where the
+    # model's chunked head (model.head_cross_entropy) computes it without the (N, V) logits
+    softcapped_ce: Callable[..., torch.Tensor] | None = None
 
 
 _CACHE: dict[str, Ops] = {}
@@ -54,6 +58,7 @@ def get_ops(kind: str) -> Ops:
         ops = Ops("ref", leaky_relu2_mlp_ref, leaky_relu2_ref, xsa_attention_ref,
                   int6_matmul_ref)
     else:
-        ops = Ops("triton", leaky_relu2_mlp, leaky_relu2, xsa_attention, int6_matmul)
+        ops = Ops("triton", leaky_relu2_mlp, leaky_relu2, xsa_attention, int6_matmul,
+                  softcapped_ce)
     _CACHE[kind] = ops
     return ops

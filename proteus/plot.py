@@ -14,7 +14,10 @@ point only is drawn as bars. On CPU the title says that the Triton kernels ran o
 interpreter. Skipped providers are listed under the chart with their reasons.
 
 Run charts: training loss, validation bpb and tokens/s against step (left) and training wall
-time (right), from ``log.jsonl`` (``step``, ``val`` and ``final`` records).
+time (right), from ``log.jsonl`` (``step``, ``val`` and ``final`` records; one step record per
+step). A log from before every step had a record (one record per ``log_every`` steps) takes
+the loss of every step from the run's ``summary.json``. Series of 50 points or fewer are drawn
+with markers, so a short run's panels show its points.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import re
 from pathlib import Path
 
 from proteus.config import ConfigError
-from proteus.files import InputError, atomic_write, parse_json, read_bounded
+from proteus.files import InputError, atomic_write, parse_json, read_bounded, read_json
 
 try:  # optional: the package and every command but the charts work without it
     from matplotlib.figure import Figure
@@ -247,7 +250,33 @@ def read_run_log(run_dir: str | os.PathLike) -> dict:
                 out[kind] = rec
     if not out["step"]:
         raise ConfigError(f"{path} has no step records (the run logged nothing yet?)")
+    out["losses"] = _summary_losses(Path(run_dir))
     return out
+
+
+def _summary_losses(run_dir: Path) -> list[float]:
+    """Every step's loss from ``summary.json`` (a finished run's), for logs written before
+    each step had its own record; [] when there is none or it is unreadable."""
+    try:
+        losses = read_json(Path(run_dir) / "summary.json", "run summary").get("losses") or []
+        return [float(x) for x in losses]
+    except (InputError, ValueError, TypeError, AttributeError):
+        return []
+
+
+def _loss_points(log: dict) -> tuple[list[int], list[float], list[float]]:
+    """(step, training seconds, loss) of every step: the step records, or, where they are
+    sparser than ``summary.json``'s losses (an older log), those losses at their steps with
+    the time interpolated from the step records."""
+    steps, losses = log["step"], log.get("losses") or []
+    if len(losses) > len(steps):
+        final = log.get("final") or {}
+        known = list(steps)
+        if final.get("train_seconds") and final.get("steps", 0) > steps[-1]["step"]:
+            known.append({"step": final["steps"], "train_s": final["train_seconds"]})
+        st = list(range(1, len(losses) + 1))
+        return st, [_wall_at(known, s) for s in st], losses
+    return [s["step"] for s in steps], [s["train_s"] for s in steps], [s["loss"] for s in steps]
 
 
 def _wall_at(steps: list[dict], step: int) -> float:
@@ -276,10 +305,14 @@ def run_figure(log: dict, title: str = ""):
     vwall = [v.get("train_s", _wall_at(steps, v["step"])) for v in vals]
     vbpb = [v["bpb"] for v in vals]
     fin = final.get("val", {}).get("bpb") if final else None
-    for col, (xs, vx, label) in enumerate(((st, vst, "step"),
-                                           (wall, vwall, "training wall time (s)"))):
+    lst, lwall, loss = _loss_points(log)
+    # a short run's few points: markers, so a panel of 1-2 points is not an empty frame
+    few = dict(marker="o", markersize=3) if len(st) <= 50 else {}
+    few_loss = dict(marker="o", markersize=3) if len(lst) <= 50 else {}
+    for col, (xs, vx, lx, label) in enumerate(((st, vst, lst, "step"),
+                                               (wall, vwall, lwall, "training wall time (s)"))):
         ax = axes[0][col]
-        ax.plot(xs, [s["loss"] for s in steps], linewidth=1.0)
+        ax.plot(lx, loss, linewidth=1.0, **few_loss)
         ax.set_ylabel("training loss (nats)")
         ax = axes[1][col]
         if vals:
@@ -295,7 +328,7 @@ def run_figure(log: dict, title: str = ""):
             ax.text(0.5, 0.5, "no validation records", ha="center", va="center",
                     transform=ax.transAxes)
         ax = axes[2][col]
-        ax.plot(xs, [s["tok_s"] for s in steps], linewidth=1.0, color="C2")
+        ax.plot(xs, [s["tok_s"] for s in steps], linewidth=1.0, color="C2", **few)
         ax.set_ylabel("tokens/s")
         ax.set_xlabel(label)
         for row in axes:
@@ -319,5 +352,8 @@ def main_plot(run_dir: str, out: str | None = None) -> int:
     prepare_dir(path.parent)
     _save(run_figure(log, Path(run_dir).resolve().name), path, dpi=80)
     n_val = len(log["val"]) + (1 if log["final"].get("val") else 0)
-    print(f"proteus plot: {len(log['step'])} step records, {n_val} validation points -> {path}")
+    extra = (f" (the loss of {len(log['losses'])} steps from summary.json)"
+             if len(log["losses"]) > len(log["step"]) else "")
+    print(f"proteus plot: {len(log['step'])} step records{extra}, {n_val} validation points "
+          f"-> {path}")
     return 0

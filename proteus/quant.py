@@ -7,8 +7,10 @@ the artifact and users' own models.
 Rules (``tensor_kind``): every 2-D ``*.weight`` under ``blocks.`` (attention and MLP matrices)
 -> int6 in [-31, 31] with a per-row fp16 scale whose clip is chosen per row from a few
 percentiles of |w| by minimum reconstruction MSE; other float tensors with at least
-``INT8_MIN_NUMEL`` elements (embeddings) -> int8 per row with an fp16 scale; everything else ->
-fp16 if 2-D, fp32 if 1-D/scalar (gains, gates, mixes: control tensors).
+``INT8_MIN_NUMEL`` elements (embeddings) -> int8 per row with an fp16 scale (or int7, in
+[-63, 63], with ``embed_bits=7``); everything else -> fp16 if 2-D, fp32 if 1-D/scalar (gains,
+gates, mixes: control tensors). GPTQ and LQER (``proteus.gptq``) replace the int6 values and
+add low-rank factors (``QTensor.lqer``: int8 A (out, r) and B (r, in)) to the same state.
 
 The file these values are stored in (rANS-coded, checksummed, no pickle) is
 ``proteus.artifact``'s.
@@ -24,11 +26,12 @@ import torch
 from proteus.config import ProteusError, RunFailed
 from proteus.kernels.int6_matmul import CLIP_PERCENTILES, QMAX, Int6Linear, quantize_rows
 
-__all__ = ["CLIP_PERCENTILES", "INT8_MIN_NUMEL", "ArtifactError", "Int6Linear", "QTensor",
-           "QuantizedState", "apply_int6", "dequantize_state", "quantize_rows",
+__all__ = ["CLIP_PERCENTILES", "INT8_MIN_NUMEL", "INT_QMAX", "ArtifactError", "Int6Linear",
+           "QTensor", "QuantizedState", "apply_int6", "dequantize_state", "quantize_rows",
            "quantize_state_dict", "sqnr_db", "tensor_kind"]
 
 INT8_MIN_NUMEL = 65536
+INT_QMAX = {"int6": QMAX, "int7": 63, "int8": 127}  # the integer kinds and their ranges
 
 
 class ArtifactError(ProteusError):
@@ -61,16 +64,26 @@ def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 
 @dataclass
 class QTensor:
-    kind: str  # int6 | int8 | fp16 | fp32 | raw
+    kind: str  # int6 | int7 | int8 | fp16 | fp32 | raw
     shape: tuple
-    q: torch.Tensor | None = None  # int8 values (int6/int8)
-    scale: torch.Tensor | None = None  # fp16 per row (int6/int8)
+    q: torch.Tensor | None = None  # int8 values (int6/int7/int8)
+    scale: torch.Tensor | None = None  # fp16 per row (int6/int7/int8)
     data: torch.Tensor | None = None  # fp16/fp32/raw payload
     sqnr: float = float("inf")
+    lqer: tuple[QTensor, QTensor] | None = None  # int8 factors A (out, r), B (r, in)
+
+    def lqer_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The dequantised LQER factors (A, B), or None."""
+        return None if self.lqer is None else (self.lqer[0].dequantize(),
+                                                self.lqer[1].dequantize())
 
     def dequantize(self) -> torch.Tensor:
-        if self.kind in ("int6", "int8"):
-            return (self.q.float() * self.scale.float()[:, None]).reshape(self.shape)
+        if self.kind in INT_QMAX:
+            w = self.q.float() * self.scale.float()[:, None]
+            if self.lqer is not None:
+                a, b = self.lqer_factors()
+                w = w + a @ b
+            return w.reshape(self.shape)
         return self.data.float().reshape(self.shape) if self.kind != "raw" else self.data
 
 
@@ -85,14 +98,20 @@ class QuantizedState:
         return "\n".join(lines)
 
 
-def quantize_state_dict(sd: dict[str, torch.Tensor]) -> QuantizedState:
+def quantize_state_dict(sd: dict[str, torch.Tensor], embed_bits: int = 8) -> QuantizedState:
+    """Round-to-nearest quantisation of every tensor by its kind; ``embed_bits`` 7 stores the
+    int8 tensors (embeddings) as int7."""
+    if embed_bits not in (7, 8):
+        raise ValueError(f"quantize_state_dict: embed_bits must be 7 or 8, got {embed_bits!r}")
     out = QuantizedState()
     for name, t in sd.items():
         t = t.detach().cpu()
         kind = tensor_kind(name, t)
-        if kind in ("int6", "int8"):
+        if kind == "int8" and embed_bits == 7:
+            kind = "int7"
+        if kind in INT_QMAX:
             w2 = t.float().reshape(t.shape[0], -1)
-            q, s = quantize_rows(w2, QMAX if kind == "int6" else 127)
+            q, s = quantize_rows(w2, INT_QMAX[kind])
             qt = QTensor(kind, tuple(t.shape), q=q, scale=s)
             qt.sqnr = sqnr_db(w2, qt.dequantize().reshape(w2.shape))
         elif kind == "fp16":
@@ -131,11 +150,12 @@ def apply_int6(model: torch.nn.Module, qstate: QuantizedState, use_kernel: bool)
         if t.kind == "int6" and name.endswith(".weight") and mod_name in modules:
             parent_name, _, child = mod_name.rpartition(".")
             parent = modules[parent_name] if parent_name else model
-            setattr(parent, child, Int6Linear.from_quantized(t.q, t.scale, use_kernel=use_kernel))
+            setattr(parent, child, Int6Linear.from_quantized(t.q, t.scale, use_kernel=use_kernel,
+                                                             lqer=t.lqer_factors()))
         else:
             rest[name] = t.dequantize()
     missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [m for m in missing if not m.endswith(("packed", "scale"))]
+    missing = [m for m in missing if not m.endswith(("packed", "scale", "lqer_a", "lqer_b"))]
     if missing or unexpected:
         raise ArtifactError(f"artifact does not match the model: missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]}")

@@ -81,9 +81,10 @@ from proteus.files import (
     stale_pid,
     write_sealed_json,
 )
+from proteus.gptq import quantize_with_calibration, run_choices
 from proteus.model import GPT, build_model
 from proteus.pack import packed_code_bytes
-from proteus.quant import QuantizedState, quantize_state_dict
+from proteus.quant import QuantizedState
 from proteus.train import StopSignal, batch_layout, train
 
 log = logging.getLogger(__name__)
@@ -426,12 +427,19 @@ def write_run_artifact(model: GPT, cfg: RunConfig, run_dir: Path, val: torch.Ten
     others rebuild the same quantised weights in memory: ranks hold bit-identical weights and
     quantisation is deterministic)."""
     rank, _ = rank_world()
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    qstate = quantize_state_dict(state)
+    choices = run_choices(cfg.train)
+    calib = D.resolve_files(cfg.train.train_files or D.bundled_train_glob(), "train")
+    qstate, qreport = quantize_with_calibration(model, choices, calib, cfg.train.seq_len,
+                                                cfg.model.vocab_size, cfg.train.val_files)
+    if choices.method != "rtn" or choices.lqer_rank or choices.embed_bits != 8:
+        log.info(f"  quantiser: {choices.method}, int{choices.embed_bits} embeddings, LQER on "
+                 f"{len(qreport['lqer'])} matrices; {qreport['seconds']:.1f}s"
+                 + (f" + calibration {qreport['calibration']['seconds']:.1f}s"
+                    if "calibration" in qreport else ""))
     path = Path(run_dir) / ARTIFACT_NAME
     out: dict = dict(path=str(path))
     if rank == 0:
-        meta = {"run_config": cfg.to_dict(), "float_bpb": float_bpb}
+        meta = {"run_config": cfg.to_dict(), "float_bpb": float_bpb, "quantiser": qreport}
         out.update(_sizes(write_artifact(str(path), qstate, meta), qstate))
     if val is not None and lut is not None:
         plan, t0 = plan or make_plan(cfg), time.perf_counter()

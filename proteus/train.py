@@ -229,6 +229,66 @@ def _fmt_time(s: float) -> str:
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+# Progress: a line at least this often (seconds), besides every `log_every` steps, so that no
+# stretch of a run is silent for longer (compile warm-up, slow steps).
+PROGRESS_EVERY_S = 10.0
+
+
+def eta_s(step: int, iterations: int, step_ms: float, train_s: float,
+          max_wallclock_s: float) -> float:
+    """Training seconds left: the steps left at the smoothed step time, or the wall-clock cap's
+    time left when that comes first (the run stops at whichever limit it reaches first)."""
+    left = max(0, iterations - step) * step_ms / 1000.0
+    if max_wallclock_s > 0:
+        left = min(left, max_wallclock_s - train_s)
+    return max(0.0, left)
+
+
+class Quiet:
+    """Says what the run is doing when one stretch (a compile, a slow step, a validation pass)
+    has run for ``every_s`` seconds with nothing printed meanwhile: a thread calls :meth:`poll`
+    once a second while the long call holds the loop. :meth:`doing` names the stretch now
+    running; :meth:`said` marks a line printed."""
+
+    def __init__(self, every_s: float | None = None, clock=time.monotonic):
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.clock = clock
+        self.what, self.since = "", clock()
+        self.last = self.since
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def doing(self, what: str) -> None:
+        self.what, self.since = what, self.clock()
+
+    def said(self) -> None:
+        self.last = self.clock()
+
+    def poll(self) -> str | None:
+        now = self.clock()
+        # only one long stretch: several short steps since the last line get the step line
+        if not self.what or min(now - self.last, now - self.since) < self.every_s:
+            return None
+        line = f"  ... {self.what}: {_fmt_time(now - self.since)} so far"
+        log.info(line)
+        self.last = now
+        return line
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self.poll()
+
+    def __enter__(self) -> Quiet:
+        self._thread = threading.Thread(target=self._run, name="proteus-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
 @dataclass
 class Trained:
     """What :func:`train` returns: the model holding its final weights, where it ran, and the
@@ -274,8 +334,9 @@ def train(cfg: RunConfig, *, dd: Dist | None = None, device: torch.device | None
     dd = dd or Dist(device.type, collective_timeout(cfg.train))
     failed = True
     try:
-        out = _train(cfg, dd, device, val, lut, jlog or JsonLog(None),
-                     Path(run_dir) if run_dir else None, resume, stop)
+        with Quiet() as quiet:  # a line when a compile or a slow step holds the loop
+            out = _train(cfg, dd, device, val, lut, jlog or JsonLog(None),
+                         Path(run_dir) if run_dir else None, resume, stop, quiet)
         failed = False
         return out
     finally:
@@ -284,8 +345,10 @@ def train(cfg: RunConfig, *, dd: Dist | None = None, device: torch.device | None
 
 
 def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonLog,
-           run_dir: Path | None, resume, stop: StopSignal | None) -> Trained:
+           run_dir: Path | None, resume, stop: StopSignal | None,
+           quiet: Quiet | None = None) -> Trained:
     tc = cfg.train
+    quiet = quiet or Quiet()
     torch.manual_seed(tc.seed)
     autocast = use_autocast(tc, device)
 
@@ -358,7 +421,12 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
         init_opt = [copy.deepcopy(o.state_dict()) for o in optimizers]
         stream_state = stream.state()
         t0 = time.perf_counter()
+        log.info(f"  warm-up: {tc.warmup_steps} step(s), discarded"
+                 + (" (the first compiles the model: minutes on a CPU)" if tc.compile else ""))
+        quiet.said()
         for i in range(tc.warmup_steps):
+            quiet.doing(f"warm-up step {i + 1}/{tc.warmup_steps}"
+                        + (" (compiling)" if tc.compile and i == 0 else ""))
             train_step(i, 1.0)
         model.load_state_dict(init_model)
         for o, s in zip(optimizers, init_opt, strict=True):
@@ -366,6 +434,7 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
         stream.restore(stream_state)
         log.info(f"  warm-up: {tc.warmup_steps} steps in {time.perf_counter() - t0:.1f}s "
                  "(discarded)")
+        quiet.said()
 
     averages = WeightAverages(model, tc)
     step, train_s, step_ms, last_loss = 0, 0.0, 0.0, float("nan")
@@ -412,6 +481,7 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
                 stop_reason = "wallclock"
                 break
             heartbeat(f"step {step + 1}")
+            quiet.doing(f"step {step + 1}")
             scale = lr_scale(step, tc, step_ms, train_s * 1000.0)
             t0 = time.perf_counter()
             last_loss, stopping = train_step(step, scale)
@@ -424,21 +494,23 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
             step += 1
             # Smooth the step time used by the wall-clock-aware warm-down.
             step_ms = dt * 1000.0 if step_ms == 0 else 0.9 * step_ms + 0.1 * dt * 1000.0
-            if step % tc.log_every == 0 or step == 1:
-                tok_s = tc.batch_tokens / (step_ms / 1000.0)
-                if tc.max_wallclock_s > 0:
-                    eta = max(0.0, tc.max_wallclock_s - train_s)
-                else:
-                    eta = (tc.iterations - step) * step_ms / 1000
+            tok_s = tc.batch_tokens / (step_ms / 1000.0)
+            # every step on record (the plot draws each one); on screen every log_every steps
+            # and at least every PROGRESS_EVERY_S seconds
+            jlog.write(event="step", step=step, loss=last_loss, lr_scale=scale, tok_s=tok_s,
+                       step_ms=step_ms, train_s=train_s)
+            if (step % tc.log_every == 0 or step == 1 or step == tc.iterations
+                    or time.monotonic() - quiet.last >= quiet.every_s):
+                eta = eta_s(step, tc.iterations, step_ms, train_s, tc.max_wallclock_s)
                 log.info(f"step {step:6d}  loss {last_loss:.4f}  lr x{scale:.3f}  "
                          f"{tok_s:,.0f} tok/s  {step_ms:.0f} ms/step  elapsed "
                          f"{_fmt_time(train_s)}  eta {_fmt_time(eta)}")
-                jlog.write(event="step", step=step, loss=last_loss, lr_scale=scale, tok_s=tok_s,
-                           step_ms=step_ms, train_s=train_s)
+                quiet.said()
             if stopping:
                 stop_now(save_state())
             if tc.val_every and step % tc.val_every == 0:
                 heartbeat(f"validation at step {step}")
+                quiet.doing(f"validation at step {step}")
                 r = evaluate(model, val, validation_plan(cfg), lut=lut, device=device,
                              autocast=autocast).plain
                 log.info(f"  val @ step {step}: bpb {format_bpb(r['bpb'])} loss {r['loss']:.4f}")

@@ -6,19 +6,25 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from proteus import bench as bench_mod
 from proteus import cli, plot
 from proteus.bench import (
     BENCHMARKS,
     CSV_FIELDS,
     markdown_table,
     peaks,
+    read_partial,
     records,
     run_bench,
     summarize,
@@ -99,11 +105,20 @@ def test_csv_round_trip(tmp_path):
     assert rows[1]["torch"] == "2.x"
 
 
-def test_bench_command_checks_times_and_records(tmp_path, capsys):
+def test_bench_command_checks_times_and_records(tmp_path, capfd):
     out = tmp_path / "bench.json"
     rc = run_bench(str(out), ["-k", "test_bench_forward and not backward"],
                    benchmarks=["xsa_attention"], providers=["triton", "ref", "flash-attn"])
     assert rc == 0
+    text = capfd.readouterr().out  # the pytest subprocess's lines, then ours
+    # the estimate first, then one line per benchmark instead of pytest's dots
+    assert re.search(r"proteus bench: 6 benchmarks \(the quick subset.*\), estimated \d+m\d\ds",
+                     text), text[:3000]
+    lines = [ln for ln in text.splitlines() if re.match(r"\[ *\d+/6\] ", ln)]
+    assert len(lines) == 6 and all("left)" in ln for ln in lines), text[:3000]
+    assert any(": ok, p50 " in ln for ln in lines) and any(": skipped (" in ln for ln in lines)
+    assert not any(re.fullmatch(r"[.s]+", ln.strip()) for ln in text.splitlines())
+    assert not out.with_suffix(".partial.jsonl").exists()  # complete: the JSON is the record
     data = json.loads(out.read_text())
     env, recs = data["proteus"]["environment"], data["proteus"]["records"]
     assert env["torch"] == torch.__version__ and env["triton"] and env["commit"] and env["date"]
@@ -121,8 +136,100 @@ def test_bench_command_checks_times_and_records(tmp_path, capsys):
         assert r["reason"] and "\n" not in r["reason"] and "flash-attn" in r["reason"]
     rows = list(csv.DictReader(out.with_suffix(".csv").open()))
     assert len(rows) == len(recs) and {r["status"] for r in rows} == {"ok", "skipped"}
-    text = capsys.readouterr().out
     assert "xsa_attention fwd B1 H4/2 T128 D64" in text and "skipped:" in text
+    assert data["proteus"]["complete"] is True and data["proteus"]["quick"] is True
+
+
+def test_ctrl_c_writes_the_records_measured_so_far(tmp_path, monkeypatch, capsys):
+    # in-process, the pytest subprocess stood in for: it has appended two records (one
+    # benchmark, one skip) and a torn line when Ctrl-C reaches the command
+    out = tmp_path / "b.json"
+    partial = out.with_suffix(".partial.jsonl")
+    bench_rec = {"kind": "benchmark", "name": "test_bench_table[2048-ref-insert]",
+                 "fullname": "benchmarks/test_bench_ngram.py::test_bench_table[2048-ref-insert]",
+                 "group": "ngram table insert 2,048 keys", "stats": {"median": 2e-4, "rounds": 3},
+                 "extra_info": {"provider": "ref", "p20": 1e-4, "p50": 2e-4, "p80": 3e-4,
+                                "family": "ngram table insert", "items": 2048}}
+    skip_rec = {"kind": "skip", "nodeid": "benchmarks/test_bench_ngram.py::t[triton]",
+                "group": "ngram table insert 2,048 keys", "provider": "triton",
+                "reason": "no GPU"}
+
+    real_popen = subprocess.Popen
+
+    class Child:
+        def __new__(cls, cmd, **kw):  # git (the environment on record) runs for real
+            return super().__new__(cls) if "pytest" in cmd else real_popen(cmd, **kw)
+
+        def __init__(self, cmd, cwd=None):
+            assert f"--records-jsonl={partial}" in cmd and "--progress-lines" in cmd
+            assert "--quick" in cmd
+            partial.write_text(json.dumps(bench_rec) + "\n" + json.dumps(skip_rec) + "\n{\"ki")
+            self.waits = 0
+
+        def wait(self, timeout=None):
+            self.waits += 1
+            if self.waits == 1:
+                raise KeyboardInterrupt
+            return 2  # pytest's exit code after an interrupt
+
+        def kill(self):
+            raise AssertionError("the child stopped by itself")
+
+    monkeypatch.setattr(bench_mod.subprocess, "Popen", Child)
+    assert run_bench(str(out), benchmarks=["ngram"]) == 130
+    data = json.loads(out.read_text())
+    assert data["proteus"]["complete"] is False
+    recs = data["proteus"]["records"]
+    assert [(r["provider"], r["status"]) for r in recs] == [("ref", "ok"), ("triton", "skipped")]
+    assert recs[0]["p50_ms"] == pytest.approx(0.2)
+    assert len(list(csv.DictReader(out.with_suffix(".csv").open()))) == 2
+    err = capsys.readouterr().err
+    assert "interrupted; the 1 benchmark(s) measured before the stop are on record" in err
+    assert partial.exists()
+
+
+@pytest.mark.slow  # two processes importing torch and triton, and a kernel on the interpreter
+def test_an_interrupted_bench_keeps_what_it_measured(tmp_path):
+    # Ctrl-C (SIGINT to the process group, as a terminal sends it) once the first benchmark is
+    # on record: the JSON and CSV hold it, exit code 130, no traceback
+    out = tmp_path / "b.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROTEUS_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proteus", "bench", "--benchmark", "int6_matmul", "--provider",
+         "triton", "--json", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    partial = out.with_suffix(".partial.jsonl")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.exists() and partial.read_text().endswith("\n"):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "interrupted; the 1 benchmark(s) measured before the stop are on record" in stderr
+    data = json.loads(out.read_text())
+    recs = data["proteus"]["records"]
+    assert data["proteus"]["complete"] is False
+    assert [(r["provider"], r["status"], r["x"]) for r in recs] == [("triton", "ok", 4)]
+    assert recs[0]["p50_ms"] > 0
+    assert len(list(csv.DictReader(out.with_suffix(".csv").open()))) == 1
+    assert partial.exists()  # the lines as they came stay, next to the record
+
+
+def test_read_partial_skips_a_torn_last_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"kind": "benchmark", "name": "b", "stats": {"median": 1.0},
+                                "extra_info": {}}) + "\n"
+                    + json.dumps({"kind": "skip", "nodeid": "x", "reason": "r"}) + "\n"
+                    + '{"kind": "benchmark", "na')
+    data, skips = read_partial(path)
+    assert [b["name"] for b in data["benchmarks"]] == ["b"] and skips == [
+        {"nodeid": "x", "reason": "r"}]
+    assert read_partial(tmp_path / "missing.jsonl") == ({"benchmarks": []}, [])
 
 
 def test_catalogue_matches_what_the_benchmarks_collect():

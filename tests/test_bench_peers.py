@@ -14,9 +14,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the benchmarks/ package
 
 from benchmarks import peers  # noqa: E402
-from benchmarks.conftest import MEM_KIND, MemoryPeak, _quantile  # noqa: E402
+from benchmarks.conftest import (  # noqa: E402
+    MEM_KIND,
+    MemoryPeak,
+    _quantile,
+    estimate_s,
+    pytest_collection_modifyitems,
+)
 from proteus.kernels.leaky_relu2 import leaky_relu2_mlp_ref, leaky_relu2_ref  # noqa: E402
 from proteus.kernels.ngram_table import NgramTableRef  # noqa: E402
+from proteus.kernels.softcapped_ce import softcapped_ce_ref  # noqa: E402
 from proteus.kernels.xsa_attention import xsa_attention_ref  # noqa: E402
 
 
@@ -79,6 +86,20 @@ def test_liger_relu_squared_is_our_op_at_slope_0_or_unavailable():
                                leaky_relu2_mlp_ref(x, w_up, w_dn, 0.0))
 
 
+def test_liger_fused_linear_ce_is_our_head_or_unavailable():
+    try:
+        fused = peers.liger_fused_linear_softcapped_ce()
+    except peers.Unavailable as e:
+        assert "Liger-Kernel" in str(e) and "\n" not in str(e)
+        return
+    if not torch.cuda.is_available():
+        return  # Liger's kernels need a GPU; the benchmark records that skip itself
+    x, w = torch.randn(64, 32, device="cuda"), torch.randn(128, 32, device="cuda")
+    y = torch.randint(0, 128, (64,), device="cuda")
+    torch.testing.assert_close(fused(x, w, y, 30.0),
+                               softcapped_ce_ref(torch.nn.functional.linear(x, w), y, 30.0))
+
+
 def test_torchao_int8_is_close_or_unavailable():
     w = torch.randn(96, 128)
     try:
@@ -121,3 +142,45 @@ def test_memory_probe_sees_an_allocation():
         x += 1
         del x
     assert mem.peak >= 60 << 20
+
+
+class _Item:
+    def __init__(self, test: str, provider: str | None):
+        self.originalname = test
+        self.nodeid = f"benchmarks/test_bench_x.py::{test}[{provider}]"
+        self.callspec = type("Spec", (), {"params": {"provider": provider}})() if provider \
+            else None
+
+
+class _Config:
+    def __init__(self, quick: bool, providers: str = ""):
+        self.opts = {"--quick": quick, "--providers": providers}
+        self.dropped: list = []
+        self.hook = type("Hook", (), {"pytest_deselected": lambda _s, items: self.dropped.extend(
+            items)})()
+
+    def getoption(self, name):
+        return self.opts[name]
+
+
+def _selected(quick: bool, providers: str = "") -> list[str]:
+    items = [_Item("test_bench_forward", p) for p in ("triton", "ref", "ref-compile")]
+    items += [_Item("test_bench_cache_scoring", "numpy"),
+              _Item("test_bench_train_step", "proteus-compile")]
+    config = _Config(quick, providers)
+    pytest_collection_modifyitems(config, items)
+    assert len(items) + len(config.dropped) == 5
+    return [it.nodeid.split("::")[1] for it in items]
+
+
+def test_the_quick_subset_leaves_out_compiles_and_the_cache_scoring_pass():
+    assert _selected(quick=False) == [
+        "test_bench_forward[triton]", "test_bench_forward[ref]", "test_bench_forward[ref-compile]",
+        "test_bench_cache_scoring[numpy]", "test_bench_train_step[proteus-compile]"]
+    assert _selected(quick=True) == ["test_bench_forward[triton]", "test_bench_forward[ref]"]
+    # a provider asked for by name runs, quick or not
+    assert _selected(quick=True, providers="ref-compile,numpy") == [
+        "test_bench_forward[ref-compile]", "test_bench_cache_scoring[numpy]"]
+    # the estimates behind the printed duration: a compile costs more than a kernel call
+    assert estimate_s(_Item("test_bench_forward", "ref-compile")) > estimate_s(
+        _Item("test_bench_forward", "triton")) > 0

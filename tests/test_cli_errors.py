@@ -131,7 +131,7 @@ def test_every_variable_with_a_bad_value(clean_env, capsys, monkeypatch, section
     (["--micro-batch-seqs", "3"], "does not divide the 8 sequences per rank"),
     (["--micro-batch-seqs", "9"], "more than the 8 sequences"),
     (["--mlp-mult", "0.001"], "needs at least 1"),
-    (["--vocab-size", "2048"], "does not match the tokenizer"),
+    (["--vocab-size", "2048"], "no bundled data for a vocabulary of 2048"),
     (["--val-tokens", "1"], "val_tokens 1"),
     (["--xsa-last-n", "3"], "xsa_last_n 3 must be in [0, 2]"),
     (["--iterations", "0"], "--iterations"),

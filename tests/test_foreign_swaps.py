@@ -169,3 +169,37 @@ def test_swapped_model_compiles_fullgraph(device, amp, backend):
     for name, g in got[2].items():
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, eager[2][name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("order", ["mlp-then-int6", "int6-then-mlp"])
+@AMP
+def test_both_swaps_compose_in_either_order(device, order, amp):
+    # issue 23: from_linears then replace_linear_int6 used to be accepted and then crash in the
+    # forward (the fused MLP read fc.weight, which an Int6Linear has not); the reverse order
+    # was refused. Both orders now give the same model: int6 fc/proj inside the fused MLP,
+    # computing the dequantised model's function within the flash-attention rule.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(bias=True, n_layer=1)).to(device)
+    swapped = copy.deepcopy(model)
+    if order == "mlp-then-int6":
+        swap_mlp(swapped)
+        swap_int6(swapped)
+    else:
+        swap_int6(swapped)
+        swap_mlp(swapped)
+    for b in swapped.blocks:
+        assert isinstance(b.mlp, FusedLeakyReLU2MLP)
+        assert isinstance(b.mlp.fc, Int6Linear) and isinstance(b.mlp.proj, Int6Linear)
+    assert sum(isinstance(m, Int6Linear) for m in swapped.modules()) == 6 * len(swapped.blocks)
+    named = {_unswapped_names(n + ".")[:-1]: m for n, m in swapped.named_modules()}
+    reference = copy.deepcopy(model)
+    for name, mod in reference.named_modules():
+        if isinstance(named.get(name), Int6Linear):
+            w = dequantize_int6(named[name].packed, named[name].scale)
+            mod.weight.data.copy_(w.to(mod.weight.dtype))
+    idx, targets = _batch(device, b=1, t=16)
+    ours = _run(swapped, idx, targets, amp)
+    ref = _run(reference, idx, targets, amp)
+    ref = (ref[0], ref[1], {n: g for n, g in ref[2].items()
+                            if n in {_unswapped_names(k) for k in ours[2]}})
+    _compare(ours, ref, _fp64(reference, idx, targets), amp, _unswapped_names)

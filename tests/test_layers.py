@@ -24,15 +24,17 @@ LAYERS = [
     ["proteus.kernels"],  # kernels/: torch and triton only
     ["proteus.config", "proteus.files", "proteus.caseops", "proteus.data", "proteus.dist",
      "proteus.device",
-     "proteus.pack", "proteus.stats"],
+     "proteus.pack", "proteus.stats", "proteus.fingerprint"],
     # the n-gram cache: counts, the blend, fitting, the negative example, the audit
-    ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.artifact",
+    ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.gptq",
+     "proteus.artifact",
      "proteus.tilt",
      "proteus.eval.progress", "proteus.eval.counts", "proteus.eval.blend", "proteus.eval.fit",
      "proteus.eval.hashed", "proteus.eval.cache_audit"],
     ["proteus.checkpoint"],
     # evaluation, sequenced in one place (pipeline) behind one entry point (the package)
-    ["proteus.eval.scoring", "proteus.eval.plan", "proteus.eval.cache", "proteus.eval.ttt",
+    ["proteus.eval.scoring", "proteus.eval.plan", "proteus.eval.cache", "proteus.eval.tilt_step",
+     "proteus.eval.ttt",
      "proteus.eval.ttt_audit", "proteus.eval.pipeline", "proteus.eval"],
     ["proteus.train", "proteus.run", "proteus.submit"],
     ["proteus.plot", "proteus.bench", "proteus.commands", "proteus.cli", "proteus.__main__"],

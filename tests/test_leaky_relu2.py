@@ -180,7 +180,8 @@ def test_module_adopts_existing_linears(device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="proj.in_features=40 must equal fc.out_features=96"):
         FusedLeakyReLU2MLP.from_linears(fc, nn.Linear(40, 8), slope=0.5)
-    with pytest.raises(TypeError, match="fc must be an nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError,
+                       match=r"fc must be an nn.Linear \(or an Int6Linear\), got Conv1d"):
         FusedLeakyReLU2MLP.from_linears(nn.Conv1d(2, 2, 1), proj, slope=0.5)
 
 

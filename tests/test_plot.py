@@ -116,3 +116,27 @@ def test_plot_command_writes_the_png_and_refuses_a_dir_without_a_log(tmp_path, c
     (tmp_path / "bad" / "log.jsonl").write_text("{not json\n")
     with pytest.raises(ConfigError, match="is not JSON"):
         plot.main_plot(str(tmp_path / "bad"))
+
+
+def test_a_short_run_with_one_step_record_draws_every_steps_loss(tmp_path, capsys):
+    # issue 23: a log written when only every log_every-th step had a record (here step 1 of
+    # 5) drew empty loss and tokens/s panels; summary.json had every loss
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"event": "config", "config": {}, "world": 1, "params": 10},
+            {"event": "step", "step": 1, "loss": 5.0, "lr_scale": 1.0, "tok_s": 900.0,
+             "step_ms": 10.0, "train_s": 2.0},
+            {"event": "final", "steps": 5, "train_seconds": 10.0, "val": {"bpb": 2.5}}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (run / "summary.json").write_text(json.dumps({"losses": [5.0, 4.5, 4.0, 3.8, 3.7]}))
+    fig = plot.run_figure(plot.read_run_log(run), "run")
+    loss_step, loss_wall, tok_step = fig.axes[0], fig.axes[1], fig.axes[4]
+    line = loss_step.get_lines()[0]
+    assert list(line.get_xdata()) == [1, 2, 3, 4, 5]
+    assert list(line.get_ydata()) == [5.0, 4.5, 4.0, 3.8, 3.7]
+    assert list(loss_wall.get_lines()[0].get_xdata()) == pytest.approx([2.0, 4.0, 6.0, 8.0, 10.0])
+    # one point is still visible: drawn with a marker
+    assert line.get_marker() == "o" and tok_step.get_lines()[0].get_marker() == "o"
+    assert list(tok_step.get_lines()[0].get_ydata()) == [900.0]
+    assert plot.main_plot(str(run)) == 0
+    assert "the loss of 5 steps from summary.json" in capsys.readouterr().out

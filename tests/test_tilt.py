@@ -89,3 +89,66 @@ def test_fit_beta_finds_the_minimum_of_the_tilted_nll():
 def test_bad_parameters_are_one_clear_error(kw, msg):
     with pytest.raises(ValueError, match=msg):
         TiltConfig(**kw).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# The tilt as an evaluation step: `--cache tilt`
+
+
+@pytest.fixture(scope="module")
+def tilt_eval():
+    from proteus import data as D
+    from proteus.config import build_config
+    from proteus.eval import evaluate, make_plan
+    from proteus.model import build_model
+
+    cfg = build_config("smoke", {"eval.cache": "tilt", "eval.stride": 32, "eval.tilt_beta": 1.5,
+                                 "eval.audit": "cheap"}, environ={})
+    torch.manual_seed(0)
+    model = build_model(cfg, "ref")
+    tokens = D.load_tokens(D.bundled_val_glob(), "val", limit=1025)
+    lut = D.tokenizer_lut("", 1024)
+    return model, tokens, lut, make_plan(cfg), evaluate(model, tokens, make_plan(cfg), lut=lut)
+
+
+def test_tilt_step_is_the_closed_form_over_the_sliding_pass(tilt_eval):
+    from proteus.eval.scoring import exact_sum, score_tokens
+
+    model, tokens, lut, plan, res = tilt_eval
+    hints, _ = longest_match_hints(tokens)
+    s = score_tokens(model, tokens, lut, plan.seq, plan.stride, 8)
+    full = score_tokens(model, tokens, lut, plan.seq, plan.stride, 8, second=hints)
+    assert torch.equal(full.logp, s.logp)  # the second column does not disturb the first
+    pos = torch.arange(1, tokens.numel())
+    want = tilt_logprobs(s.logp, full.logp_hint, tokens[pos], hints[pos], 1.5)
+    nbytes = int(s.nbytes.sum())
+    assert res.tilt["bpb_tilt"] == -exact_sum(want) / math.log(2) / nbytes
+    assert res.tilt["bpb_model"] == res.sliding["bpb"]
+    assert res.audit["checks"]["tilt"] is True
+    assert "tilt" in res.summary() and res.tilt["hinted"] > 0.5
+
+
+def test_hint_log_probs_are_the_model_rows_at_the_hint(tilt_eval):
+    from proteus.eval.scoring import score_tokens
+
+    model, tokens, lut, plan, _ = tilt_eval
+    hints, _ = longest_match_hints(tokens)
+    got = score_tokens(model, tokens[:129], lut, 64, 0, 8, second=hints[:129])
+    with torch.no_grad():
+        z = model.logits(tokens[:64][None])[0].float()
+    rows = torch.log_softmax(z, -1).double()
+    for j in range(1, 65):  # targets of the first plain window
+        h = int(hints[j])
+        want = float(rows[j - 1, h]) if h >= 0 else -math.inf
+        assert float(got.logp_hint[j - 1]) == pytest.approx(want, abs=1e-6)
+
+
+def test_tilt_audit_fails_a_hint_that_reads_its_target(tilt_eval, monkeypatch):
+    from proteus.eval import tilt_step
+
+    model, tokens, _, plan, _ = tilt_eval
+    hints, _ = longest_match_hints(tokens)
+    leaky = hints.clone()
+    leaky[1:] = tokens[1:]  # a "hint" that is the target itself: perfect, and illegal
+    assert tilt_step.tilt_audit(model, plan, tokens, hints)
+    assert not tilt_step.tilt_audit(model, plan, tokens, leaky)

@@ -30,7 +30,7 @@ def run_cli(*args, env=None, cwd=None):
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     r = run_cli("train", "--preset", "smoke", "--out-dir", str(out), "--run-name", "s",
-                "--cache", "ngram", "--val-every", "3")
+                "--cache", "ngram", "--val-every", "3", "--log-every", "4")
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "s", r
 
@@ -53,8 +53,18 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     assert "with the n-gram cache" in r.stdout and "audit: PASS" in r.stdout
     assert summary["cache"]["audit_passed"] and summary["cache"]["gain"] > 0
     assert (run_dir / "model.int6").exists() and "of 16,000,000 bytes: OK" in r.stdout
-    events = [json.loads(line)["event"] for line in (run_dir / "log.jsonl").open()]
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").open()]
+    events = [r["event"] for r in records]
     assert events[0] == "config" and "step" in events and events[-1] == "final"
+    # every step on record (what `proteus plot` draws), however seldom a line is printed:
+    # the screen has steps 1, 4 and the last (--log-every 4), the log all six
+    steps = [r for r in records if r["event"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert [r["loss"] for r in steps] == summary["losses"]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("step ")]
+    assert [int(ln.split()[1]) for ln in lines] == [1, 4, 6], r.stdout[-3000:]
+    assert lines[-1].endswith("eta 0m00s")  # the last of 6 steps: nothing left (issue 23)
+    assert "warm-up: 1 step(s), discarded" in r.stdout
 
 
 def test_plot_of_the_run(smoke_run, tmp_path, capsys):

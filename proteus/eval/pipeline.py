@@ -27,6 +27,7 @@ from proteus.dist import rank_world
 from proteus.eval.cache import cache_report, run_audit
 from proteus.eval.plan import EvalPlan, make_plan
 from proteus.eval.scoring import TokenScores, exact_sum, format_bpb, score_tokens
+from proteus.eval.tilt_step import tilt_audit, tilt_hints, tilt_report
 from proteus.eval.ttt import ttt_report
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class EvalResult:
     cache: dict | None = None
     ttt: dict | None = None
     audit: dict | None = None
+    tilt: dict | None = None
     seconds: float = 0.0
 
     @property
@@ -58,7 +60,7 @@ class EvalResult:
         steps that ran."""
         out = {"val": self.plain}
         for key, value in (("val_sliding", self.sliding), ("cache", self.cache),
-                           ("ttt", self.ttt), ("audit", self.audit)):
+                           ("ttt", self.ttt), ("audit", self.audit), ("tilt", self.tilt)):
             if value is not None:
                 out[key] = value
         return out
@@ -71,6 +73,8 @@ class EvalResult:
             out[f"{prefix} sliding {self.sliding['stride']}"] = self.sliding["bpb"]
         if self.cache is not None:
             out[f"{prefix} + cache"] = self.cache["bpb_cache"]
+        if self.tilt is not None:
+            out[f"{prefix} + tilt"] = self.tilt["bpb_tilt"]
         if self.ttt is not None:
             out[f"{prefix} TTT"] = self.ttt["bpb"]
             if "cache" in self.ttt:
@@ -98,8 +102,9 @@ def evaluate(model, tokens: torch.Tensor, config: RunConfig | EvalPlan, *,
         lut = D.tokenizer_lut(cfg.train.tokenizer, vocab)
     rank, world = rank_world()
     t0 = time.perf_counter()
+    hints, hint_seconds = tilt_hints(plan, tokens) if plan.tilt else (None, 0.0)
     scores = score_tokens(model, tokens, lut, seq, 0, ec.eval_batch_seqs, device, autocast,
-                          progress)
+                          progress, second=None if plan.stride else hints)
     plain = _pass_numbers(scores, seq, 0, time.perf_counter() - t0)
     if not plan.quiet:
         log.info(f"  val bpb {format_bpb(plain['bpb'])} (loss {plain['loss']:.4f}, window {seq}, "
@@ -108,25 +113,28 @@ def evaluate(model, tokens: torch.Tensor, config: RunConfig | EvalPlan, *,
     if plan.stride:
         t1 = time.perf_counter()
         scores = score_tokens(model, tokens, lut, seq, plan.stride, ec.eval_batch_seqs, device,
-                              autocast, progress=progress)
+                              autocast, progress=progress, second=hints)
         res.sliding = _pass_numbers(scores, seq, plan.stride, time.perf_counter() - t1)
         if not plan.quiet:
             log.info(f"  val bpb {format_bpb(scores.bpb())} (sliding window {seq}, stride "
                      f"{plan.stride})")
     if plan.cache:
         res.cache = cache_report(plan, tokens, scores, rank, world)
+    if plan.tilt:
+        res.tilt = tilt_report(plan, tokens, scores, hints, hint_seconds)
     if plan.ttt:
         res.ttt, t_scores = ttt_report(model, ec, tokens, lut, seq, device, autocast,
                                        progress=progress, quiet=plan.quiet)
         if plan.cache:
             res.ttt["cache"] = cache_report(plan, tokens, t_scores, rank, world,
                                             what="TTT + the n-gram cache")
-    res.audit = _audit(model, plan, tokens, res, rank)
+    res.audit = _audit(model, plan, tokens, res, rank, hints)
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def _audit(model, plan: EvalPlan, tokens: torch.Tensor, res: EvalResult, rank: int) -> dict:
+def _audit(model, plan: EvalPlan, tokens: torch.Tensor, res: EvalResult, rank: int,
+           hints: torch.Tensor | None = None) -> dict:
     """The audit the plan asks for, on rank 0: ``level``, ``passed`` (None where it did not
     run), ``seconds`` and each check's verdict."""
     if plan.audit == "none":
@@ -137,6 +145,9 @@ def _audit(model, plan: EvalPlan, tokens: torch.Tensor, res: EvalResult, rank: i
     checks: dict[str, bool] = {}
     if rank == 0 and plan.cache:
         checks["cache"] = run_audit(model, plan, tokens)
+    if rank == 0 and plan.tilt:
+        full = plan.audit == "full"
+        checks["tilt"] = tilt_audit(model, plan, tokens, hints, 16 if full else 4, 8 if full else 2)
     passed = all(checks.values()) if rank == 0 else None
     out = dict(level=plan.audit, passed=passed, seconds=time.perf_counter() - t0, checks=checks)
     if res.cache is not None and rank == 0:

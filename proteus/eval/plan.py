@@ -46,13 +46,15 @@ class EvalPlan:
     ttt: bool
     audit: str
     quiet: bool = False
+    tilt: bool = False  # the token-only n-gram tilt over the last pass (proteus/tilt.py)
 
     @property
     def ec(self) -> EvalConfig:
         return self.cfg.eval
 
     def plain_only(self) -> EvalPlan:
-        return dataclasses.replace(self, stride=0, cache=False, ttt=False, audit="none")
+        return dataclasses.replace(self, stride=0, cache=False, ttt=False, audit="none",
+                                   tilt=False)
 
 
 def make_plan(cfg: RunConfig) -> EvalPlan:
@@ -62,7 +64,7 @@ def make_plan(cfg: RunConfig) -> EvalPlan:
     cache = ec.cache == "ngram"
     return EvalPlan(cfg=cfg, seq=eval_window(cfg), stride=ec.stride, cache=cache,
                     ncfg=ngram_config(ec, cfg.model.vocab_size), backend=ngram_backend(ec),
-                    ttt=ec.ttt, audit=ec.audit)
+                    ttt=ec.ttt, audit=ec.audit, tilt=ec.cache == "tilt")
 
 
 def validation_plan(cfg: RunConfig) -> EvalPlan:

@@ -44,6 +44,7 @@ class TokenScores:
     first: int
     logp: torch.Tensor  # float64 (n,): log p_model(target)
     nbytes: torch.Tensor  # int64 (n,)
+    logp_hint: torch.Tensor | None = None  # float64 (n,): log p_model(hint), when asked for
 
     def bpb(self) -> float:
         return bits_per_byte(-exact_sum(self.logp), int(self.nbytes.sum()))
@@ -75,18 +76,27 @@ def windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, i
 
 
 def _score_batch(model, tokens: torch.Tensor, batch: list[tuple[int, int, int]], device,
-                 autocast: bool, capture: dict[int, torch.Tensor] | None = None
-                 ) -> list[torch.Tensor]:
+                 autocast: bool, capture: dict[int, torch.Tensor] | None = None,
+                 second: torch.Tensor | None = None) -> list[torch.Tensor]:
     """log p(target) of the scored targets of each window of ``batch`` (windows of one length),
     float64 on the CPU. ``capture`` (target -> None) receives the full log-probability row over
-    the vocabulary of each of its targets that this batch scores."""
+    the vocabulary of each of its targets that this batch scores. ``second`` (a token per
+    stream position, -1 for none): each result is then (n, 2), the second column the
+    log-probability of that token at the target's place (-inf where there is none)."""
     x = torch.stack([tokens[s:e] for s, e, _ in batch]).to(device)
     y = torch.stack([tokens[s + 1 : e + 1] for s, e, _ in batch]).to(device)
+    if second is not None:  # the target and the second token, gathered from the same row
+        y2 = torch.stack([second[s + 1 : e + 1] for s, e, _ in batch]).to(device)
+        y = torch.stack([y, y2.clamp(min=0)], -1)
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                         enabled=autocast):
         z = model.logits(x)
     logp_all = F.log_softmax(z.float(), dim=-1)
-    lp = logp_all.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    if second is not None:
+        lp = logp_all.gather(-1, y)
+        lp[..., 1] = torch.where(y2 >= 0, lp[..., 1], torch.full_like(lp[..., 1], -math.inf))
+    else:
+        lp = logp_all.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     out = []
     for b, (s, e, f) in enumerate(batch):
         k = f - 1 - s  # index within the window of the first scored target
@@ -102,9 +112,10 @@ def _score_batch(model, tokens: torch.Tensor, batch: list[tuple[int, int, int]],
 def score_windows(model, tokens: torch.Tensor, wins: list[tuple[int, int, int]],
                   batch_seqs: int = 16, device: str | torch.device = "cpu",
                   autocast: bool = False, capture: dict[int, torch.Tensor] | None = None,
-                  progress: bool = False) -> torch.Tensor:
-    """log p(target) of every scored target of ``wins`` (see :func:`windows`), in order, float64.
-    Windows of equal length are batched together, ``batch_seqs`` at a time."""
+                  progress: bool = False, second: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(target) of every scored target of ``wins`` (see :func:`windows`), in order, float64
+    ((n, 2) with ``second``: see :func:`_score_batch`). Windows of equal length are batched
+    together, ``batch_seqs`` at a time."""
     logps = []
     was_training = model.training
     model.eval()
@@ -116,12 +127,14 @@ def score_windows(model, tokens: torch.Tensor, wins: list[tuple[int, int, int]],
         j = i
         while j < len(wins) and j - i < batch_seqs and wins[j][1] - wins[j][0] == length:
             j += 1
-        logps += _score_batch(model, tokens, wins[i:j], device, autocast, capture)
+        logps += _score_batch(model, tokens, wins[i:j], device, autocast, capture, second)
         done += sum(e - f + 1 for _, e, f in wins[i:j])
         i = j
         bar.tick(done)
     model.train(was_training)
-    return torch.cat(logps) if logps else torch.zeros(0, dtype=torch.float64)
+    if logps:
+        return torch.cat(logps)
+    return torch.zeros((0, 2) if second is not None else 0, dtype=torch.float64)
 
 
 def score_tokens(
@@ -135,11 +148,13 @@ def score_tokens(
     autocast: bool = False,
     progress: bool = False,
     gather: bool = True,
+    second: torch.Tensor | None = None,
 ) -> TokenScores:
     """Score every target of ``tokens`` (1-D int64, BOS first) with the model.
 
     With ``gather`` the full per-token arrays are returned on every rank; without it each rank
-    returns only its own contiguous range.
+    returns only its own contiguous range. ``second`` (a token per position of ``tokens``, -1
+    for none) also scores that token at each target's place: ``TokenScores.logp_hint``.
     """
     n_targets = tokens.numel() - 1
     if n_targets < 1:
@@ -149,11 +164,17 @@ def score_tokens(
     mine = wins[len(wins) * rank // world : len(wins) * (rank + 1) // world]
     first = mine[0][2] if mine else n_targets + 1
     logp = score_windows(model, tokens, mine, batch_seqs, device, autocast,
-                         progress=progress and rank == 0)
+                         progress=progress and rank == 0, second=second)
+    logp_hint = None
+    if second is not None:
+        logp, logp_hint = logp[:, 0].contiguous(), logp[:, 1].contiguous()
     if gather and world > 1:
         logp = gather_ordered(logp)
+        logp_hint = gather_ordered(logp_hint) if logp_hint is not None else None
         first = 1
-    return token_scores(first, logp, tokens, lut)
+    out = token_scores(first, logp, tokens, lut)
+    out.logp_hint = logp_hint
+    return out
 
 
 def token_scores(first: int, logp: torch.Tensor, tokens: torch.Tensor, lut: ByteLUT
