@@ -58,7 +58,8 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "leaky_relu2": (*OURS, "liger"),
     "int6_matmul": (*OURS, "dense", "torchao-int8", "torchao-int4"),
     "softcapped_ce": (*OURS, "liger"),
-    "ngram": ("triton", "ref", "numpy-sorted", "numpy", "numpy-history-only", "hashed-record"),
+    "ngram": ("triton", "ref", "numpy-sorted", "numpy", "numpy-history-only",
+              "numpy-whole-stream", "hashed-record"),
     "train_step": ("plain-eager", "proteus-eager-plain-features", "proteus-eager",
                    "proteus-compile"),
 }

@@ -271,11 +271,39 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
                     "the artifact (default 0.0001; every published number is the recomputed "
                     "one)")
 
+    dt = sub.add_parser("data", help="data tools")
+    dt_sub = dt.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    sv = dt_sub.add_parser("synth-val", help="write a validation stand-in of the challenge's "
+                           "size from the bundled documents (for time and memory at scale)",
+                           description="Splice pieces of the bundled documents into --docs "
+                           "new documents (BOS first, real length distribution) and write them "
+                           "as validation shards in --out; see docs/eval_scale.md for what "
+                           "differs from the real set.")
+    sv.add_argument("--docs", type=int, default=50_000, help="documents (the challenge: 50000)")
+    sv.add_argument("--out", required=True, metavar="DIR", help="directory for the shards")
+    sv.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     pk = sub.add_parser("pack", help="write the code a submission ships: one compressed, "
                         "self-extracting script (python SCRIPT train ... runs like proteus)",
                         description="Pack the modules training and evaluation import into one "
                         "self-extracting script and print its size next to the sources'.")
     pk.add_argument("--out", default="proteus_packed.py", help="the script to write")
+    ir = sub.add_parser("import-record", help="turn the pg-record entry's saved state dict "
+                        "into a proteus model.ckpt",
+                        description="Map a state dict saved by the pg-record entry's "
+                        "train_gpt.py (its final_model.pt: 3-D weight banks) onto our layout "
+                        "(docs/pg_record.md) and write it as a model.ckpt that `proteus eval` "
+                        "reads. The model options must be the ones the entry was run with.")
+    ir.add_argument("path", help="the entry's torch.save'd state dict")
+    ir.add_argument("--out", default="model.ckpt", help="the checkpoint to write (refused if "
+                    "it exists)")
+    ir.add_argument("--preset", default="pg-record", help="the preset the model options start "
+                    "from (default pg-record)")
+    ir.add_argument("--tokenizer", dest="train.tokenizer", default=None,
+                    help="the SentencePiece model the entry was trained with (recorded in the "
+                    "checkpoint for eval; '' = the bundled one)")
+    ir.add_argument("--val-files", dest="train.val_files", default=None,
+                    help="glob of the validation shards eval reads by default")
+    add_config_arguments(ir, sections=("model",))
     return p
 
 
@@ -405,6 +433,10 @@ def _dispatch(parser, args) -> int:
         if args.command == "eval":
             return main_eval(args.path, values, args.like_run, args.json)
         return main_audit(args.path, values, args.like_run)
+    if args.command == "import-record":
+        from proteus.commands import main_import_record
+
+        return main_import_record(args.path, args.out, build_config(args.preset, values, {}))
     if args.command == "tune-cache":
         from proteus.commands import main_tune_cache
 
@@ -427,6 +459,16 @@ def _dispatch(parser, args) -> int:
         from proteus.bench import run_report
 
         return run_report(args.json)
+    if args.command == "data":
+        if args.data_command != "synth-val":
+            raise ConfigError("data: name an action (synth-val; see proteus data --help)")
+        from proteus.synth import synth_val
+
+        rec = synth_val(args.out, args.docs, args.seed)
+        print(f"proteus data synth-val: {rec['docs']:,} documents, {rec['tokens']:,} tokens in "
+              f"{len(rec['shards'])} shard(s) under {args.out} (record: synth_val.json); "
+              "spliced from the bundled sample: for time and memory, not for bpb")
+        return 0
     if args.command == "pack":
         from proteus.commands import main_pack
 

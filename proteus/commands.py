@@ -16,7 +16,7 @@ import torch
 
 from proteus import data as D
 from proteus.artifact import ARTIFACT_LIMIT, inspect_artifact, write_artifact
-from proteus.checkpoint import load_model, load_train_state, newest_intact_state
+from proteus.checkpoint import load_model, load_train_state, newest_intact_state, save_checkpoint
 from proteus.config import (
     ConfigError,
     EvalConfig,
@@ -51,7 +51,9 @@ from proteus.eval.ttt_audit import run_ttt_audit
 from proteus.files import atomic_write_json
 from proteus.fingerprint import fingerprint, reference_fingerprints, refuse_overlaps
 from proteus.gptq import QuantChoices, quantize_with_calibration
+from proteus.model import GPT
 from proteus.pack import pack, source_bytes
+from proteus.record_compat import load_record_state_dict
 from proteus.run import (
     check_inputs,
     discard_run_dir,
@@ -395,4 +397,25 @@ def main_pack(out: str) -> int:
         raise ConfigError(f"cannot write {out}: {e.strerror}") from None
     print(f"{out}: {len(text.encode()):,} bytes (the modules training and evaluation import: "
           f"{source_bytes():,} bytes of source); run it as `python {out} train ...`")
+    return 0
+
+
+def main_import_record(path: str, out: str, cfg: RunConfig) -> int:
+    """``proteus import-record``: the entry's state dict -> our ``model.ckpt``."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"import-record: {path}: no such file")
+    if os.path.exists(out):
+        raise ConfigError(f"import-record: {out} exists; pick another --out or remove it")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same bad input
+        raise ConfigError(f"import-record: {path} is not a torch state dict "
+                          f"({str(e).strip().splitlines()[0][:120]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"import-record: {path} does not hold a state dict (name -> tensor)")
+    model = GPT(cfg.model)
+    model.load_state_dict(load_record_state_dict(sd, cfg.model))
+    save_checkpoint(Path(out), model, cfg, {"imported_from": os.path.abspath(path)})
+    print(f"import-record: {len(sd)} tensors of {path} -> {out} ({model.num_params():,} "
+          f"parameters, preset {cfg.train.preset})")
     return 0

@@ -166,6 +166,52 @@ def load_tokens(pattern: str, what: str, limit: int = 0, vocab_size: int | None 
     return tokens[:limit] if limit else tokens
 
 
+class ShardWindows:
+    """The concatenated shards of ``pattern`` read in windows: ``len()`` tokens, and
+    ``windows[a:b]`` -> int64 array of tokens a..b-1, read from memory-mapped shards (only the
+    pages of the window are touched, so a reader of a 60 M-token set holds what it slices).
+    Headers are checked when it opens; token ids are checked against ``vocab_size`` per window.
+    """
+
+    def __init__(self, pattern: str, what: str = "val", vocab_size: int | None = None):
+        self.files = resolve_files(pattern, what)
+        self.counts = [read_shard_header(f) for f in self.files]
+        self.offsets = np.concatenate(([0], np.cumsum(self.counts))).astype(np.int64)
+        self.vocab_size = vocab_size
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _map(self, i: int) -> np.ndarray:
+        if i not in self._maps:
+            self._maps[i] = np.memmap(self.files[i], dtype="<u2", mode="r",
+                                      offset=HEADER_BYTES, shape=(self.counts[i],))
+        return self._maps[i]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("ShardWindows: only contiguous slices [a:b] are read")
+        a, b, _ = key.indices(len(self))
+        out = np.empty(max(0, b - a), np.int64)
+        if b <= a:
+            return out
+        first = int(np.searchsorted(self.offsets, a, "right")) - 1
+        at = a
+        for i in range(first, len(self.files)):
+            if at >= b:
+                break
+            lo, hi = at - int(self.offsets[i]), min(b, int(self.offsets[i + 1])) - int(
+                self.offsets[i])
+            if hi > lo:
+                out[at - a : at - a + hi - lo] = self._map(i)[lo:hi]
+                at += hi - lo
+        if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
+            raise DataError(f"validation tokens {a:,}..{b:,} hold token id {int(out.max())}, "
+                            f"outside the vocabulary of {self.vocab_size}")
+        return out
+
+
 def load_byte_sidecar(pattern: str, limit: int = 0) -> torch.Tensor | None:
     """The original UTF-8 bytes of every token of the shards matching ``pattern`` (int64, the
     same length and order as :func:`load_tokens`), from their byte sidecars; ``None`` when the

@@ -14,6 +14,11 @@ Data flow for tokens ``idx`` (B, T)::
     block_i(x, x0):  x = m0 * x + m1 * x0                         (residual mix with x0)
                      x = x + a * attn(rms_norm(x) / sqrt(i+1))     (layer-norm scale)
                      x = x + b * mlp(rms_norm(x) / sqrt(i+1))
+
+The pg-record entry's parts (docs/pg_record.md), each off unless its option is set: the
+window SmearGate on the raw embedding, gated U-Net skips, a sparse per-head attention output
+gate, depth recurrence (a span of blocks run again; :meth:`GPT.block_plan`), and a 2-lane
+parallel decoder (:meth:`Block.forward_lanes`). Either smear never crosses a BOS.
 """
 
 from __future__ import annotations
@@ -73,19 +78,32 @@ class Linear(nn.Linear):
 class Rotary(nn.Module):
     """RoPE on the first ``dims`` of each head (partial RoPE), half-split rotation."""
 
-    def __init__(self, dims: int, base: float):
+    def __init__(self, dims: int, base: float, yarn_len: int = 0):
         super().__init__()
-        self.dims = dims
-        inv = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float32) / max(dims, 1)))
-        self.register_buffer("inv_freq", inv, persistent=False)
+        self.dims, self.base, self.yarn_len = dims, base, yarn_len
+        self.register_buffer("inv_freq", self._inv_freq(base), persistent=False)
         self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
 
+    def _inv_freq(self, base: float) -> torch.Tensor:
+        d = max(self.dims, 1)
+        return 1.0 / (base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / d))
+
     def cos_sin(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape (1, t, 1, dims/2), broadcastable over (B, T, heads, dims/2)."""
+        """cos and sin of shape (1, t, 1, dims/2), broadcastable over (B, T, heads, dims/2).
+        With ``yarn_len`` and t > yarn_len the base is stretched to base·(t/L)^(d/(d−2)), so
+        the frequencies depend on t (and the cache holds exactly t positions)."""
+        stretch = self.yarn_len > 0 and t > self.yarn_len and self.dims > 2
         c = self._cache
-        if c is None or c[0] < t or c[1] != device:
+        stale = c is None or c[1] != device or c[0] < t
+        if not stale and self.yarn_len > 0:  # a stretched cache serves only its own length
+            stale = c[0] != t if stretch else c[0] > self.yarn_len
+        if stale:
+            inv = self.inv_freq
+            if stretch:
+                inv = self._inv_freq(self.base * (t / self.yarn_len) ** (
+                    self.dims / (self.dims - 2)))
             freqs = torch.outer(torch.arange(t, device=device, dtype=torch.float32),
-                                self.inv_freq.to(device))[None, :, None, :]
+                                inv.to(device))[None, :, None, :]
             self._cache = c = (t, device, freqs.cos(), freqs.sin())
         return c[2][:, :t], c[3][:, :t]
 
@@ -131,6 +149,11 @@ class Attention(nn.Module):
         self.c_v = Linear(d, kv * hd)
         self.proj = Linear(h * hd, d, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((h,), cfg.q_gain_init))
+        # sparse output gate: head h's output * sigmoid(scale * gate_w[h] . x[:window]);
+        # zero-initialised, so every head starts at half its output
+        self.gate_scale = cfg.attn_gate_scale
+        self.gate_w = (nn.Parameter(torch.zeros(h, cfg.attn_gate_window))
+                       if cfg.attn_gate_window else None)
         self.fp32 = "auto"  # see GPT.set_attention_fp32
 
     def forward(self, x, rotary: Rotary, cos, sin, ops: Ops, ve: torch.Tensor | None = None,
@@ -154,6 +177,9 @@ class Attention(nn.Module):
         # kernel reads them through their strides, no transposed copies (cpu-tiny step: same
         # speed as the copies, 0.999-1.004x, and the same loss bits).
         y = self._attend(q, k, v, ops, {"layout": "bthd", **(mask or {})})
+        if self.gate_w is not None:
+            w = self.gate_w.to(x.dtype)
+            y = y * torch.sigmoid(self.gate_scale * F.linear(x[..., : w.size(1)], w))[..., None]
         return self.proj(y.reshape(b, t, h * hd))
 
     def _attend(self, q, k, v, ops: Ops, mask: dict) -> torch.Tensor:
@@ -202,6 +228,22 @@ class Block(nn.Module):
         )
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.in_scale, ops)
 
+    def forward_lanes(self, a, m, x0, post, resid, rotary, cos, sin, ops: Ops, ve=None,
+                      mask: dict | None = None):
+        """The parallel decoder's block: attention reads lane ``a`` (mixed with x0), the MLP
+        reads lane ``m``; each lane keeps ``resid[lane]`` of itself and adds
+        ``post[src, lane]`` of each output (src 0 = attention, 1 = MLP)."""
+        read = a
+        if self.resid_mix is not None:
+            mix = self.resid_mix.to(a.dtype)
+            read = mix[0] * a + mix[1] * x0
+        att = self.attn_scale.to(a.dtype) * self.attn(rms_norm(read) * self.in_scale, rotary,
+                                                      cos, sin, ops, ve, mask)
+        mlp = self.mlp_scale.to(m.dtype) * self.mlp(rms_norm(m) * self.in_scale, ops)
+        post, resid = post.to(a.dtype), resid.to(a.dtype)
+        return (resid[0] * a + post[0, 0] * att + post[1, 0] * mlp,
+                resid[1] * m + post[0, 1] * att + post[1, 1] * mlp)
+
 
 class BigramHash(nn.Module):
     """Embedding of a hash of (previous token, token) into ``buckets`` rows, projected to width."""
@@ -242,6 +284,26 @@ class SmearGate(nn.Module):
         if starts is not None:
             prev = prev.masked_fill(starts[..., None], 0.0)
         return x + g * (prev - x)
+
+
+class WindowSmear(nn.Module):
+    """x_t <- x_t + lam * sigmoid(w . x_t[:window]) * x_{t-1}: one scalar gate per token, read
+    from the first ``window`` channels of the token itself (the pg-record entry's form, applied
+    to the raw embedding). w and lam start at zero, so it starts as the identity."""
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, window))
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """``starts`` (B, T) bool: positions that begin a document mix in nothing."""
+        w = self.weight.to(x.dtype)
+        g = self.lam.to(x.dtype) * torch.sigmoid(F.linear(x[..., : w.size(1)], w))
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        if starts is not None:
+            prev = prev.masked_fill(starts[..., None], 0.0)
+        return x + g * prev
 
 
 class ValueEmbedding(nn.Module):
@@ -356,16 +418,51 @@ class GPT(nn.Module):
             BigramHash(cfg.bigram_buckets, cfg.bigram_dim, cfg.model_dim)
             if cfg.bigram_buckets else None
         )
-        self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate else None
+        self.smear = None
+        if cfg.smear_gate:
+            self.smear = (WindowSmear(cfg.smear_window) if cfg.smear_window
+                          else SmearGate(cfg.model_dim))
         self.ve = ValueEmbedding(cfg) if cfg.value_embed_set else None
-        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, cfg.rope_yarn_len)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.n_enc = cfg.num_layers // 2 if cfg.unet_skips else 0
-        n_skip = min(self.n_enc, cfg.num_layers - self.n_enc)
+        if cfg.init_orthogonal and not self.tok_emb.weight.is_meta:
+            for b in self.blocks:
+                for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.mlp.fc):
+                    nn.init.orthogonal_(lin.weight)
+        # depth recurrence is part of the model: on unless training switches it off (before
+        # train.recur_at_frac), so a saved model evaluates with it
+        self.recurring = cfg.recur_extra > 0
+        enc, dec = self.block_plan(self.recurring)
+        n_skip = min(len(enc), len(dec))
         self.skip_weights = nn.Parameter(torch.ones(n_skip, cfg.model_dim)) if n_skip else None
+        self.skip_gates = (nn.Parameter(torch.zeros(n_skip, cfg.model_dim))
+                           if n_skip and cfg.skip_gates else None)
+        # the parallel decoder's mixes, one set per block (the entry's layout): post[i, src,
+        # lane] (src 0 = attention, 1 = MLP) and resid[i, lane]
+        self.lane_post = self.lane_resid = None
+        if cfg.parallel_from:
+            self.lane_post = nn.Parameter(torch.ones(cfg.num_layers, 2, 2))
+            self.lane_resid = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1))
         self.lm_head = (
             None if cfg.tie_embeddings else Linear(cfg.model_dim, cfg.vocab_size, zero_init=True)
         )
+
+    def block_plan(self, recurring: bool) -> tuple[list[int], list[int]]:
+        """The blocks the U-Net encoder and decoder run, in order. With recurrence on, blocks
+        recur_first..recur_last run 1 + recur_extra times in a row; the sequence is split in
+        half (the encoder gets the shorter half). Without U-Net skips everything is decoder."""
+        c = self.cfg
+        order = list(range(c.num_layers))
+        if recurring and c.recur_extra:
+            span = order[c.recur_first : c.recur_last + 1]
+            order = order[: c.recur_first] + span * (1 + c.recur_extra) + order[
+                c.recur_last + 1 :]
+        n_enc = len(order) // 2 if c.unet_skips else 0
+        return order[:n_enc], order[n_enc:]
+
+    def set_recurrence(self, on: bool) -> None:
+        """Depth recurrence on or off (training switches it on at train.recur_at_frac)."""
+        self.recurring = bool(on) and self.cfg.recur_extra > 0
 
     def set_kernels(self, kernels: str) -> None:
         self.ops = get_ops(kernels)
@@ -414,24 +511,59 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx, starts)
+        # the smear never carries a document's last token into the next one's BOS, whether
+        # or not attention is masked per document
+        bos = idx == BOS_ID if self.smear is not None else None
+        if isinstance(self.smear, WindowSmear):
+            x = self.smear(x, bos)
         x = rms_norm(x)
-        if self.smear is not None:
-            x = self.smear(x, starts)
+        if isinstance(self.smear, SmearGate):
+            x = self.smear(x, bos)
         x0 = x
         cos, sin = self.rotary.cos_sin(t, idx.device)
         ve_base = self.ve(idx) if self.ve is not None else None
-        skips: list[torch.Tensor] = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.n_enc and skips:
-                j = i - self.n_enc
-                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+
+        def run(i: int, *lanes):
             ve = None
             if ve_base is not None and i in self.ve.layers:
                 ve = ve_base * self.ve.scales[self.ve.layers.index(i)].to(ve_base.dtype)
-            x = block(x, x0, self.rotary, cos, sin, ops, ve, mask)
-            if i < self.n_enc:
-                skips.append(x)
+            if len(lanes) == 1:
+                return self.blocks[i](lanes[0], x0, self.rotary, cos, sin, ops, ve, mask)
+            return self.blocks[i].forward_lanes(*lanes, x0, self.lane_post[i],
+                                                self.lane_resid[i], self.rotary, cos, sin,
+                                                ops, ve, mask)
+
+        enc, dec = self.block_plan(self.recurring)
+        skips: list[torch.Tensor] = []
+        for i in enc:
+            x = run(i, x)
+            skips.append(x)
+        lanes = None
+        for j, i in enumerate(dec):
+            parallel = self.lane_post is not None and i >= self.cfg.parallel_from
+            if parallel and lanes is None:
+                lanes = (x, x)
+            if skips and j < self.skip_weights.size(0):
+                if parallel:
+                    lanes = (self._add_skip(lanes[0], skips.pop(), j), lanes[1])
+                else:
+                    x = self._add_skip(x, skips.pop(), j)
+            if parallel:
+                lanes = run(i, *lanes)
+            else:
+                x = run(i, x)
+        if lanes is not None:
+            a, m = lanes
+            final = self.cfg.parallel_final
+            x = a if final == "attn" else m if final == "mlp" else 0.5 * (a + m)
         return rms_norm(x)
+
+    def _add_skip(self, x: torch.Tensor, skip: torch.Tensor, j: int) -> torch.Tensor:
+        """x + w_j * skip, or with skip gates lerp(w_j * skip, x, sigmoid(g_j))."""
+        s = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + s
+        return torch.lerp(s, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy (nats) over all positions if targets are given, else logits."""

@@ -7,11 +7,15 @@ Muon step for a matrix parameter W with gradient G (momentum mu, Nesterov)::
     O <- NewtonSchulz5(U)               (approximate orthogonalisation, ~ U V^T of the SVD)
     W <- (1 - lr * wd) * W - lr * sqrt(max(1, rows / cols)) * O
 
-Newton–Schulz uses the quintic X <- aX + (bA + cA^2)X, A = XX^T, (a, b, c) =
-(3.4445, -4.7750, 2.0315), after scaling X to unit Frobenius norm. Matrices of one shape (up to
-transposition) are stacked and orthogonalised in one batched call, which on a CPU saves
-hundreds of small kernel launches per step. Every rank computes the same update from the same
-all-reduced gradients, so data-parallel ranks stay bit-identical.
+Newton–Schulz uses the quintic X <- aX + (bA + cA^2)X, A = XX^T, after scaling X to unit
+Frobenius norm: ``classic`` takes (a, b, c) = (3.4445, -4.7750, 2.0315) every iteration;
+``polar-express`` takes iteration k's own minimax tuple (Amsel et al., "The Polar Express",
+2025; the tuples the pg-record entry uses), its last tuple for iterations beyond the table.
+With ``row_norm`` each row of U is first scaled to unit L2 norm (rows of W as stored, so
+(out, in)), which evens out the update across output units before the orthogonalisation.
+Matrices of one shape (up to transposition) are stacked and orthogonalised in one batched
+call, which on a CPU saves hundreds of small kernel launches per step. Every rank computes the
+same update from the same all-reduced gradients, so data-parallel ranks stay bit-identical.
 """
 
 from __future__ import annotations
@@ -25,6 +29,25 @@ from proteus.device import native_bf16
 from proteus.model import Linear
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express, 5 iterations, for singular values in about [1e-3, 1] after the Frobenius
+# scaling (the numbers published with the method, as the pg-record entry uses them)
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def ns_coeffs(name: str, steps: int) -> list[tuple[float, float, float]]:
+    """The (a, b, c) of each of ``steps`` Newton–Schulz iterations."""
+    if name == "classic":
+        return [NS_COEFFS] * steps
+    if name == "polar-express":
+        table = POLAR_EXPRESS_COEFFS
+        return [table[min(k, len(table) - 1)] for k in range(steps)]
+    raise ValueError(f"muon_ns_coeffs must be classic or polar-express, got {name!r}")
 
 
 def ns_torch_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -35,11 +58,10 @@ def ns_torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def newton_schulz5(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None
-                   ) -> torch.Tensor:
+def newton_schulz5(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None,
+                   coeffs: str = "classic") -> torch.Tensor:
     """Approximately orthogonalise the last two dims of ``g`` (batched), computing in ``dtype``
-    (default: ``ns_torch_dtype("auto", g.device)``)."""
-    a, b, c = NS_COEFFS
+    (default: ``ns_torch_dtype("auto", g.device)``) with the ``coeffs`` iteration."""
     x = g.to(dtype or ns_torch_dtype("auto", g.device))
     tall = x.size(-2) > x.size(-1)
     if tall:
@@ -48,7 +70,7 @@ def newton_schulz5(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = 
     batched = x.dim() == 3
     if not batched:
         x = x.unsqueeze(0)
-    for _ in range(steps):
+    for a, b, c in ns_coeffs(coeffs, steps):
         s = torch.bmm(x, x.mT)
         poly = torch.baddbmm(s, s, s, beta=b, alpha=c)  # b*s + c*s@s in one call
         x = torch.baddbmm(x, poly, x, beta=a)  # a*x + poly@x
@@ -62,11 +84,11 @@ def newton_schulz5(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = 
 class Muon(torch.optim.Optimizer):
     def __init__(
         self, params, lr: float, momentum: float, ns_steps: int = 5, weight_decay: float = 0.0,
-        ns_dtype: str = "auto",
+        ns_dtype: str = "auto", ns_coeffs: str = "classic", row_norm: bool = False,
     ):
         super().__init__(
             params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay,
-                         ns_dtype=ns_dtype)
+                         ns_dtype=ns_dtype, ns_coeffs=ns_coeffs, row_norm=row_norm)
         )
 
     @torch.no_grad()
@@ -86,13 +108,28 @@ class Muon(torch.optim.Optimizer):
                 if buf is None or buf.shape != grads.shape:
                     buf = state["momentum_buffer"] = torch.zeros_like(grads)
                 buf.mul_(mu).add_(grads)
-                update = newton_schulz5(grads.add(buf, alpha=mu), group["ns_steps"],
-                                        ns_torch_dtype(group["ns_dtype"], grads.device))
+                u = grads.add(buf, alpha=mu)
+                if group.get("row_norm"):
+                    u = _row_normalise(u, [p.size(0) > p.size(1) for p in ps])
+                update = newton_schulz5(u, group["ns_steps"],
+                                        ns_torch_dtype(group["ns_dtype"], grads.device),
+                                        group.get("ns_coeffs", "classic"))
                 for p, u in zip(ps, update, strict=True):
                     if wd:
                         p.mul_(1.0 - lr * wd)
                     scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
                     p.add_((u.mT if p.size(0) > p.size(1) else u).to(p.dtype), alpha=-lr * scale)
+
+
+def _row_normalise(u: torch.Tensor, tall: list[bool]) -> torch.Tensor:
+    """Each stored row of each matrix in the stack ``u`` (wide orientation) at unit L2 norm: a
+    tall parameter's rows are the columns of its slice here. The norm is taken in fp32 and
+    floored at 1e-7."""
+    out = torch.empty_like(u)
+    for i, t in enumerate(tall):
+        n = u[i].float().norm(dim=0 if t else 1, keepdim=True).clamp_min(1e-7)
+        out[i] = u[i] / n.to(u.dtype)
+    return out
 
 
 def _wide(g: torch.Tensor) -> torch.Tensor:
@@ -139,14 +176,16 @@ def build_optimizers(model: nn.Module, tc) -> list[torch.optim.Optimizer]:
         ns_steps=tc.muon_ns_steps,
         weight_decay=tc.muon_wd,
         ns_dtype=tc.muon_ns_dtype,
+        ns_coeffs=tc.muon_ns_coeffs,
+        row_norm=tc.muon_row_norm,
     )
     adam = torch.optim.AdamW(
         [
             dict(params=g["embed"], lr=tc.embed_lr, weight_decay=tc.adam_wd),
-            dict(params=g["scalar"], lr=tc.scalar_lr, weight_decay=0.0),
+            dict(params=g["scalar"], lr=tc.scalar_lr, weight_decay=tc.scalar_wd),
         ],
         betas=betas,
-        eps=1e-10,
+        eps=tc.adam_eps,
         foreach=True,
     )
     for opt in (muon, adam):

@@ -75,16 +75,30 @@ log = logging.getLogger(__name__)
 # Schedules and weight averaging
 
 
+def train_frac(step: int, tc, elapsed_ms: float) -> float:
+    """How far training is, in [0, 1]: the larger of the step fraction and, with a wall-clock
+    cap, the fraction of the cap spent."""
+    frac = step / tc.iterations
+    if tc.max_wallclock_s > 0:
+        frac = max(frac, elapsed_ms / (tc.max_wallclock_s * 1000.0))
+    return min(1.0, frac)
+
+
 def lr_scale(step: int, tc, step_ms: float, elapsed_ms: float) -> float:
-    """LR multiplier: linear ramp-up, then linear warm-down to 0 at the step or time budget."""
+    """LR multiplier: linear ramp-up, then linear warm-down to ``min_lr`` at the step or time
+    budget — over the last ``warmdown_frac`` of :func:`train_frac` when that is set, else over
+    the last ``warmdown_steps`` (steps left estimated from the smoothed step time)."""
     ramp = min(1.0, (step + 1) / tc.lr_warmup_steps) if tc.lr_warmup_steps else 1.0
+    if tc.warmdown_frac > 0:
+        left = 1.0 - train_frac(step, tc, elapsed_ms)
+        return ramp * max(tc.min_lr, min(1.0, left / tc.warmdown_frac))
     if tc.warmdown_steps <= 0:
         return ramp
     steps_left = tc.iterations - step
     if tc.max_wallclock_s > 0 and step_ms > 0:
         time_left_ms = max(0.0, tc.max_wallclock_s * 1000.0 - elapsed_ms)
         steps_left = min(steps_left, time_left_ms / step_ms)
-    return ramp * max(0.0, min(1.0, steps_left / tc.warmdown_steps))
+    return ramp * max(tc.min_lr, min(1.0, steps_left / tc.warmdown_steps))
 
 
 def muon_momentum(step: int, tc) -> float:
@@ -427,6 +441,8 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
         for i in range(tc.warmup_steps):
             quiet.doing(f"warm-up step {i + 1}/{tc.warmup_steps}"
                         + (" (compiling)" if tc.compile and i == 0 else ""))
+            # the second half with depth recurrence on, so both graphs are compiled
+            model.set_recurrence(2 * i >= tc.warmup_steps)
             train_step(i, 1.0)
         model.load_state_dict(init_model)
         for o, s in zip(optimizers, init_opt, strict=True):
@@ -483,6 +499,7 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
             heartbeat(f"step {step + 1}")
             quiet.doing(f"step {step + 1}")
             scale = lr_scale(step, tc, step_ms, train_s * 1000.0)
+            model.set_recurrence(train_frac(step, tc, train_s * 1000.0) >= tc.recur_at_frac)
             t0 = time.perf_counter()
             last_loss, stopping = train_step(step, scale)
             losses.append(last_loss)
@@ -530,6 +547,7 @@ def _train(cfg: RunConfig, dd: Dist, device: torch.device, val, lut, jlog: JsonL
         if stop is not None:
             stop.deferring = False
 
+    model.set_recurrence(True)  # the trained model is evaluated with its recurrence
     final_state, which = averages.final_state(model)
     model.load_state_dict(final_state)
     bad = first_nonfinite(model.state_dict())

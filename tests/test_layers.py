@@ -22,15 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 # Each inner list is one layer, its modules in the order they may import each other.
 LAYERS = [
     ["proteus.kernels"],  # kernels/: torch and triton only
-    ["proteus.config", "proteus.files", "proteus.caseops", "proteus.data", "proteus.dist",
-     "proteus.device",
+    ["proteus.config", "proteus.files", "proteus.caseops", "proteus.data", "proteus.synth",
+     "proteus.dist", "proteus.device",
      "proteus.pack", "proteus.stats", "proteus.fingerprint"],
     # the n-gram cache: counts, the blend, fitting, the negative example, the audit
     ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.gptq",
      "proteus.artifact",
      "proteus.tilt",
-     "proteus.eval.progress", "proteus.eval.counts", "proteus.eval.blend", "proteus.eval.fit",
-     "proteus.eval.hashed", "proteus.eval.cache_audit"],
+     "proteus.eval.progress", "proteus.eval.counts", "proteus.eval.stream_counts",
+     "proteus.eval.blend", "proteus.eval.fit", "proteus.eval.hashed", "proteus.eval.cache_audit",
+     "proteus.record_compat"],
     ["proteus.checkpoint"],
     # evaluation, sequenced in one place (pipeline) behind one entry point (the package)
     ["proteus.eval.scoring", "proteus.eval.plan", "proteus.eval.cache", "proteus.eval.tilt_step",

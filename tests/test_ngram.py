@@ -10,6 +10,7 @@ import torch
 
 import proteus.eval.blend as blend_mod
 import proteus.eval.cache_audit as audit_mod
+import proteus.eval.stream_counts as ngc
 from proteus import data as D
 from proteus.config import ConfigError
 from proteus.eval.blend import NgramConfig, cache_distribution, ngram_blend_logprobs
@@ -214,6 +215,21 @@ def test_audit_passes_ours_and_flags_the_hashed_scheme():
     assert "FAIL" in str(bad) and "PASS" in str(ours)
 
 
+def _stream_from_counts(tokens, start, end, order, doc=True, chunk=None):
+    """The one-stream fast path (``stream_counts``) made of ``blend_mod._counts``, so that a
+    bug a test injects there reaches every fast score."""
+    c, d = blend_mod._counts(torch.as_tensor(tokens), end, order, "numpy", 4096,
+                      start if doc else None)
+    o = order
+    cc = ngc.ChunkCounts(start, end, c.occ[1:o, start:end].numpy(),
+                         c.occ[: o - 1, start - 1 : end - 1].numpy(),
+                         c.types[: o - 1, start:end].numpy())
+    if doc:
+        cc.doc_tgt, cc.doc_ctx, cc.doc_types = d.tgt.numpy(), d.ctx.numpy(), d.types.numpy()
+    if end > start:
+        yield cc
+
+
 def _bos_target_starts_a_document(monkeypatch):
     """The review's fast-path bug: a BOS *target* is taken as the start of a new document, so
     the document counts of that target are empty (sum of p = 1.00074 on the review's model)."""
@@ -228,6 +244,7 @@ def _bos_target_starts_a_document(monkeypatch):
         return c, d
 
     monkeypatch.setattr(blend_mod, "_counts", buggy)
+    monkeypatch.setattr(blend_mod, "stream_counts", _stream_from_counts)
 
 
 def test_audit_fails_the_bos_target_bug(monkeypatch):
@@ -257,6 +274,7 @@ def test_audit_catches_a_fast_path_that_reads_the_next_position(monkeypatch):
         return c, d
 
     monkeypatch.setattr(blend_mod, "_counts", ahead)
+    monkeypatch.setattr(blend_mod, "stream_counts", _stream_from_counts)
     cfg = NgramConfig()
     rep = audit(tok, audit_positions(tok, cfg, n_random=4, per_class=2), _model_logp, cfg,
                 materialise=1, edits=4)

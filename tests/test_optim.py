@@ -150,3 +150,90 @@ def test_groups_take_a_shared_parameter_once_and_every_other_one():
     m = Parent()
     groups = split_params(m)
     assert sorted(map(id, groups["scalar"])) == sorted([id(m.shared), id(m.child.own)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The pg-record entry's Muon: Polar-Express coefficients and row normalisation
+
+# Amsel et al., "The Polar Express" (2025), 5 iterations, as published (and used by the entry)
+PE = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def plain_polar_express(g: torch.Tensor, steps: int) -> torch.Tensor:
+    x = g.double() / (g.double().norm() + 1e-7)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    for k in range(steps):
+        a, b, c = PE[min(k, 4)]
+        s = x @ x.T
+        x = a * x + b * s @ x + c * s @ s @ x
+    return x.T if tall else x
+
+
+@pytest.mark.parametrize("steps", [5, 7])
+@pytest.mark.parametrize("shape", [(8, 4), (4, 8), (3, 6, 5)])
+def test_polar_express_equals_the_plain_iteration(shape, steps):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    got = newton_schulz5(g, steps, torch.float32, coeffs="polar-express")
+    mats = g if g.dim() == 3 else g[None]
+    want = torch.stack([plain_polar_express(m, steps) for m in mats]).view(got.shape)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+    classic = newton_schulz5(g, steps, torch.float32)
+    assert (classic - got).abs().max() > 1e-2  # a different iteration (this test can fail)
+
+
+def test_polar_express_orthogonalises_closer_than_classic():
+    g = torch.randn(64, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sv = {c: torch.linalg.svdvals(newton_schulz5(g, 5, torch.float64, c))
+          for c in ("classic", "polar-express")}
+    assert (sv["polar-express"] - 1).abs().max() < (sv["classic"] - 1).abs().max()
+
+
+def test_muon_row_norm_follows_the_plain_update():
+    """Rows of W as stored (a tall matrix's too) at unit norm before Newton-Schulz."""
+    shapes = [(8, 4), (4, 8), (6, 6)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [p.detach().double().clone() for p in params]
+    opt = Muon(params, lr=0.05, momentum=0.9, ns_dtype="fp32", ns_coeffs="polar-express",
+               row_norm=True, weight_decay=0.1)
+    bufs = [torch.zeros_like(r) for r in ref]
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=g) * torch.rand(s[0], 1, generator=g) * 10
+                 for s in shapes]  # rows of very different sizes
+        for p, gr in zip(params, grads, strict=True):
+            p.grad = gr.clone()
+        opt.step()
+        for r, gr, buf in zip(ref, grads, bufs, strict=True):
+            buf.mul_(0.9).add_(gr.double())
+            u = gr.double() + 0.9 * buf
+            u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-7)
+            r.mul_(1 - 0.05 * 0.1).add_(plain_polar_express(u, 5),
+                                        alpha=-0.05 * max(1.0, r.size(0) / r.size(1)) ** 0.5)
+    for p, r in zip(params, ref, strict=True):
+        torch.testing.assert_close(p.detach().double(), r, rtol=0, atol=3e-5)
+
+
+def test_adam_eps_and_scalar_weight_decay_reach_the_groups():
+    cfg = build_config("pg-record", {"model.vocab_size": 64, "model.model_dim": 32,
+                                     "model.num_heads": 2, "model.num_kv_heads": 1,
+                                     "model.num_layers": 11}, environ={})
+    model = GPT(cfg.model)
+    muon, adam = build_optimizers(model, cfg.train)
+    assert adam.defaults["eps"] == 1e-8 and adam.defaults["betas"] == (0.9, 0.99)
+    embed, scalar = adam.param_groups
+    assert (embed["weight_decay"], embed["lr"]) == (0.085, 0.03)
+    assert (scalar["weight_decay"], scalar["lr"]) == (0.02, 0.02)
+    g = muon.param_groups[0]
+    assert (g["ns_coeffs"], g["row_norm"], g["weight_decay"], g["lr"]) == (
+        "polar-express", True, 0.095, 0.026)
+    # the gates, mixes and lambdas are AdamW scalars, never Muon matrices
+    scalars = {id(p) for p in scalar["params"]}
+    for name in ("skip_gates", "lane_post", "lane_resid", "smear.weight", "smear.lam",
+                 "blocks.0.attn.gate_w"):
+        assert id(model.get_parameter(name)) in scalars, name

@@ -174,6 +174,7 @@ def test_help_documents_every_option():
 
 class _TC:
     iterations, warmdown_steps, lr_warmup_steps, max_wallclock_s = 1000, 100, 0, 0.0
+    warmdown_frac, min_lr = 0.0, 0.0
 
 
 def test_lr_schedule_step_based_and_wallclock_aware():
@@ -305,3 +306,16 @@ def test_swa_snapshots_in_the_loop_follow_the_schedule():
                                  "train.seq_len": 32, "train.batch_tokens": 64}, environ={})
     stats = train(cfg).stats
     assert stats["final_weights"] == "swa(1)" and stats["steps"] == 8
+
+
+def test_lr_schedule_warmdown_fraction_and_floor():
+    """pg-record's schedule: full LR for the first 1 - warmdown_frac of training, then
+    (1 - frac) / warmdown_frac, never below min_lr; frac by step count or by the clock."""
+    tc = _tc(iterations=100, warmdown_frac=0.85, min_lr=0.1)
+    got = [lr_scale(s, tc, 0, 0) for s in (0, 15, 50, 91, 95, 100)]
+    assert got == pytest.approx([1.0, 1.0, 0.5 / 0.85, 0.09 / 0.85, 0.1, 0.1])
+    tc = _tc(iterations=100, warmdown_frac=0.85, min_lr=0.1, max_wallclock_s=10.0)
+    assert lr_scale(0, tc, 100.0, 5000.0) == pytest.approx(0.5 / 0.85)  # half the cap spent
+    assert lr_scale(60, tc, 100.0, 1000.0) == pytest.approx(0.4 / 0.85)  # the steps lead
+    # the floor holds for the step-count warm-down too
+    assert lr_scale(990, _tc(min_lr=0.2), 0, 0) == 0.2

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from proteus.data import BOS_ID
-from proteus.eval.counts import _counts
+from proteus.eval.counts import _check_tokens, _counts
+from proteus.eval.stream_counts import mix_numpy, stream_counts
 from proteus.kernels._keys import MAX_ORDER, VOCAB_BITS
 
 
@@ -135,6 +136,8 @@ def ngram_blend_logprobs(tokens: torch.Tensor, start: int, end: int,
         raise ValueError(f"ngram_blend_logprobs: model_logp_target must have shape {want} "
                          f"(end - start = {end - start} per stream), got "
                          f"{tuple(model_logp_target.shape)}")
+    if backend == "numpy" and tokens.dim() == 1:
+        return _blend_streamed(tokens, start, end, model_logp_target, cfg)
     c, d = _counts(tokens, end, cfg.order, backend, cfg.chunk, start if cfg.doc else None)
     dev = c.occ.device  # the blend runs where the counts are (the GPU for ``triton``)
     o = cfg.order
@@ -147,6 +150,26 @@ def ngram_blend_logprobs(tokens: torch.Tensor, start: int, end: int,
     return torch.log(p[..., 0]).to(model_logp_target.device)
 
 
+
+
+def _blend_streamed(tokens: torch.Tensor, start: int, end: int, model_logp_target: torch.Tensor,
+                    cfg: NgramConfig) -> torch.Tensor:
+    """The numpy backend on one stream: counts chunk by chunk (``proteus.eval.stream_counts``:
+    the same integers as ``earlier_counts_numpy``, in memory that grows with the distinct
+    n-grams), each chunk blended as it comes by ``mix_numpy`` (``_mix``'s float64 operations in
+    its order: the same results bit for bit), exp and log by torch over the whole shard."""
+    _check_tokens(tokens, end, cfg.order)
+    out = model_logp_target.detach().cpu().to(torch.float64).exp()  # p_model, then the blend
+    p_all = out.numpy()
+    cpu = torch.device("cpu")
+    hist = [_pow_table(k, a, cpu).numpy() for k, a in zip(cfg.k, cfg.a, strict=True)]
+    doc = [_pow_table(k, a, cpu).numpy() for k, a in zip(cfg.doc_k, cfg.doc_a, strict=True)]
+    for cc in stream_counts(tokens, start, end, cfg.order, cfg.doc):
+        p = p_all[cc.lo - start : cc.hi - start]
+        mix_numpy(p, cc.tgt, cc.ctx, cc.types, hist, cfg.weight)
+        if cfg.doc:
+            mix_numpy(p, cc.doc_tgt, cc.doc_ctx, cc.doc_types, doc, cfg.doc_weight)
+    return torch.log_(out).to(model_logp_target.device)
 
 
 def _scan_counts(tok: np.ndarray, t: int, order: int, v: int, after: int

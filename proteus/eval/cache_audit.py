@@ -7,11 +7,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+import proteus.eval.stream_counts as streamed
 from proteus.data import BOS_ID
 from proteus.eval.blend import NgramConfig, cache_distribution, ngram_blend_logprobs
-from proteus.eval.counts import earlier_counts_numpy
 from proteus.eval.hashed import HashedTwoTableCache
 from proteus.eval.progress import Progress
 
@@ -61,8 +62,11 @@ def audit_positions(tokens: torch.Tensor, cfg: NgramConfig, n_random: int,
             lo = 1 + (n - 1) * r // w
             shard += [lo - 1, lo]
     out["shard_edge"] = sorted({t for t in shard if 1 <= t < n})
-    ctx = earlier_counts_numpy(tok, n, cfg.order).occ[cfg.order - 2]
-    out["repeated_context"] = _spread(torch.nonzero(ctx[:-1] >= 2)[:, 0] + 1, per_class)
+    # the order-N context count of each target, streamed (memory of the distinct n-grams;
+    # called through the module: the audit's choice of positions is not the scorer under test)
+    rep = [np.flatnonzero(cc.ctx[cfg.order - 2] >= 2) + cc.lo
+           for cc in streamed.stream_counts(tok, 1, n, cfg.order, doc=False)]
+    out["repeated_context"] = _spread(torch.from_numpy(np.concatenate(rep)), per_class)
     g = torch.Generator().manual_seed(seed)
     out["random"] = sorted(set(torch.randint(1, n, (n_random,), generator=g).tolist()))
     return out
@@ -221,10 +225,9 @@ def audit(tokens: torch.Tensor, positions: torch.Tensor | dict[str, list[int]],
 
     # 3. the fast scorer's whole distribution: of each class first the earliest position
     # whose context both count kinds have seen (where every part of the blend is at work)
-    c, d = earlier_counts_numpy(tokens.cpu().to(torch.int64), n, cfg.order, doc_start=1)
-    busy = c.occ[0, :-1] > 0
-    if d is not None and cfg.doc:
-        busy &= d.ctx[0] > 0
+    busy = torch.from_numpy(np.concatenate([  # busy[t - 1]: both contexts of order 2 seen
+        (cc.ctx[0] > 0) & (cc.doc_ctx[0] > 0) if cfg.doc else cc.ctx[0] > 0
+        for cc in streamed.stream_counts(tokens.cpu(), 1, n, cfg.order, doc=cfg.doc)]))
     lists = list(classes.values()) if classes else []
     by_time = sorted(pos_t.tolist(), key=lambda t: (not bool(busy[t - 1]), t))
     order = by_time if earliest else [
