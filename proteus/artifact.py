@@ -55,7 +55,7 @@ import torch
 
 from proteus.device import require_memory
 from proteus.errors import ProteusError
-from proteus.files import atomic_write
+from proteus.files import InputError, atomic_write, parse_json, read_bounded
 from proteus.quant import INT_QMAX, ArtifactError, QTensor, QuantizedState
 
 ARTIFACT_MAGIC = b"PROTEUS\x00"
@@ -63,6 +63,7 @@ ARTIFACT_VERSION = 2
 READS_VERSIONS = (1, 2)
 MAX_HEADER_BYTES = 64 << 20  # decompressed JSON header; a real one is tens of KB
 ARTIFACT_LIMIT = 16_000_000  # the challenge's budget: code bytes + artifact bytes (decimal)
+MAX_ARTIFACT_BYTES = 1 << 30  # a file read as an artifact: 64x the budget, refused beyond
 PROB_BITS = 14
 RANS_L = 1 << 16
 
@@ -313,6 +314,15 @@ def write_artifact(path: str, qstate: QuantizedState, meta: dict) -> ArtifactInf
                         {"header": len(head), **{s["name"]: s["nbytes"] for s in layout}})
 
 
+def artifact_meta(path: str, raw: bytes) -> dict:
+    """The ``meta`` of an artifact's header (its run config and notes), every header check
+    done, nothing decoded."""
+    hdr, _, _ = _read_header(path, raw)
+    if not isinstance(hdr, dict) or not isinstance(hdr.get("meta"), dict):
+        raise ArtifactError(f"{path}: malformed artifact header: expected meta")
+    return hdr["meta"]
+
+
 def _read_header(path: str, raw: bytes) -> tuple[dict, int, int]:
     """(header, payload start, format version) of an artifact's bytes, every check done."""
     if raw[:2] == b"PK":
@@ -345,9 +355,12 @@ def _read_header(path: str, raw: bytes) -> tuple[dict, int, int]:
         text = d.decompress(header, max_length=MAX_HEADER_BYTES)
         if not d.eof:
             raise ValueError("header too large or cut short")
-        return json.loads(text), end, version
     except (ValueError, lzma.LZMAError):
         raise ArtifactError(f"{path}: header is not valid (LZMA-compressed JSON)") from None
+    try:
+        return parse_json(text, f"{path}: header"), end, version
+    except InputError as e:
+        raise ArtifactError(str(e)) from None
 
 
 _NP_DTYPES = {"float16": np.float16, "float32": np.float32, "int64": np.int64}
@@ -481,10 +494,9 @@ def read_artifact(path: str, expected_shapes: dict | Callable[[dict], dict] | No
     ``expected_shapes``: name -> shape that those tensors must have (and every such name must
     be there), or a function of the meta that returns them (checked before decoding)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ArtifactError(f"cannot read artifact {path}: {e.strerror}") from None
+        raw = read_bounded(path, "artifact", MAX_ARTIFACT_BYTES)
+    except InputError as e:
+        raise ArtifactError(str(e)) from None
     try:
         return _read(path, raw, expected_shapes)
     except ProteusError:

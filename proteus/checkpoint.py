@@ -32,7 +32,14 @@ from proteus.artifact import read_artifact
 from proteus.config import RunConfig
 from proteus.device import require_memory
 from proteus.errors import ConfigError, ProteusError, RunFailed
-from proteus.files import OutputError, atomic_write, remove_stale_temps
+from proteus.files import (
+    InputError,
+    OutputError,
+    atomic_write,
+    check_file,
+    read_bounded,
+    remove_stale_temps,
+)
 from proteus.model import GPT, build_model
 from proteus.quant import QuantizedState, apply_int6
 
@@ -42,6 +49,7 @@ STATE_DIR = "checkpoints"
 _SEAL = b"proteus-sha256:"
 _EOCD = b"PK\x05\x06"  # zip end-of-central-directory record: 22 bytes + its comment
 _DIGEST_HEX = 64
+MAX_CHECKPOINT_BYTES = 1 << 36  # read whole to check its seal; memory is checked first
 
 
 class CheckpointError(ProteusError):
@@ -113,15 +121,12 @@ def write_sealed(path: Path, obj: dict) -> None:
 def read_sealed(path: str | os.PathLike, fmt: str, what: str) -> dict:
     """The dict a sealed file holds, after checking every byte and its format tag."""
     path = str(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{what} {path} not found")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{what} {path} is not a file")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from None
+        size = check_file(path, what, MAX_CHECKPOINT_BYTES)
+        require_memory(2 * size, torch.device("cpu"), f"{what} {path}")
+        raw = read_bounded(path, what, MAX_CHECKPOINT_BYTES)
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
     verify_seal(raw, path)
     try:
         blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
@@ -222,9 +227,33 @@ def load_train_state(path: str | os.PathLike) -> dict:
     return blob
 
 
+def newest_intact_state(run_dir: str | os.PathLike) -> tuple[dict | None, list[str]]:
+    """The newest training state of a run that loads (every byte checked), and one line per
+    newer state that was damaged and skipped; (None, []) for a run with no state. Every state
+    damaged: CheckpointError naming the newest and how many there were."""
+    skipped: list[str] = []
+    paths = state_paths(run_dir)
+    for path in reversed(paths):
+        try:
+            return load_train_state(path), skipped
+        except CheckpointError as e:
+            skipped.append(str(e))
+    if paths:
+        raise CheckpointError(f"{skipped[0]}; and no older training state of the run is intact "
+                              f"({len(paths)} checked)")
+    return None, []
+
+
+_RUN_FILE = re.compile(r"(config\.json|summary\.json|model\.ckpt|model\.int6|cache_params\.json)")
+_STATE_FILE = re.compile(r"step-\d{9}\.ckpt")
+
+
 def clean_run_dir(run_dir: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that killed writes left in a run directory."""
-    return remove_stale_temps(run_dir) + remove_stale_temps(state_dir(run_dir))
+    """Delete the temporary files that killed writes of the run's own files left in a run
+    directory (``.model.ckpt.tmp123``); anything else, a user's ``notes.tmp123`` included, is
+    left alone."""
+    return (remove_stale_temps(run_dir, lambda n: bool(_RUN_FILE.fullmatch(n)))
+            + remove_stale_temps(state_dir(run_dir), lambda n: bool(_STATE_FILE.fullmatch(n))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +325,25 @@ def load_model(path: str, kernels: str | None) -> tuple[GPT, RunConfig, dict]:
             raise ConfigError(f"checkpoint {path} does not match its config: {e}") from None
         info = dict(source="checkpoint", **extra)
     return model, cfg, info
+
+
+def train_memory_bytes(cfg: RunConfig, seqs_per_rank: int, micro: int) -> dict[str, int]:
+    """A lower bound of one rank's peak memory for training and evaluating ``cfg``, in bytes,
+    by part, from the config alone (nothing allocated): the weights with their gradients,
+    optimiser moments, EMA, SWA and warm-up copies (6 fp32 copies); a step's tokens (int64
+    inputs and targets); the activations a micro-batch keeps for backward (per block and
+    token: 4 x model_dim + 2 x MLP hidden values at 2 bytes, bf16 at best; the logits in fp32,
+    twice); and an evaluation batch's logits. Attention scores, temporaries and the allocator's
+    slack come on top, so a run refused by it could never fit; one that passes may still not."""
+    mc, tc, ec = cfg.model, cfg.train, cfg.eval
+    params = sum(_numel(s) for s in expected_shapes(cfg).values())
+    step_tokens = seqs_per_rank * tc.seq_len
+    micro_tokens = micro * tc.seq_len
+    per_token = mc.num_layers * (4 * mc.model_dim + 2 * mc.mlp_hidden) * 2
+    eval_tokens = ec.eval_batch_seqs * (ec.eval_seq_len or tc.seq_len)
+    return {"weights and optimiser state": 24 * params, "the step's tokens": 16 * step_tokens,
+            "activations": micro_tokens * (per_token + 8 * mc.vocab_size),
+            "evaluation logits": eval_tokens * 8 * mc.vocab_size}
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -34,6 +34,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 0.1:  # nan fails too
+        raise argparse.ArgumentTypeError(f"expected a number of bpb in [0, 0.1], got {text!r}")
+    return value
+
+
 def _cli_values(ns: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(ns).items() if "." in k}
 
@@ -140,7 +150,8 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, metavar="FILE",
                    help="also write every reported number, at full precision, to FILE")
     add_config_arguments(e, sections=("eval",))
-    e.add_argument("--kernels", dest="train.kernels", default=None, help="ref or triton")
+    e.add_argument("--kernels", dest="train.kernels", default=None, choices=("ref", "triton"),
+                   help="ref or triton")
     e.add_argument("--val-files", dest="train.val_files", default=None,
                    help="glob of validation shards ('' = the bundled sample)")
 
@@ -249,6 +260,10 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
                     help="one-paragraph summary")
     sb.add_argument("--baseline", action="append", default=None, metavar="VALUES|RUN_DIR",
                     help="the previous best: bpb numbers or run directories (repeatable)")
+    sb.add_argument("--tolerance", type=_tolerance, default=None, metavar="BPB",
+                    help="how far a claimed score may be from the one submit recomputes from "
+                    "the artifact (default 0.0001; every published number is the recomputed "
+                    "one)")
 
     dt = sub.add_parser("data", help="data tools")
     dt_sub = dt.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
@@ -390,15 +405,17 @@ def _dispatch(parser, args) -> int:
             return main_resume(args.resume, {**_cli_values(args), "train.preset": args.preset})
         from proteus.commands import main_train
 
-        cfg = build_config(args.preset or DEFAULT_PRESET, _cli_values(args))
+        cfg = build_config(DEFAULT_PRESET if args.preset is None else args.preset,
+                           _cli_values(args))
         if seeds and len(seeds) == 1 and "," not in args.seeds:  # a count
             seeds = [cfg.train.seed + i for i in range(seeds[0])]
         return main_train(cfg, seeds=seeds, baseline=args.baseline)
     if args.command == "submit":
         from proteus.commands import main_submit
 
+        extra = {} if args.tolerance is None else {"tolerance": args.tolerance}
         return main_submit(args.run_dirs, args.out, args.name, args.author, args.github_id,
-                           args.blurb, args.baseline)
+                           args.blurb, args.baseline, **extra)
     if args.command is None:
         parser.print_help()
         return 2

@@ -7,7 +7,6 @@ it (see the comment in ``cli._dispatch``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -17,11 +16,17 @@ import torch
 
 from proteus import data as D
 from proteus.artifact import ARTIFACT_LIMIT, inspect_artifact, write_artifact
-from proteus.checkpoint import load_model, load_train_state, save_checkpoint
+from proteus.checkpoint import load_model, load_train_state, newest_intact_state, save_checkpoint
 from proteus.config import EvalConfig, RunConfig
 from proteus.device import pick_device
-from proteus.dist import close_process_group, collective_timeout, env_rank, setup_dist
-from proteus.errors import ConfigError, RunInterrupted
+from proteus.dist import (
+    PeerError,
+    close_process_group,
+    collective_timeout,
+    env_rank,
+    setup_dist,
+)
+from proteus.errors import ConfigError, ProteusError, RunInterrupted
 from proteus.eval import (
     EvalResult,
     check_ttt_fits,
@@ -43,9 +48,19 @@ from proteus.model import GPT
 from proteus.options import eval_overrides, resume_config
 from proteus.pack import pack, source_bytes
 from proteus.record_compat import load_record_state_dict
-from proteus.run import check_inputs, find_resume, open_run_dir, run
+from proteus.run import (
+    check_inputs,
+    discard_run_dir,
+    find_resume,
+    open_run_dir,
+    read_run_config,
+    run,
+)
 from proteus.submit import (
+    TOLERANCE_BPB,
+    artifact_provenance,
     baseline_values,
+    claimed_scores,
     format_summary,
     load_run,
     summarize,
@@ -81,6 +96,18 @@ def main_train(cfg: RunConfig, resume: tuple[Path, dict | None] | None = None,
                         raise
                     raise RunInterrupted(f"{e}; continue with: proteus train --resume {run_dir}",
                                          e.signum) from None
+                except PeerError as e:
+                    if run_dir is None:
+                        raise
+                    raise PeerError(f"{e}; continue with: proteus train --resume "
+                                    f"{run_dir}") from None
+                except (ProteusError, MemoryError, RuntimeError) as e:
+                    # a refused run (bad input, out of memory) leaves no directory behind
+                    if run_dir is not None and not resume and env_rank() == 0 and (
+                            not isinstance(e, ProteusError) or e.exit_code == 2
+                            or "memory" in str(e)):
+                        discard_run_dir(run_dir)
+                    raise
             failed = False
         finally:
             close_process_group(failed)
@@ -95,7 +122,7 @@ def main_train(cfg: RunConfig, resume: tuple[Path, dict | None] | None = None,
                   file=sys.stderr)
             code = 1
     if seeds:
-        s = summarize([load_run(d) for d, _ in done], base_values)
+        s = summarize([claimed_scores(load_run(d)) for d, _ in done], base_values)
         path = done[0][0].parent / f"{base}-seeds.json"
         atomic_write_json(path, s)
         print(format_summary(s))
@@ -110,16 +137,18 @@ def seed_config(cfg: RunConfig, seed: int, base: str) -> RunConfig:
 
 
 def main_submit(run_dirs: list[str], out: str, name: str, author: str, github_id: str,
-                blurb: str, baseline: list[str] | None) -> int:
-    """``proteus submit``: check the rules over the seeds' run directories and write the
-    records folder; every broken rule is one line naming the seed and the number (exit 2)."""
-    runs = [load_run(p) for p in run_dirs]
-    base = baseline_values(baseline) if baseline else None
+                blurb: str, baseline: list[str] | None,
+                tolerance: float = TOLERANCE_BPB) -> int:
+    """``proteus submit``: check the seeds' run directories (sealed files, the artifact they
+    are bound to, every score recomputed from it) and the rules, then write the records
+    folder; every broken rule is one line naming the seed and the number (exit 2)."""
     dest = Path(out)
-    if dest.exists():
+    if os.path.lexists(dest):
         raise ConfigError(f"{dest} already exists; pass a new --out folder")
+    runs = [load_run(p) for p in run_dirs]
+    base = baseline_values(baseline, tolerance) if baseline else None
     folder, failures = write_records(runs, dest, name=name, author=author, github_id=github_id,
-                                     blurb=blurb, baseline=base)
+                                     blurb=blurb, baseline=base, tolerance=tolerance)
     if failures:
         for line in failures:
             print(f"proteus: rule failed: {line}", file=sys.stderr)
@@ -130,22 +159,23 @@ def main_submit(run_dirs: list[str], out: str, name: str, author: str, github_id
 
 
 def main_resume(path: str, cli: dict) -> int:
-    """``proteus train --resume RUN_DIR``: the run's own config (from its newest training
-    state, else its config.json), with only the options that do not change what is trained."""
+    """``proteus train --resume RUN_DIR``: the run's own config (from its newest intact
+    training state, else its sealed config.json), with only the options that do not change
+    what is trained. A damaged newest state is skipped for the newest intact one, with a line
+    saying so; a state file named explicitly is that one or nothing."""
     run_dir, state_path = find_resume(path)
-    state = load_train_state(state_path) if state_path else None
-    saved = state["config"] if state else _run_config(run_dir)
-    cfg = resume_config(saved, cli, where=f"run {run_dir}")
+    saved = read_run_config(run_dir)  # sealed: an edited config.json is refused
+    if Path(path).is_file():
+        state = load_train_state(state_path)
+    else:
+        state, skipped = newest_intact_state(run_dir)
+        for line in skipped:
+            print(f"proteus: {line}", file=sys.stderr)
+        if skipped:
+            print(f"proteus: resuming from the newest intact training state, {state['path']}",
+                  file=sys.stderr)
+    cfg = resume_config(state["config"] if state else saved, cli, where=f"run {run_dir}")
     return main_train(cfg, resume=(run_dir, state))
-
-
-def _run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.json"
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    return RunConfig.from_dict(d, where=str(path))
 
 
 def main_eval(path: str, cli: dict, like_run: bool = False, json_path: str | None = None
@@ -190,8 +220,11 @@ def _eval(path: str, cli: dict, rank: int, world: int, like_run: bool = False,
     say(f"proteus eval: {path} ({info['source']}), kernels={model.ops.name}, "
         f"{tokens.numel() - 1:,} targets (validation tokens {first:,}.."
         f"{first + tokens.numel() - 1:,}), window {plan.seq}, {world} process(es)")
+    if info["source"] == "artifact" and rank == 0:
+        say(f"  {artifact_provenance(path)}")
     if info.get("float_bpb") is not None:
-        say(f"  bpb before quantisation (recorded at training): {format_bpb(info['float_bpb'])}")
+        say(f"  bpb before quantisation (recorded at training, in the file's header): "
+            f"{format_bpb(info['float_bpb'])}")
     r = evaluate(model, tokens, plan, lut=lut, progress=True)
     for line in summary_lines(r, plan.seq):
         say(line)

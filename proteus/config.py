@@ -377,9 +377,11 @@ class TrainConfig:
         if not self.out_dir.strip():
             raise ConfigError("out_dir (--out-dir) is empty; pass a folder for run directories")
         if self.run_name and (self.run_name in (".", "..") or "/" in self.run_name
-                              or os.sep in self.run_name or "\0" in self.run_name):
+                              or os.sep in self.run_name or not self.run_name.isprintable()
+                              or self.run_name != self.run_name.strip()):
             raise ConfigError(f"run_name {self.run_name!r} (--run-name) must be a plain folder "
-                              "name (no path separators); put the parent folder in --out-dir")
+                              "name (no path separators, control characters, or spaces at "
+                              "either end); put the parent folder in --out-dir")
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,15 @@ import torch
 
 from proteus.caseops import OPERATORS as CASEOPS_OPERATORS
 from proteus.errors import ProteusError
-from proteus.files import atomic_write
+from proteus.files import InputError, atomic_write, check_file
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 BOS_ID = 1
+MAX_TOKENIZER_BYTES = 64 << 20  # a 1024-token SentencePiece model is ~250 KB
+MAX_SHARD_BYTES = 1 << 36  # a FineWeb shard is ~200 MB
 
 
 class DataError(ProteusError):
@@ -67,6 +69,11 @@ def bundled_val_glob(vocab_size: int = 1024) -> str:
 def read_shard_header(path: str | os.PathLike) -> int:
     """Check a shard's header against its size; return its token count."""
     path = str(path)
+    try:
+        if os.path.exists(path):  # a FIFO or a device is refused, not read
+            check_file(path, "shard", MAX_SHARD_BYTES)
+    except InputError as e:
+        raise DataError(str(e)) from None
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -314,6 +321,10 @@ def load_tokenizer(path: str = "", vocab_size: int = 1024):
             f"tokenizer {path} not found; pass --tokenizer with the model's .model file "
             "or leave it empty for the bundled one"
         )
+    try:
+        check_file(path, "tokenizer", MAX_TOKENIZER_BYTES)  # /dev/zero would be read forever
+    except InputError as e:
+        raise DataError(str(e)) from None
     sp = spm.SentencePieceProcessor()
     try:
         ok = sp.Load(path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import socket
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -61,11 +62,21 @@ def env_rank() -> int:
 
 
 def env_world() -> int:
-    """The number of processes torchrun started (1 when not launched by torchrun)."""
+    """The number of processes torchrun started (1 when not launched by torchrun); the rest of
+    torchrun's environment is checked with it (RANK, LOCAL_RANK, and with several processes
+    MASTER_ADDR and MASTER_PORT), so a bad launch is one line before any work."""
     world = _env_int("WORLD_SIZE", 1, 1)
     rank = env_rank()
+    local_rank()
     if rank >= world:
         raise ConfigError(f"environment variable RANK={rank} is not below WORLD_SIZE={world}")
+    if world > 1:
+        missing = [n for n in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
+        if missing:
+            raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} "
+                              f"{'is' if len(missing) == 1 else 'are'} not set: start the "
+                              "processes with torchrun (or unset WORLD_SIZE for one process)")
+        _env_int("MASTER_PORT", 0, 1)
     return world
 
 
@@ -124,7 +135,8 @@ def _publish() -> None:
     store = _store()
     if store is not None:
         try:
-            store.set(f"{_HEARTBEAT}{dist.get_rank()}", f"{_state['done']}|{_state['where']}")
+            store.set(f"{_HEARTBEAT}{dist.get_rank()}",
+                      f"{_state['done']}|{socket.gethostname()}|{os.getpid()}|{_state['where']}")
         except Exception:  # noqa: BLE001 - a heartbeat must never be the thing that fails
             pass
 
@@ -142,12 +154,34 @@ def _peers(rank: int, world: int) -> str:
         for r in range(world):
             key = f"{_HEARTBEAT}{r}"
             if r != rank and store.check([key]):
-                done, _, at = store.get(key).decode().partition("|")
+                done, host, pid, at = store.get(key).decode().split("|", 3)
                 behind = " and never joined it" if int(done) < _state["done"] else ""
-                out.append(f"rank {r} was last at {at}{behind}")
+                gone = (f" (its process {pid} has exited: the lost peer)"
+                        if host == socket.gethostname() and not _pid_alive(int(pid)) else "")
+                out.append(f"rank {r} was last at {at}{behind}{gone}")
     except Exception:  # noqa: BLE001
         return ""
     return "; " + ", ".join(out) if out else ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def signal_note() -> str:
+    """What a SIGTERM means under a process group: torchrun ends the surviving ranks with it
+    when one rank exits; names the peers and where they were ('' without a group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ""
+    rank, world = rank_world()
+    return (f" (rank {rank} of {world}: torchrun stops the other ranks this way when one "
+            f"exits{_peers(rank, world)})")
 
 
 def _guarded(op: str, fn: Callable[[], T]) -> T:

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import re
 from pathlib import Path
 
 from proteus.errors import ConfigError
-from proteus.files import atomic_write
+from proteus.files import InputError, atomic_write, parse_json, read_bounded, read_json
 
 try:  # optional: the package and every command but the charts work without it
     from matplotlib.figure import Figure
@@ -187,24 +186,64 @@ def _write_points(path: Path, rows: list[dict]) -> None:
 # A run's training curves
 
 
+MAX_LOG_BYTES = 1 << 30
+_NUM, _OPT = (int, float), (int, float, type(None))
+# the fields of each record kind the figure reads: name -> (types, required)
+RECORD_FIELDS = {
+    "step": {"step": ((int,), True), "train_s": (_NUM, True), "loss": (_NUM, True),
+             "tok_s": (_NUM, True)},
+    "val": {"step": ((int,), True), "bpb": (_NUM, True), "train_s": (_NUM, False)},
+    "config": {"params": ((int,), False), "world": ((int,), False), "config": ((dict,), False)},
+    "final": {"val": ((dict,), False), "steps": ((int,), False),
+              "train_seconds": (_NUM, False), "final_weights": ((str,), False)},
+}
+
+
+def _check_record(rec: dict, kind: str, where: str) -> None:
+    """Each field the figure reads has its type (a bool is not a number), or one line."""
+    for name, (kinds, required) in RECORD_FIELDS[kind].items():
+        if name not in rec:
+            if required:
+                raise ConfigError(f"{where}: the {kind} record has no {name!r}; is the file a "
+                                  "run's log?")
+            continue
+        v = rec[name]
+        if not isinstance(v, kinds) or isinstance(v, bool):
+            raise ConfigError(f"{where}: {kind} record field {name!r} is {str(v)[:40]!r}, not "
+                              f"{'/'.join(k.__name__ for k in kinds)}")
+    if kind == "final" and "val" in rec and not isinstance(rec["val"].get("bpb", 0.0), _OPT):
+        raise ConfigError(f"{where}: final record field 'val.bpb' is not a number")
+    if kind == "config":
+        c = rec.get("config", {})
+        t = c.get("train", {}) if isinstance(c, dict) else None
+        if not isinstance(t, dict) or not isinstance(t.get("preset", ""), str):
+            raise ConfigError(f"{where}: config record field 'config.train.preset' is not text")
+
+
 def read_run_log(run_dir: str | os.PathLike) -> dict:
     """``log.jsonl``'s records by kind: config (dict), step / val (lists), final (dict)."""
     path = Path(run_dir) / "log.jsonl"
     if not Path(run_dir).is_dir():
         raise ConfigError(f"run directory {run_dir} not found")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ConfigError(f"no log.jsonl in {run_dir}: pass a run directory written by "
                           "`proteus train`")
     out: dict = {"config": {}, "step": [], "val": [], "final": {}}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                raise ConfigError(f"{path}:{n} is not JSON; is the file a run's log?") from None
-            kind = rec.get("event")
+    try:
+        raw = read_bounded(path, "run log", MAX_LOG_BYTES)
+    except InputError as e:
+        raise ConfigError(str(e)) from None
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = parse_json(line, f"{path}:{n}")
+        except InputError as e:
+            raise ConfigError(f"{e}; is the file a run's log?") from None
+        kind = rec.get("event") if isinstance(rec, dict) else None
+        if isinstance(kind, str):
+            if kind in RECORD_FIELDS:
+                _check_record(rec, kind, f"{path}:{n}")
             if kind in ("step", "val"):
                 out[kind].append(rec)
             elif kind in ("config", "final"):
@@ -219,9 +258,9 @@ def _summary_losses(run_dir: Path) -> list[float]:
     """Every step's loss from ``summary.json`` (a finished run's), for logs written before
     each step had its own record; [] when there is none or it is unreadable."""
     try:
-        losses = json.loads((run_dir / "summary.json").read_text()).get("losses") or []
+        losses = read_json(Path(run_dir) / "summary.json", "run summary").get("losses") or []
         return [float(x) for x in losses]
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (InputError, ValueError, TypeError, AttributeError):
         return []
 
 

@@ -22,7 +22,11 @@ the packed, self-extracting script of the modules training and evaluation import
 
 from __future__ import annotations
 
+import errno
+import glob
 import logging
+import os
+import re
 import time
 from pathlib import Path
 
@@ -37,6 +41,7 @@ from proteus.artifact import (
     write_artifact,
 )
 from proteus.checkpoint import (
+    STATE_DIR,
     JsonLog,
     clean_run_dir,
     int6_model,
@@ -44,15 +49,17 @@ from proteus.checkpoint import (
     save_checkpoint,
     state_dir,
     state_paths,
+    train_memory_bytes,
 )
 from proteus.config import RunConfig
-from proteus.device import device_name, pick_device
+from proteus.device import available_memory, device_name, pick_device
 from proteus.dist import (
     Dist,
     broadcast_text,
     collective_timeout,
     env_world,
     heartbeat,
+    local_rank,
     rank_world,
 )
 from proteus.errors import ConfigError, RunInterrupted
@@ -64,7 +71,17 @@ from proteus.eval import (
     load_eval_tokens,
     make_plan,
 )
-from proteus.files import OutputError, atomic_write_json
+from proteus.files import (
+    InputError,
+    OutputError,
+    fsync_dir,
+    json_digest,
+    read_sealed_json,
+    remove_stale_temps,
+    sha256_file,
+    stale_pid,
+    write_sealed_json,
+)
 from proteus.gptq import quantize_with_calibration, run_choices
 from proteus.model import GPT, build_model
 from proteus.pack import packed_code_bytes
@@ -75,6 +92,7 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_NAME = "model.int6"
 TRAIN_LOG = "train.log"
+MAX_ARTIFACT_READ = 1 << 30  # an artifact is read whole to hash it; the budget is 16 MB
 
 
 SUMMARY_NAME = "summary.json"
@@ -84,7 +102,7 @@ def check_inputs(cfg: RunConfig) -> None:
     """The tokenizer (and its vocabulary size) and the shards' headers, before a run directory
     is made: a typo in a path costs no directory and no work."""
     tc = cfg.train
-    batch_layout(tc, env_world())
+    check_memory(cfg, *batch_layout(tc, env_world()))
     vocab = cfg.model.vocab_size
     D.tokenizer_lut(tc.tokenizer, vocab)
     D.TokenStream(tc.train_files or D.bundled_train_glob(vocab))
@@ -94,24 +112,81 @@ def check_inputs(cfg: RunConfig) -> None:
     make_plan(cfg)  # a bad cache parameter file fails before any training
 
 
+def check_memory(cfg: RunConfig, seqs_per_rank: int, micro: int) -> None:
+    """Refuse, in one line with the estimate and the limit, a run whose peak memory (a lower
+    bound: :func:`~proteus.checkpoint.train_memory_bytes`) exceeds what its device has (on a
+    CPU, shared by the ranks on this machine), before anything is allocated or created."""
+    tc = cfg.train
+    parts = train_memory_bytes(cfg, seqs_per_rank, micro)
+    cuda = torch.cuda.is_available() and tc.device in ("auto", "cuda")
+    device = torch.device("cuda", local_rank()) if cuda else torch.device("cpu")
+    try:
+        ranks = 1 if cuda else max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    except ValueError:
+        ranks = 1
+    need, avail = ranks * sum(parts.values()), available_memory(device)
+    if avail is not None and need > avail:
+        big = max(parts, key=parts.get)
+        per = f"{ranks} ranks x {need // ranks / 2**30:,.1f} GiB, " if ranks > 1 else ""
+        raise ConfigError(f"this run needs at least {need / 2**30:,.1f} GiB of memory ({per}most "
+                          f"of it {big}); the {device.type} has {avail / 2**30:,.1f} GiB "
+                          "available: use a smaller batch, micro-batch or model")
+
+
 def open_run_dir(cfg: RunConfig, resume: str | Path | None = None) -> Path:
     """The run directory, the same on every rank (rank 0 decides, then tells the others).
 
     New run: ``out_dir/run_name`` must not exist (refused); the default name ``preset-time``
-    gets a ``-2``, ``-3``... suffix if another run took it. It is created with
-    ``config.json``. Resumed run (``resume``: its directory): it must hold ``config.json`` and
-    no ``summary.json``; temporary files of killed writes are deleted."""
+    gets a ``-2``, ``-3``... suffix if another run took it. It appears atomically with its
+    sealed ``config.json`` (made as ``.NAME.tmpPID``, then renamed), so a killed start leaves
+    no half-made directory under the name; one left by an older proteus (no config.json, nothing
+    else in it) is reused, with a line saying so. Resumed run (``resume``: its directory): it
+    must hold a sealed ``config.json`` and no ``summary.json``; temporary files of killed
+    writes are deleted."""
     rank, _ = rank_world()
     text = ""
     if rank == 0:
         try:
             text = str(_resume_dir(Path(resume)) if resume else _new_run_dir(cfg))
-        except (ConfigError, OutputError) as e:
+        except (ConfigError, OutputError, InputError) as e:
             text = "\0" + str(e)  # every rank raises the same line, none waits for rank 0
     text = broadcast_text(text)
     if text.startswith("\0"):
         raise ConfigError(text[1:])
     return Path(text)
+
+
+CONFIG_NAME = "config.json"
+CONFIG_SEAL = "proteus-config-1"
+SUMMARY_SEAL = "proteus-summary-1"
+# what a run writes into its directory (its temporary files of killed writes are removed)
+RUN_FILES = (CONFIG_NAME, SUMMARY_NAME, "model.ckpt", ARTIFACT_NAME)
+_CREATING = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
+
+
+def _half_made(path: Path) -> bool:
+    """A directory that a killed start left under a run's name (an older proteus made the
+    directory before its config.json): no config.json and nothing but temporary files."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return all(_CREATING.match(p.name) and p.is_file() and not p.is_symlink()
+               for p in path.iterdir())
+
+
+def _remove_creating(parent: Path, name: str) -> None:
+    """Delete ``.NAME.tmpPID`` directories of starts that were killed (their process is gone)
+    before the rename; only what a start puts there (config.json, its temporary file)."""
+    for p in parent.glob(f".{glob.escape(name)}.tmp*"):
+        m = _CREATING.match(p.name)
+        if not (m and m["name"] == name and p.is_dir() and not p.is_symlink()):
+            continue
+        if not stale_pid(int(m["pid"])):
+            continue
+        inner = list(p.iterdir())
+        if all(q.name == CONFIG_NAME or _CREATING.match(q.name) for q in inner):
+            for q in inner:
+                q.unlink(missing_ok=True)
+            p.rmdir()
 
 
 def _new_run_dir(cfg: RunConfig) -> Path:
@@ -124,35 +199,117 @@ def _new_run_dir(cfg: RunConfig) -> Path:
     base = tc.run_name or f"{tc.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     for i in range(1, 1000):
         path = parent / (base if i == 1 else f"{base}-{i}")
+        if _half_made(path):
+            write_sealed_json(path / CONFIG_NAME, cfg.to_dict(), CONFIG_SEAL)
+            log.info(f"run directory {path} was left half-made by a killed run (no "
+                     "config.json, nothing else in it): reusing it for this run")
+            return path
         try:
-            path.mkdir()  # atomic: of two runs racing for a name, one gets it
-        except FileExistsError:
-            if tc.run_name:
-                raise ConfigError(f"run directory {path} already exists; pick another "
-                                  f"--run-name, or continue that run with --resume {path}"
-                                  ) from None
-            continue
+            _remove_creating(parent, path.name)
+            if _create_atomically(path, cfg):
+                return path
         except OSError as e:
             raise OutputError(f"cannot create run directory {path}: {e.strerror or e}") from None
-        try:
-            atomic_write_json(path / "config.json", cfg.to_dict())
-        except OutputError:
-            path.rmdir()  # no half-made run directory is left behind
-            raise
-        return path
+        if tc.run_name:
+            raise ConfigError(f"run directory {path} already exists; pick another "
+                              f"--run-name, or continue that run with --resume {path}")
     raise ConfigError(f"no free run directory name {base}-N in {parent}; pass --run-name")
 
 
+def _create_atomically(path: Path, cfg: RunConfig) -> bool:
+    """Make ``path`` with its sealed config.json in one rename; False if the name is taken."""
+    if path.exists() or path.is_symlink():
+        return False
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.mkdir()
+    try:
+        write_sealed_json(tmp / CONFIG_NAME, cfg.to_dict(), CONFIG_SEAL)
+        try:
+            os.rename(tmp, path)  # atomic; refused if another run made a non-empty `path`
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+                return False
+            raise
+        fsync_dir(path.parent)
+        return True
+    finally:
+        if tmp.exists():
+            (tmp / CONFIG_NAME).unlink(missing_ok=True)
+            remove_stale_temps(tmp)
+            tmp.rmdir()
+
+
+def discard_run_dir(path: Path) -> bool:
+    """Remove a new run's directory after its run was refused (bad input, too little memory)
+    before it saved anything worth keeping: only the files a run writes at its start
+    (config.json, log.jsonl, train.log, an empty checkpoints/). Returns whether it went."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    start = {CONFIG_NAME, "log.jsonl", TRAIN_LOG, STATE_DIR}
+    inner = list(path.iterdir())
+    states = path / STATE_DIR
+    if any(p.name not in start and not _CREATING.match(p.name) for p in inner) or (
+            states.is_dir() and any(states.iterdir())):
+        return False
+    for p in inner:
+        if p.is_dir() and not p.is_symlink():
+            p.rmdir()
+        else:
+            p.unlink(missing_ok=True)
+    path.rmdir()
+    return True
+
+
+def _refuse_half_made(path: Path) -> None:
+    if _half_made(path):
+        raise ConfigError(f"--resume {path}: a half-made run directory (its start was killed "
+                          "before config.json was written): nothing to resume; start the run "
+                          f"again with --out-dir {path.parent} --run-name {path.name}, which "
+                          "reuses it")
+
+
 def _resume_dir(path: Path) -> Path:
-    if not path.is_dir() or not (path / "config.json").is_file():
+    _refuse_half_made(path)
+    if not path.is_dir() or not (path / CONFIG_NAME).exists():
         raise ConfigError(f"--resume {path}: not a run directory (no config.json in it)")
     if (path / SUMMARY_NAME).exists():
         raise ConfigError(f"--resume {path}: that run finished ({SUMMARY_NAME} is there); "
                           "start a new run")
+    for name in (CONFIG_NAME, "log.jsonl", TRAIN_LOG):
+        f = path / name
+        if f.is_symlink() or (f.exists() and not f.is_file()):
+            raise ConfigError(f"--resume {path}: {name} is "
+                              f"{'a symbolic link' if f.is_symlink() else 'not a regular file'}"
+                              "; a run writes only its own files")
     removed = clean_run_dir(path)
     if removed:
         log.info(f"removed {len(removed)} temporary file(s) of killed writes from {path}")
     return path
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    """A run's sealed config.json (bounded read, no symbolic link; an edit is refused)."""
+    path = Path(run_dir) / CONFIG_NAME
+    body, _ = read_sealed_json(path, CONFIG_SEAL, "run config", 1 << 20)
+    cfg = RunConfig.from_dict(body, where=str(path))
+    if body != cfg.to_dict():  # a field left out would silently take its default
+        missing = sorted(f"{s}.{k}" for s, fields in cfg.to_dict().items() for k in fields
+                         if not isinstance(body.get(s), dict) or k not in body[s])
+        raise ConfigError(f"{path}: fields missing from the run's config: "
+                          f"{', '.join(missing[:5]) or 'sections'}; it was not written by "
+                          "proteus")
+    return cfg
+
+
+def write_summary(run_dir: Path, results: dict, cfg: RunConfig) -> None:
+    """``summary.json``, sealed and bound to the artifact's SHA-256 and size (counted from the
+    file) and to the run's config: ``proteus submit`` refuses an edited or mismatched one."""
+    binds: dict = {"config_sha256": json_digest(cfg.to_dict())}
+    art = Path(run_dir) / ARTIFACT_NAME
+    if art.is_file():
+        binds["artifact_sha256"], binds["artifact_bytes"] = sha256_file(
+            art, "artifact", MAX_ARTIFACT_READ)
+    write_sealed_json(Path(run_dir) / SUMMARY_NAME, results, SUMMARY_SEAL, binds)
 
 
 def find_resume(path: str | Path) -> tuple[Path, Path | None]:
@@ -164,6 +321,7 @@ def find_resume(path: str | Path) -> tuple[Path, Path | None]:
         return p.parent.parent, p
     if not p.is_dir():
         raise ConfigError(f"--resume {p}: not a run directory or a checkpoints/step-N.ckpt file")
+    _refuse_half_made(p)
     states = state_paths(p)
     return p, (states[-1] if states else None)
 
@@ -221,7 +379,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
                 autocast=trained.autocast, plan=plan)
             results["eval_seconds"] += results["artifact"].get("eval_seconds", 0.0)
             if dd.main:
-                atomic_write_json(run_dir / SUMMARY_NAME, results)
+                write_summary(run_dir, results, cfg)
         failed = False
         return results
     except RunInterrupted as e:

@@ -63,7 +63,7 @@ from proteus.checkpoint import (
 )
 from proteus.config import RunConfig
 from proteus.device import pick_device, require_memory, use_autocast
-from proteus.dist import Dist, collective_timeout, heartbeat
+from proteus.dist import Dist, collective_timeout, heartbeat, signal_note
 from proteus.errors import ConfigError, RunFailed, RunInterrupted
 from proteus.eval import evaluate, format_bpb, validation_plan
 from proteus.model import GPT, build_model
@@ -199,7 +199,8 @@ class StopSignal:
         if self.deferring and self.signum is None:
             self.signum = signum  # the loop saves after this step
             return
-        raise RunInterrupted(f"interrupted by {signal.Signals(signum).name}", signum)
+        raise RunInterrupted(f"interrupted by {signal.Signals(signum).name}{signal_note()}",
+                             signum)
 
 
 def _first_nonfinite_tensor(model: GPT) -> str:
@@ -617,7 +618,7 @@ class _Loop:
         signum = stop.signum if stop is not None and stop.signum else signal.SIGTERM
         self.dd.barrier()  # no rank exits (and has torchrun stop the others) mid-save
         raise RunInterrupted(
-            f"stopped by {signal.Signals(signum).name} after step {self.step}: "
+            f"stopped by {signal.Signals(signum).name}{signal_note()} after step {self.step}: "
             + (f"training state saved to {path}" if self.run_dir else "no run directory, "
                "nothing saved"), signum)
 

@@ -22,7 +22,7 @@ tokens = D.load_tokens(D.bundled_val_glob(), "val", limit=1025)
 lut = D.build_byte_lut(D.load_tokenizer(), 1024)
 seq = cfg.train.seq_len
 r = ttt_score(model, tokens, lut, seq, cfg.eval)
-cache = cache_report(make_plan(cfg), tokens, r.scores, rank, world)
+cache, _ = cache_report(make_plan(cfg), tokens, r.scores, rank, world)
 plain = score_tokens(model, tokens, lut, seq, cfg.eval.stride).bpb()
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"world": world, "bpb": r.scores.bpb(), "bpb_cache": cache["bpb_cache"],

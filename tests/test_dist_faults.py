@@ -76,4 +76,4 @@ def test_a_stalled_or_dead_peer_ends_the_other_rank_with_one_line(tmp_path, sig,
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("proteus: error: rank 0 of 2: ") and why in lines[0], lines[0]
     assert "; rank 1 was last at step " in lines[0], lines[0]
-    assert lines[0].endswith("every rank stops"), lines[0]
+    assert "every rank stops; continue with: proteus train --resume " in lines[0], lines[0]

@@ -57,12 +57,14 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     events = [r["event"] for r in records]
     assert events[0] == "config" and "step" in events and events[-1] == "final"
     # every step on record (what `proteus plot` draws), however seldom a line is printed:
-    # the screen has steps 1, 4 and the last (--log-every 4), the log all six
+    # the screen has steps 1, 4 and the last (--log-every 4; others only when 10 s passed
+    # since the last line, which a loaded machine can make happen), the log all six
     steps = [r for r in records if r["event"] == "step"]
     assert [r["step"] for r in steps] == list(range(1, 7))
     assert [r["loss"] for r in steps] == summary["losses"]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("step ")]
-    assert [int(ln.split()[1]) for ln in lines] == [1, 4, 6], r.stdout[-3000:]
+    shown = [int(ln.split()[1]) for ln in lines]
+    assert {1, 4, 6} <= set(shown) and shown == sorted(set(shown)), r.stdout[-3000:]
     assert lines[-1].endswith("eta 0m00s")  # the last of 6 steps: nothing left (issue 23)
     assert "warm-up: 1 step(s), discarded" in r.stdout
 

@@ -85,10 +85,10 @@ def run_audit(model: GPT, plan: EvalPlan, tokens: torch.Tensor, hashed: bool = F
 
 
 def cache_report(plan: EvalPlan, tokens: torch.Tensor, scores: TokenScores, rank: int = 0,
-                 world: int = 1, what: str = "the n-gram cache") -> dict:
+                 world: int = 1, what: str = "the n-gram cache") -> tuple[dict, torch.Tensor]:
     """bpb with the n-gram cache next to the model's own (``scores``), the cache's seconds and
-    throughput. The blended per-token scores of every rank are gathered and summed exactly,
-    so the number does not depend on the number of processes."""
+    throughput, and every target's blended log-probability (gathered from every rank and
+    summed exactly, so the number does not depend on the number of processes)."""
     lp, secs = cache_logprobs(scores, tokens, plan.ncfg, plan.backend, rank, world)
     if world > 1:  # every rank holds every target's blended score: one exact sum, any split
         lp = gather_ordered(lp)
@@ -101,4 +101,4 @@ def cache_report(plan: EvalPlan, tokens: torch.Tensor, scores: TokenScores, rank
                  f"without {format_bpb(base)}; difference {with_cache - base:+.4f}")
         log.info(f"  cache throughput {tps:,.0f} tokens/s ({plan.backend} backend)")
     return dict(bpb_model=base, bpb_cache=with_cache, gain=base - with_cache, tokens_per_s=tps,
-                seconds=secs / world)
+                seconds=secs / world), lp

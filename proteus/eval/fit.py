@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 
 import torch
@@ -16,6 +15,7 @@ from proteus.config import RunConfig
 from proteus.errors import ConfigError
 from proteus.eval.blend import NgramConfig, ngram_blend_logprobs
 from proteus.eval.counts import _counts
+from proteus.files import InputError, read_json
 from proteus.kernels import MAX_ORDER
 
 # ---------------------------------------------------------------------------------------------
@@ -40,14 +40,9 @@ def load_cache_params(path: str, order: int, doc: bool, vocab_size: int) -> Ngra
     one line) when it does not fit the evaluation: another order, document switch or
     vocabulary, or not such a file at all."""
     try:
-        with open(path) as f:
-            d = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"cache parameters {path}: {e.strerror}; pass a file written by "
-                          "`proteus tune-cache`") from None
-    except ValueError:
-        raise ConfigError(f"cache parameters {path} are not JSON; pass a file written by "
-                          "`proteus tune-cache`") from None
+        d = read_json(path, "cache parameters", 1 << 20)
+    except InputError as e:
+        raise ConfigError(f"{e}; pass a file written by `proteus tune-cache`") from None
     if not isinstance(d, dict) or d.get("format") != CACHE_PARAMS_FORMAT:
         raise ConfigError(f"cache parameters {path} are not a `proteus tune-cache` file "
                           f"(format tag {CACHE_PARAMS_FORMAT!r} missing)")
@@ -61,8 +56,8 @@ def load_cache_params(path: str, order: int, doc: bool, vocab_size: int) -> Ngra
             f: tuple(float(x) for x in d[f]) if isinstance(d[f], list) else float(d[f])
             for f in _FIELDS})
         cfg.validate()
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"cache parameters {path} are damaged: {e}") from None
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise ConfigError(f"cache parameters {path} are damaged: {str(e)[:120]}") from None
     return cfg
 
 

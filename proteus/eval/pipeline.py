@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+import proteus.eval.audit as A
 from proteus import data as D
 from proteus.config import RunConfig
 from proteus.data import ByteLUT
-from proteus.dist import rank_world
+from proteus.dist import rank_world, reduce_sum
 from proteus.eval.cache import cache_report, run_audit
 from proteus.eval.plan import EvalPlan, make_plan
 from proteus.eval.scoring import TokenScores, exact_sum, format_bpb, score_tokens
@@ -110,47 +111,81 @@ def evaluate(model, tokens: torch.Tensor, config: RunConfig | EvalPlan, *,
         log.info(f"  val bpb {format_bpb(plain['bpb'])} (loss {plain['loss']:.4f}, window {seq}, "
                  "plain)")
     res = EvalResult(plain)
+    records = {"plain": scores}  # the per-token records the audit re-derives the numbers from
     if plan.stride:
         t1 = time.perf_counter()
         scores = score_tokens(model, tokens, lut, seq, plan.stride, ec.eval_batch_seqs, device,
                               autocast, progress=progress, second=hints)
         res.sliding = _pass_numbers(scores, seq, plan.stride, time.perf_counter() - t1)
+        records["sliding"] = scores
         if not plan.quiet:
             log.info(f"  val bpb {format_bpb(scores.bpb())} (sliding window {seq}, stride "
                      f"{plan.stride})")
+    blended = {}
     if plan.cache:
-        res.cache = cache_report(plan, tokens, scores, rank, world)
+        res.cache, blended["cache"] = cache_report(plan, tokens, scores, rank, world)
     if plan.tilt:
         res.tilt = tilt_report(plan, tokens, scores, hints, hint_seconds)
     if plan.ttt:
-        res.ttt, t_scores = ttt_report(model, ec, tokens, lut, seq, device, autocast,
-                                       progress=progress, quiet=plan.quiet)
+        res.ttt, records["ttt"] = ttt_report(model, ec, tokens, lut, seq, device, autocast,
+                                             progress=progress, quiet=plan.quiet)
         if plan.cache:
-            res.ttt["cache"] = cache_report(plan, tokens, t_scores, rank, world,
-                                            what="TTT + the n-gram cache")
-    res.audit = _audit(model, plan, tokens, res, rank, hints)
+            res.ttt["cache"], blended["ttt + cache"] = cache_report(
+                plan, tokens, records["ttt"], rank, world, what="TTT + the n-gram cache")
+    res.audit = _audit(model, plan, tokens, lut, res, records, blended, rank, device, autocast,
+                       hints)
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def _audit(model, plan: EvalPlan, tokens: torch.Tensor, res: EvalResult, rank: int,
-           hints: torch.Tensor | None = None) -> dict:
-    """The audit the plan asks for, on rank 0: ``level``, ``passed`` (None where it did not
-    run), ``seconds`` and each check's verdict."""
+def _audit(model, plan: EvalPlan, tokens: torch.Tensor, lut: ByteLUT, res: EvalResult,
+           records: dict[str, TokenScores], blended: dict[str, torch.Tensor], rank: int, device,
+           autocast: bool, hints: torch.Tensor | None = None) -> dict:
+    """The audit the plan asks for (``proteus/eval/audit.py``): ``level``, ``passed``,
+    ``seconds`` and each check's verdict. TTT's check runs on every rank (its passes are
+    shared), the others on rank 0; every rank learns the verdict."""
     if plan.audit == "none":
         if plan.ec.audit == "none" and not plan.quiet:
             log.info("  audit skipped (--no-audit): the numbers above are not audited")
         return dict(level="none", passed=None, seconds=0.0, checks={})
     t0 = time.perf_counter()
+    lv = A.LEVELS[plan.audit]
     checks: dict[str, bool] = {}
-    if rank == 0 and plan.cache:
-        checks["cache"] = run_audit(model, plan, tokens)
-    if rank == 0 and plan.tilt:
-        full = plan.audit == "full"
-        checks["tilt"] = tilt_audit(model, plan, tokens, hints, 16 if full else 4, 8 if full else 2)
-    passed = all(checks.values()) if rank == 0 else None
+    if plan.ttt:
+        checks["ttt causal"] = A.check_ttt_causal(
+            model, plan, tokens, lut, lv["ttt_chunks"], lv["ttt_edits"],
+            lv["cache_positions"], device, autocast)
+    if rank == 0:
+        n, seq = tokens.numel() - 1, plan.seq
+        checks["windows"] = A.check_windows(n, seq, 0) and A.check_windows(n, seq, plan.stride)
+        checks["targets"] = all(
+            A.check_targets(model, tokens, s, seq, plan.stride if k == "sliding" else 0, lut,
+                            lv["targets"], device, autocast)
+            for k, s in records.items() if k != "ttt")
+        sp = D.load_tokenizer(plan.cfg.train.tokenizer, plan.cfg.model.vocab_size)
+        checks["bytes"] = A.check_bytes(sp, tokens, records, res.plain["bytes"])
+        reported = {k: v["bpb"] for k, v in (("plain", res.plain), ("sliding", res.sliding),
+                                               ("ttt", res.ttt)) if v is not None}
+        reported.update({k: d["bpb_cache"] for k, d in (
+            ("cache", res.cache), ("ttt + cache", (res.ttt or {}).get("cache"))) if d})
+        sums = {k: s.logp for k, s in records.items()} | blended
+        checks["sums"] = A.check_sums(reported, sums, res.plain["bytes"])
+        if plan.cache:
+            checks["cache causal"] = A.check_cache_causal(model, plan, tokens,
+                                                          lv["cache_positions"])
+            checks["cache"] = run_audit(model, plan, tokens)
+        if plan.tilt:
+            full = plan.audit == "full"
+            checks["tilt"] = tilt_audit(model, plan, tokens, hints, 16 if full else 4,
+                                        8 if full else 2)
+    bad = [k for k, v in checks.items() if not v]
+    passed = reduce_sum(float(len(bad)))[0] == 0
     out = dict(level=plan.audit, passed=passed, seconds=time.perf_counter() - t0, checks=checks)
+    if not plan.quiet:
+        log.info(f"  evaluation audit ({plan.audit}): {'PASS' if passed else 'FAIL'} ("
+                 + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in checks.items())
+                 + f"; {out['seconds']:.1f} s)")
     if res.cache is not None and rank == 0:
-        res.cache["audit_passed"] = checks["cache"]
+        res.cache["audit_passed"] = checks["cache"] and passed
         res.cache["audit_seconds"] = out["seconds"]
     return out

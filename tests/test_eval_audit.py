@@ -1,0 +1,157 @@
+"""The evaluation's audit (proteus/eval/audit.py) catches each class of bug in the code that
+produces the number: each is broken on purpose here, and the audit that ``evaluate`` runs
+must fail (and pass on the unbroken code, with the same data)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import proteus.eval.audit as A
+import proteus.eval.blend as B
+import proteus.eval.scoring as S
+import proteus.eval.ttt as T
+from proteus import data as D
+from proteus.eval import evaluate
+from proteus.model import build_model
+from proteus.options import build_config
+
+SEQ, STRIDE, CHUNK = 64, 32, 256
+
+
+@pytest.fixture(scope="module")
+def case():
+    cfg = build_config("smoke", {"eval.ttt_lr": 0.01, "eval.ttt_params": "lora"}, environ={})
+    torch.manual_seed(0)
+    model = build_model(cfg, "ref")
+    tokens = D.load_tokens(D.bundled_val_glob(), "val", limit=3 * CHUNK + 1)
+    lut = D.build_byte_lut(D.load_tokenizer(), 1024)
+    return cfg, model, tokens, lut
+
+
+def _run(case, **over) -> dict:
+    cfg, model, tokens, lut = case
+    ev = dict(stride=STRIDE, eval_batch_seqs=4, audit="cheap", audit_positions=2,
+              ngram_backend="numpy")
+    ec = dataclasses.replace(cfg.eval, **{**ev, **over})
+    return evaluate(model, tokens, dataclasses.replace(cfg, eval=ec), lut=lut).audit
+
+
+@pytest.mark.slow
+def test_the_audit_passes_the_unbroken_evaluation(case):
+    a = _run(case, cache="ngram", ttt=True, ttt_chunk=CHUNK)
+    assert a["passed"] is True and a["level"] == "cheap", a
+    assert set(a["checks"]) == {"windows", "targets", "bytes", "sums", "cache causal", "cache",
+                                "ttt causal"}
+
+
+def test_the_audit_passes_plain_and_sliding(case):
+    a = _run(case)
+    assert a["passed"] is True and set(a["checks"]) == {"windows", "targets", "bytes", "sums"}
+
+
+def test_a_target_scored_twice_or_skipped(case, monkeypatch):
+    real = S.windows
+
+    def overlapping(n, seq, stride):  # the last window scores one target early: one target
+        w = real(n, seq, stride)     # twice, the last one never (sliding windows only)
+        s, e, f = w[-1]
+        return w[:-1] + [(s, e - 1, f - 1)] if f - 1 > s else w
+
+    monkeypatch.setattr(S, "windows", overlapping)
+    a = _run(case)
+    assert a["passed"] is False and not a["checks"]["windows"]
+
+
+def test_a_target_scored_at_the_wrong_place(case, monkeypatch):
+    real = S._score_batch
+
+    def shifted(model, tokens, batch, *args, **kwargs):  # windows one token early
+        return real(model, tokens, [(max(s - 1, 0), e - 1 if s else e, f) for s, e, f in batch],
+                    *args, **kwargs)
+
+    monkeypatch.setattr(S, "_score_batch", shifted)
+    a = _run(case)
+    assert a["passed"] is False and not a["checks"]["targets"], a
+
+
+def test_a_wrong_byte_table(case, monkeypatch):
+    real = D.ByteLUT.target_bytes
+
+    def no_spaces(self, prev, target):  # forgets the leading spaces
+        return self.base_bytes[target] + 0 * real(self, prev, target)
+
+    monkeypatch.setattr(D.ByteLUT, "target_bytes", no_spaces)
+    a = _run(case)
+    assert a["passed"] is False and not a["checks"]["bytes"], a
+
+
+def test_a_sum_that_drops_a_record(case, monkeypatch):
+    # a reduction that loses one rank's last record (here: the last target)
+    real = S.TokenScores.bpb
+    monkeypatch.setattr(S.TokenScores, "bpb", lambda self: real(
+        S.TokenScores(self.first, self.logp[:-1], self.nbytes)))
+    a = _run(case)
+    assert a["passed"] is False and not a["checks"]["sums"], a
+    monkeypatch.setattr(S.TokenScores, "bpb", real)
+    exact = S.exact_sum
+    monkeypatch.setattr(S, "exact_sum", lambda v: exact(v) * (1 + 2**-52))  # one ulp off
+    a = _run(case)
+    assert a["passed"] is False and not a["checks"]["sums"], a
+
+
+@pytest.mark.slow
+def test_a_cache_that_reads_its_target(case, monkeypatch):
+    real = B._counts
+
+    def ahead(tokens, end, order, backend, chunk, doc_start=None):
+        c, d = real(tokens, end, order, backend, chunk, doc_start)
+        c.occ[..., :-1] = c.occ[..., 1:].clone()  # each position reads the next one's counts
+        return c, d
+
+    monkeypatch.setattr(B, "_counts", ahead)
+    a = _run(case, cache="ngram")
+    assert a["passed"] is False and not a["checks"]["cache causal"], a
+
+
+@pytest.mark.slow
+def test_ttt_that_trains_on_a_chunk_before_scoring_it(case, monkeypatch):
+    # the leak that escaped the old audit: the first target of the next chunk trained on
+    real = T._train_chunk
+
+    def ahead(model, params, opt, tokens, k, *args):
+        real(model, params, opt, tokens, k + 1 if (k + 2) * CHUNK < tokens.numel() else k,
+             *args)
+
+    monkeypatch.setattr(T, "_train_chunk", ahead)
+    a = _run(case, ttt=True, ttt_chunk=CHUNK)
+    assert a["passed"] is False and not a["checks"]["ttt causal"], a
+
+
+def test_exact_total_is_the_exact_sum():
+    g = torch.Generator().manual_seed(0)
+    v = -torch.rand(10000, generator=g, dtype=torch.float64) * torch.logspace(-8, 3, 10000,
+                                                                              dtype=torch.float64)
+    assert A.exact_total(v) == S.exact_sum(v)
+    assert A.exact_total(torch.tensor([1e16, 1.0, -1e16])) == 1.0
+
+
+def test_eval_with_no_options_scores_plain_only_and_like_run_replays_the_run():
+    from proteus.cli import _cli_values, build_parser
+    from proteus.commands import eval_config
+
+    run = build_config("cpu-tiny", environ={})  # the run: stride 64, the cache, 131,072 tokens
+    assert run.eval.stride and run.eval.cache == "ngram"
+    ec = eval_config(run, {}, like_run=False).eval
+    assert (ec.stride, ec.cache, ec.ttt, ec.val_tokens, ec.audit) == (0, "none", False, 0,
+                                                                        "cheap")
+    assert eval_config(run, {}, like_run=True).eval == run.eval
+    given = {"eval.stride": 32, "eval.audit": "full"}
+    assert eval_config(run, given, like_run=True).eval.stride == 32
+    assert eval_config(run, {}, like_run=False, default_audit="full").eval.audit == "full"
+    args = build_parser().parse_args(["eval", "x.ckpt", "--no-audit", "--like-run"])
+    assert _cli_values(args)["eval.audit"] == "none" and args.like_run
+    args = build_parser().parse_args(["train", "--no-audit"])
+    assert _cli_values(args)["eval.audit"] == "none"
