@@ -15,7 +15,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["proteus", "proteus.kernels", "proteus.tools"],
+    packages=["proteus", "proteus.eval", "proteus.kernels", "proteus.tools"],
     package_dir={"proteus": "proteus", "proteus.kernels": "kernels"},
     package_data={"proteus": ["data/*.bin", "data/*.model", "data/*.vocab", "data/README.md",
                               "data/sp8192_caseops/*.bin", "data/sp8192_caseops/*.model"]},
