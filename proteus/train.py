@@ -67,99 +67,15 @@ from proteus.dist import Dist, collective_timeout, heartbeat, signal_note
 from proteus.errors import ConfigError, RunFailed, RunInterrupted
 from proteus.eval import evaluate, format_bpb, validation_plan
 from proteus.model import GPT, build_model
-from proteus.optim import build_optimizers
+from proteus.optim import (  # noqa: F401  (re-exported: the loop's schedules live with the optimisers)
+    WeightAverages,
+    build_optimizers,
+    lr_scale,
+    muon_momentum,
+    train_frac,
+)
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# Schedules and weight averaging
-
-
-def train_frac(step: int, tc, elapsed_ms: float) -> float:
-    """How far training is, in [0, 1]: the larger of the step fraction and, with a wall-clock
-    cap, the fraction of the cap spent."""
-    frac = step / tc.iterations
-    if tc.max_wallclock_s > 0:
-        frac = max(frac, elapsed_ms / (tc.max_wallclock_s * 1000.0))
-    return min(1.0, frac)
-
-
-def lr_scale(step: int, tc, step_ms: float, elapsed_ms: float) -> float:
-    """LR multiplier: linear ramp-up, then linear warm-down to ``min_lr`` at the step or time
-    budget — over the last ``warmdown_frac`` of :func:`train_frac` when that is set, else over
-    the last ``warmdown_steps`` (steps left estimated from the smoothed step time)."""
-    ramp = min(1.0, (step + 1) / tc.lr_warmup_steps) if tc.lr_warmup_steps else 1.0
-    if tc.warmdown_frac > 0:
-        left = 1.0 - train_frac(step, tc, elapsed_ms)
-        return ramp * max(tc.min_lr, min(1.0, left / tc.warmdown_frac))
-    if tc.warmdown_steps <= 0:
-        return ramp
-    steps_left = tc.iterations - step
-    if tc.max_wallclock_s > 0 and step_ms > 0:
-        time_left_ms = max(0.0, tc.max_wallclock_s * 1000.0 - elapsed_ms)
-        steps_left = min(steps_left, time_left_ms / step_ms)
-    return ramp * max(tc.min_lr, min(1.0, steps_left / tc.warmdown_steps))
-
-
-def muon_momentum(step: int, tc) -> float:
-    if tc.muon_momentum_warmup <= 0:
-        return tc.muon_momentum
-    frac = min(1.0, step / tc.muon_momentum_warmup)
-    return (1 - frac) * tc.muon_momentum_start + frac * tc.muon_momentum
-
-
-class WeightAverages:
-    """EMA of the weights, and an SWA mean of snapshots (of the EMA when it is on)."""
-
-    def __init__(self, model: GPT, tc):
-        self.ema_decay = tc.ema_decay
-        self.ema = (
-            {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-            if tc.ema_decay > 0 else None
-        )
-        self.swa: dict[str, torch.Tensor] | None = None
-        self.swa_count = 0
-
-    @torch.no_grad()
-    def update_ema(self, model: GPT) -> None:
-        if self.ema is None:
-            return
-        d = self.ema_decay
-        for k, v in model.state_dict().items():
-            self.ema[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
-
-    @torch.no_grad()
-    def snapshot(self, model: GPT) -> None:
-        src = self.ema if self.ema is not None else {
-            k: v.detach().float() for k, v in model.state_dict().items()
-        }
-        if self.swa is None:
-            self.swa = {k: v.clone() for k, v in src.items()}
-        else:
-            for k, v in src.items():
-                self.swa[k].add_(v)
-        self.swa_count += 1
-
-    def state_dict(self) -> dict:
-        return dict(ema=self.ema, swa=self.swa, swa_count=self.swa_count)
-
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
-        if (state["ema"] is None) != (self.ema is None):
-            raise ConfigError("the training state's EMA does not match ema_decay")
-        move = lambda d: None if d is None else {k: v.to(device) for k, v in d.items()}  # noqa: E731
-        self.ema, self.swa = move(state["ema"]), move(state["swa"])
-        self.swa_count = int(state["swa_count"])
-
-    def final_state(self, model: GPT) -> tuple[dict[str, torch.Tensor], str]:
-        ref = model.state_dict()
-        if self.swa is not None:
-            return {k: (v / self.swa_count).to(ref[k].dtype) for k, v in self.swa.items()}, (
-                f"swa({self.swa_count})"
-            )
-        if self.ema is not None:
-            return {k: v.to(ref[k].dtype) for k, v in self.ema.items()}, "ema"
-        return ref, "raw"
 
 
 # ---------------------------------------------------------------------------------------------
