@@ -7,6 +7,8 @@ before any test module imports a kernel. Tests take the ``device`` fixture; test
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -33,3 +35,12 @@ def device() -> str:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """No PROTEUS_* or torchrun variables from the caller's shell; the test's tmp_path."""
+    for k in list(os.environ):
+        if k.startswith("PROTEUS_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(k)
+    return tmp_path

@@ -91,14 +91,6 @@ def _one_line_exit_2(capsys, argv, needle=None):
     return err
 
 
-@pytest.fixture
-def clean_env(monkeypatch, tmp_path):
-    for k in list(os.environ):
-        if k.startswith("PROTEUS_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            monkeypatch.delenv(k)
-    return tmp_path
-
-
 @pytest.mark.parametrize("section, name, value", CASES)
 def test_every_option_with_a_bad_value(clean_env, capsys, section, name, value):
     out = clean_env / "runs"

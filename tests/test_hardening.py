@@ -55,14 +55,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BAD_VALUES = ["abc", None, [1], {}, {"a": [1]}, 1e308, -1, True, 2**70, ""]
 
 
-@pytest.fixture
-def clean_env(monkeypatch, tmp_path):
-    for k in list(os.environ):
-        if k.startswith("PROTEUS_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            monkeypatch.delenv(k)
-    return tmp_path
-
-
 def _one_line(capsys, argv, needle="", code=2) -> str:
     try:
         got = main(argv)
