@@ -15,6 +15,7 @@ from proteus import data as D
 from proteus.eval.blend import NgramConfig, ngram_blend_logprobs
 from proteus.eval.counts import earlier_counts_numpy
 from proteus.eval.stream_counts import CountTable, stream_counts
+from proteus.kernels import VOCAB_BITS
 
 
 def _streamed(tok, start, end, order, doc, chunk):
@@ -91,19 +92,28 @@ def test_table_grows_and_stays_exact():
         # keys that share home slots (small range) and distant ones, counted in batches
         keys = np.unique(np.concatenate((rng.integers(0, 3000, 200),
                                          rng.integers(0, 1 << 59, 50))))
-        slot = t.place(keys, t.find(keys), np.ones(keys.size, bool))
-        t.count[slot] += 1
-        t.follow[slot] += 2
+        t.add(t.upsert(keys), 1, 2)
         for k in keys.tolist():
             truth[k] = truth.get(k, 0) + 1
-    assert t.size == len(truth) and t.size <= 0.8 * t.cap
+    assert t.size == len(truth) and t.size <= 0.6 * t.cap
     keys = np.array(list(truth), np.int64)
     slot = t.find(keys)
     assert (slot >= 0).all() and np.unique(slot).size == slot.size
-    assert np.array_equal(t.count[slot], np.array(list(truth.values())))
-    assert np.array_equal(t.follow[slot], 2 * np.array(list(truth.values())))
+    assert np.array_equal(t.count(slot), np.array(list(truth.values())))
+    assert np.array_equal(t.follow(slot), 2 * np.array(list(truth.values())))
+    again = t.upsert(keys)  # present keys: found (the table may grow), not inserted again
+    assert t.size == len(truth) and np.array_equal(t.count(again), list(truth.values()))
     absent = np.setdiff1d(rng.integers(0, 1 << 40, 500), keys)
     assert (t.find(absent) == -1).all()
+
+
+def test_direct_table_is_indexed_by_the_key():
+    t = CountTable(direct_bits=2 * VOCAB_BITS)
+    keys = np.array([0, 5, (1 << 20) - 1])
+    assert (t.find(keys) == -1).all() and t.nbytes == 8 << 20
+    t.add(t.upsert(keys), np.array([1, 2, 3]), np.array([0, 7, 1]))
+    assert np.array_equal(t.find(keys), keys) and t.find(np.array([6]))[0] == -1
+    assert np.array_equal(t.count(keys), [1, 2, 3]) and np.array_equal(t.follow(keys), [0, 7, 1])
 
 
 def test_bad_chunk_is_refused():
