@@ -64,6 +64,8 @@ GROW_LOAD = 0.5  # ... to this load
 START_CAP = 1 << 17  # home slots of a whole-history table at the start (2 MB)
 CHUNK = 1 << 16  # positions per step: its working arrays stay in the CPU's caches
 PAD = 256  # physical slots after the last home slot
+WINDOW = 8  # slots a round for the tail of long probes (one 64-byte line of keys)
+_OFFS = np.arange(WINDOW)
 DIRECT_ORDERS = 2  # orders whose table is an array indexed by the packed key (2^(10 n) slots)
 _LOW = (1 << 32) - 1  # F in the low 32 bits of a value, the count above it
 _V = 1 << VOCAB_BITS  # keys are built as id * _V + token: numpy's int64 shifts are slower
@@ -218,6 +220,41 @@ class CountTable:
             want = want[go]
             slot = slot[go]
             slot += 1
+            if rem.size * 8 < keys.size:  # a tail of long probes: a window of slots a round
+                out[rem] = self._probe_windows(want, slot, insert)
+                return out
+
+    def _probe_windows(self, want: np.ndarray, slot: np.ndarray, insert: bool) -> np.ndarray:
+        """``_probe`` for the few keys left after its first rounds, ``WINDOW`` slots a round
+        (a 2-D gather: dearer per key, but a long probe takes one or two rounds, not dozens)."""
+        out = np.empty(want.size, np.int64)
+        rem = np.arange(want.size)
+        while rem.size:
+            while int(slot.max()) + WINDOW > self.keys.size:
+                self._extend()
+            w = slot[:, None] + _OFFS
+            k = self.keys[w]
+            stop = (k == want[:, None]) | (k == EMPTY)
+            j = stop.argmax(1)
+            row = np.arange(j.size)
+            has = stop[row, j]
+            at = slot + j
+            empty = has & (k[row, j] == EMPTY)
+            done = has.copy()
+            res = at.copy()
+            if insert:
+                e = np.flatnonzero(empty)
+                self.keys[at[e]] = want[e]  # of several keys on one slot, one write wins
+                won = self.keys[at[e]] == want[e]
+                done[e[~won]] = False  # lost a race: look again from that slot
+                self.size += int(np.count_nonzero(won))
+            else:
+                res[empty] = -1
+            out[rem[done]] = res[done]
+            go = ~done
+            slot = np.where(has, at, slot + WINDOW)[go]
+            rem, want = rem[go], want[go]
+        return out
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """Slot of each key, or -1 where it is absent."""
