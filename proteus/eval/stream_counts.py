@@ -36,8 +36,9 @@ the chunking, so this choice changes the speed, never a result.
 Memory: a hash-table slot is 16 bytes (int64 key, int64 count and F) at a load between 0.5
 and 0.75, so ~21-32 bytes per distinct n-gram of orders 3..N, plus 8 MB for order 2's array;
 the bundled 1.04 M validation tokens have 2.1 M distinct n-grams of orders 3..5 (tables of
-~60 MB; a load of 0.3-0.6 was ~5% faster and took ~85 MB). Nothing else grows with the stream except the caller's input and
-output. Growing a table re-places every key at once (sorted by home slot, no probing).
+~60 MB; a load of 0.3-0.6 was ~5% faster and took ~85 MB). Nothing else grows with the
+stream except the caller's input and output. Growing a table re-places every key at once
+(sorted by home slot, no probing).
 
 Lookups are vectorised linear probing (``CountTable.upsert``), one slot a round: every key
 probes in lock-step; a key that meets itself is found; a key that meets an empty slot claims
