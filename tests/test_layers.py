@@ -29,9 +29,9 @@ LAYERS = [
      "proteus.pack", "proteus.stats", "proteus.fingerprint"],
     # with the n-gram cache: counts, the blend, fitting, the negative example, the audit
     ["proteus.ops", "proteus.model", "proteus.optim", "proteus.quant", "proteus.gptq",
-     "proteus.artifact", "proteus.tilt", "proteus.eval.progress", "proteus.eval.counts",
-     "proteus.eval.stream_counts", "proteus.eval.blend", "proteus.eval.fit", "proteus.eval.hashed",
-     "proteus.eval.cache_audit", "proteus.record_compat"],
+     "proteus.rans", "proteus.artifact", "proteus.tilt", "proteus.eval.progress",
+     "proteus.eval.counts", "proteus.eval.stream_counts", "proteus.eval.blend", "proteus.eval.fit",
+     "proteus.eval.hashed", "proteus.eval.cache_audit", "proteus.record_compat"],
     ["proteus.checkpoint"],
     # evaluation, sequenced in one place (pipeline) behind one entry point (the package)
     ["proteus.eval.scoring", "proteus.eval.plan", "proteus.eval.cache", "proteus.eval.tilt_step",
