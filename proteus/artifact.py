@@ -15,24 +15,25 @@ table is checked for consistency (kinds, shapes, offsets, sizes, that each kind'
 tiled exactly, the memory it needs) before anything is decoded, so a damaged or crafted file
 raises one ArtifactError instead of half-loading, asking for terabytes or crashing.
 
-Payload sections: ``side`` (LZMA of: per-tensor scales, row/column classes, the frequency
-tables, and the small fp16/fp32 tensors), then one rANS stream per integer kind (``int6``, ``int7``,
-``int8``). Values are symbols (int6: q + 32; int8: q + 128); each symbol's context is a
-bucket of its predicted magnitude from its row's and column's mean |q|: 16 buckets whose
-static frequency tables (quantised to 2^14) are shared by all tensors of the kind (see
-``_contexts``: the row/column spread enters through a rank-1 magnitude prediction). rANS uses
-a 32-bit state and 16-bit renormalisation over interleaved lanes, so encoding and decoding
-are numpy-vectorised across lanes. The contexts capture structure a single order-0 model
-misses: trained matrices have input columns and output rows of very different
-spread, so the value distribution depends on where it sits.
+Payload sections: ``side`` (LZMA of: per-tensor scales, row/column classes, delta-row pairs,
+the frequency tables, and the small fp16/fp32 tensors), then one rANS stream per integer kind
+(``int6``, ``int7``, ``int8``). Values are symbols (int6: q + 32; int8: q + 128) coded under
+context tables; the coder, its contexts and delta rows are ``proteus.rans``'s.
 
 Grouped coding (format v2 files without it still read): a stream may split its tables by role
 (``attn.c_q.weight``, ``mlp.fc.weight``, ... across layers; LQER factors form one role). Each
-role then has its own 16 tables (stream ``groups``/``roles``, entry ``group``). The writer
-splits only when the estimated code length plus the compressed tables comes out smaller.
-Rows are never reordered. A context model with static tables codes a matrix in the same
-number of bits whatever the order of its rows. A permutation would only add bytes; it pays
-for LZ-style coders such as the record's lrzip, not here.
+role then has its own 16 tables (stream ``groups``/``roles``, entry ``group``).
+
+Delta rows (v2 files without them still read): a stream with ``delta: 1`` has 16 more tables,
+for rows coded as their residual against an earlier row of the same matrix; an entry's
+``refs: [side offset, k]`` points to its k (row, ref) int32 pairs, checked (rows increasing,
+each ref before its row) before they are used. Rows are never reordered: a static context
+model codes a matrix in the same bits whatever the order of its rows, so the similarity of
+rows enters through the residual, not the order.
+
+The writer estimates each choice's code length plus its tables and pairs (one or per-role
+table sets, with or without delta rows) and keeps the smallest, so a file only carries a
+field where it pays.
 
 LQER factors (``QTensor.lqer``) are int8 entries ``<name>#lqer_a`` / ``#lqer_b`` tied to their
 int6/int7 matrix by ``lqer_of``; their shapes are checked against it before decoding.
@@ -564,7 +565,9 @@ def inspect_artifact(path: str) -> str:
             bits = 8 * sec["nbytes"] / counts[kind]
             lines.append(f"  {kind}: {counts[kind]:,} values, {bits:.3f} "
                          "bits/value in the rANS stream")
-    lines.append(f"{'tensor':42s} {'kind':5s} {'shape':>16s}")
+    lines.append(f"{'tensor':42s} {'kind':5s} {'shape':>16s}  delta rows")
+    refs = {e["name"]: e.get("refs", [0, 0])[1] for e in hdr["tensors"] if "kind" in e}
     for name, t, _ in _entries(qs):
-        lines.append(f"{name:42s} {t.kind:5s} {str(tuple(t.shape)):>16s}")
+        k = refs.get(name, 0)
+        lines.append(f"{name:42s} {t.kind:5s} {str(tuple(t.shape)):>16s}  {k or '':>10}")
     return "\n".join(lines)

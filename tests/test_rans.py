@@ -99,6 +99,8 @@ def test_delta_rows_round_trip_and_pay(tmp_path, monkeypatch):
     back, _ = A.read_artifact(path)
     for n, t in qs.tensors.items():
         assert torch.equal(back.tensors[n].q, t.q) and torch.equal(back.tensors[n].scale, t.scale)
+    row = next(ln for ln in A.inspect_artifact(path).splitlines() if ln.startswith("tok_emb"))
+    assert row.split()[-1] == str(len(range(30, 200, 3)))  # inspect shows the delta rows
     # the same state without delta rows: a bigger file, in the format of before
     monkeypatch.setattr(A, "plan_delta_rows", lambda q2, kind: (q2, np.zeros((0, 2), np.int64)))
     plain = A.write_artifact(str(tmp_path / "p.int6"), qs, {})
