@@ -171,6 +171,10 @@ def _contexts(kind: str, rl: np.ndarray, cl: np.ndarray, ml: int, group: int = 0
 
 DELTA_CTX_OFFSET = 8  # residual row means from ~0.25 (bucket 0) up to ~50 (bucket 15)
 DELTA_PAIR_BITS = 24  # a (row, ref) pair's side cost, after LZMA, in the writer's estimate
+# A residual must be estimated to save this much per value: the nearest of many unrelated rows
+# is a little closer than a typical one (a minimum over candidates), which the Laplace
+# estimate would take for similarity; random rows then never qualify.
+DELTA_MARGIN_BITS = 0.5
 _CHUNK = 1024  # rows per block of the nearest-row search (bounds its memory)
 
 
@@ -200,8 +204,9 @@ def residual(q_row: np.ndarray, q_ref: np.ndarray, kind: str) -> np.ndarray:
 
 def plan_delta_rows(q2: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """(values to code, pairs): the rows whose residual against their nearest earlier row is
-    estimated to code in fewer bits than the row itself (pair cost included) are replaced by
-    that residual; ``pairs`` is an int64 (k, 2) array of (row, ref), rows increasing."""
+    estimated to code in fewer bits than the row itself (by ``DELTA_MARGIN_BITS`` per value,
+    pair cost included) are replaced by that residual; ``pairs`` is an int64 (k, 2) array of
+    (row, ref), rows increasing."""
     q2 = q2.astype(np.int64)
     if q2.shape[0] < 2:
         return q2, np.zeros((0, 2), np.int64)
@@ -209,7 +214,7 @@ def plan_delta_rows(q2: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     res = residual(q2[1:], q2[ref[1:]], kind)
     cols = q2.shape[1]
     own = cols * _bits_per_value(np.abs(q2[1:]).mean(1))
-    delta = cols * _bits_per_value(np.abs(res).mean(1)) + DELTA_PAIR_BITS
+    delta = cols * (_bits_per_value(np.abs(res).mean(1)) + DELTA_MARGIN_BITS) + DELTA_PAIR_BITS
     rows = np.nonzero(delta < own)[0] + 1
     v = q2.copy()
     v[rows] = res[rows - 1]

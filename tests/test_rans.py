@@ -182,3 +182,14 @@ def test_crafted_delta_fields_give_one_line(tmp_path):
     path.write_bytes(_rewrite_side(raw, lambda side, h: None))  # the helper alone: still loads
     assert torch.equal(A.read_artifact(str(path))[0].tensors["tok_emb.weight"].q,
                        _state().tensors["tok_emb.weight"].q)
+
+
+@pytest.mark.parametrize("kind, draw", [("int8", "uniform"), ("int6", "normal")])
+def test_unrelated_rows_never_become_delta_rows(kind, draw):
+    # the nearest of 1,023 unrelated rows is a little closer than a typical one; that is not
+    # similarity, and coding it as a residual would cost bits
+    g = np.random.default_rng(4)
+    qmax = {"int8": 127, "int6": 31}[kind]
+    q = (g.integers(-qmax, qmax + 1, (1024, 256)) if draw == "uniform"
+         else np.clip(np.round(g.normal(0, 3, (1024, 256))), -qmax, qmax).astype(np.int64))
+    assert plan_delta_rows(q, kind)[1].shape == (0, 2)
