@@ -7,8 +7,9 @@ once. Per document, a fresh rank-r adapter ``W + (α/r) B A`` (A from a fixed se
 for every document; B = 0, so a document's first chunk is scored by the base weights) sits on
 each chosen projection (``ttt_lora_targets``: q, k, v, o, up, down, head). The document's
 targets are taken in chunks of ``ttt_doc_chunk`` (C); chunk c holds prediction indices
-``cC .. (c+1)C - 1`` and is scored by one forward over the window of the last ``seq`` document
-tokens up to the chunk's end (the document's own tokens only)::
+``cC .. (c+1)C - 1`` and is scored by one forward over the document's tokens from
+``max(0, (c+1)C - seq)`` to the chunk's end (its own tokens only; the start does not depend on
+where the document ends)::
 
     for chunk c of the document:
         forward the window; record log p of chunk c's targets       (the scores are final)
@@ -243,10 +244,12 @@ class _DocBatch:
         self.loss = None
 
     def _window(self, d: int, ci: int) -> tuple[int, int, int]:
-        """(first input token, window length, offset of chunk ci's first target) of doc d."""
+        """(first input token, window length, offset of chunk ci's first target) of doc d. The
+        window starts ``seq`` before where a full chunk ci would end, whether or not the
+        document ends earlier, so no context depends on where the document ends."""
         c = self.ec.ttt_doc_chunk
+        start = max(0, (ci + 1) * c - self.seq)
         end = min((ci + 1) * c, self.lengths[d])
-        start = max(0, end - self.seq)
         return self.docs[d][0] + start, end - start, ci * c - start
 
     def _forward(self, ci: int, rows: list[int]) -> torch.Tensor:
@@ -501,14 +504,12 @@ def audit_phased(model: GPT, tokens: torch.Tensor, lut: ByteLUT, seq: int, ec: E
     tokens = tokens[: docs[n_docs - 1][1] + 1]
     docs = docs[:n_docs]
     n, c = tokens.numel(), ec.ttt_doc_chunk
-    s, e = max(docs, key=lambda d: d[1] - d[0])  # the longest: the most chunk edges
-    points = [s + c // 2 + 1, s + c + 1, s + 2 * c + 1]
-    if len(docs) > 1:
-        points.append(docs[1][0])  # the BOS that ends document 0
-    if phases and phases[0] < len(docs):
-        b = phases[0]
-        points += [docs[b - 1][0] + 1, docs[b][0] + 1]
-    points = sorted({t for t in points if 1 <= t < n})[:max_edits]
+    s, _ = max(docs, key=lambda d: d[1] - d[0])  # the longest: the most chunk edges
+    b = phases[0] if phases and phases[0] < len(docs) else 0
+    points = [s + c + 1]  # most telling first: a chunk edge, around the phase, inside a chunk
+    points += [docs[b][0] + 1, docs[b - 1][0] + 1] if b else []
+    points += [s + c // 2 + 1] + ([docs[1][0]] if len(docs) > 1 else []) + [s + 2 * c + 1]
+    points = sorted(list(dict.fromkeys(t for t in points if 1 <= t < n))[:max_edits])
     g = torch.Generator().manual_seed(seed)
     bos = (torch.nonzero(tokens[1:] == D.BOS_ID)[:, 0] + 1).tolist()[:3]
     rand = torch.randint(1, n, (4,), generator=g).tolist()
