@@ -308,9 +308,11 @@ def test_one_and_two_processes_give_the_same_phased_bpb(ckpt, tmp_path):
 @pytest.mark.slow
 def test_train_with_phased_ttt_writes_it_to_the_summary(tmp_path):
     r = _cli("-m", "proteus", "train", "--preset", "smoke", "--out-dir", str(tmp_path),
-             "--run-name", "p", "--iterations", "2", "--val-tokens", "300", "--artifact-eval",
+             "--run-name", "p", "--iterations", "2", "--val-tokens", "600", "--artifact-eval",
              "full", *PHASED)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.load(open(tmp_path / "p" / "summary.json"))
-    text = json.dumps(summary)
-    assert '"mode": "phased"' in text and '"ttt_mode": "phased"' in text
+    assert summary["ttt"]["mode"] == "phased" and summary["ttt"]["phases"] == [1]
+    assert "phased TTT" in r.stdout and summary["audit"]["passed"]
+    config = json.load(open(tmp_path / "p" / "config.json"))
+    assert config["eval"]["ttt_mode"] == "phased" and config["eval"]["ttt_doc_chunk"] == 64
