@@ -343,7 +343,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
         val, _ = load_eval_tokens(tc.val_files or D.bundled_val_glob(mc.vocab_size), ec,
                                   mc.vocab_size)
         plan = make_plan(cfg)
-        if ec.ttt:
+        if ec.ttt and ec.ttt_mode == "chunked":
             check_ttt_fits(ec, val.numel() - 1, plan.seq, build_model(cfg, "ref"))
 
         trained = train(cfg, dd=dd, device=device, val=val, lut=lut, jlog=jlog,

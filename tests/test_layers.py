@@ -35,8 +35,8 @@ LAYERS = [
     ["proteus.checkpoint"],
     # evaluation, sequenced in one place (pipeline) behind one entry point (the package)
     ["proteus.eval.scoring", "proteus.eval.plan", "proteus.eval.cache", "proteus.eval.tilt_step",
-     "proteus.eval.ttt", "proteus.eval.ttt_audit", "proteus.eval.audit", "proteus.eval.pipeline",
-     "proteus.eval"],
+     "proteus.eval.ttt", "proteus.eval.ttt_phased", "proteus.eval.ttt_audit", "proteus.eval.audit",
+     "proteus.eval.pipeline", "proteus.eval"],
     ["proteus.train", "proteus.run", "proteus.submit"],
     ["proteus.tools", "proteus.tools.sm90_specs", "proteus.tools.aot", "proteus.plot",
      "proteus.bench", "proteus.commands", "proteus.cli", "proteus.__main__"],
