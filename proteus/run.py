@@ -299,7 +299,7 @@ def read_run_config(run_dir: Path) -> RunConfig:
         # a section without most of its fields was not written by proteus.
         want = cfg.to_dict()
         thin = [s for s, fields in want.items() if not isinstance(body.get(s), dict)
-                or 4 * sum(k not in body[s] for k in fields) > len(fields)]
+                or 2 * sum(k not in body[s] for k in fields) > len(fields)]
         if thin:
             raise ConfigError(f"{path}: the run's config lacks most of section(s) "
                               f"{', '.join(thin)}; it was not written by proteus")
