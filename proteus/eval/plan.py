@@ -11,8 +11,12 @@ import torch
 
 from proteus.config import EvalConfig, RunConfig
 from proteus.eval.blend import NgramConfig
-from proteus.eval.fit import load_cache_params
+from proteus.eval.fit import load_cache_params, load_tilt_params
 from proteus.eval.scoring import eval_window
+from proteus.tilt import TiltConfig
+
+CACHE_MODES = {"none": (False, False), "ngram": (True, False), "tilt": (False, True),
+               "ngram+tilt": (True, True)}  # --cache: (the n-gram cache, the tilt)
 
 
 def ngram_config(ec: EvalConfig, vocab_size: int) -> NgramConfig:
@@ -21,6 +25,14 @@ def ngram_config(ec: EvalConfig, vocab_size: int) -> NgramConfig:
     if ec.cache_params:
         return load_cache_params(ec.cache_params, ec.ngram_order, ec.ngram_doc, vocab_size)
     return NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc)
+
+
+def tilt_config(ec: EvalConfig) -> TiltConfig:
+    """The tilt's parameters: those fitted into ``ec.cache_params`` by `proteus tune-cache`
+    when the file has them (they win over --tilt-beta/--tilt-min-order), else the options."""
+    fitted = load_tilt_params(ec.cache_params, ec.tilt_order) if ec.cache_params else None
+    return fitted or TiltConfig(beta=ec.tilt_beta, max_order=ec.tilt_order,
+                                min_order=ec.tilt_min_order)
 
 
 def ngram_backend(ec: EvalConfig) -> str:
@@ -33,9 +45,11 @@ def ngram_backend(ec: EvalConfig) -> str:
 class EvalPlan:
     """One evaluation's steps. ``plain`` always runs; ``stride`` > 0 adds the sliding-window
     pass; ``cache`` blends the n-gram cache (parameters ``ncfg``, counted by ``backend``) over
-    that pass's scores (and over TTT's); ``ttt`` adds score-first test-time training;
-    ``audit`` (none, cheap or full) audits what ran, on rank 0. ``quiet``: no result lines
-    (training's periodic validation prints its own)."""
+    that pass's scores (and over TTT's); ``tilt`` tilts that pass's scores towards the hints
+    (parameters ``tcfg``; with ``cache`` too, the cache blends over the tilted scores:
+    ``proteus/eval/tilt_step.py`` says why in that order); ``ttt`` adds score-first test-time
+    training; ``audit`` (none, cheap or full) audits what ran, on rank 0. ``quiet``: no result
+    lines (training's periodic validation prints its own)."""
 
     cfg: RunConfig
     seq: int
@@ -47,6 +61,7 @@ class EvalPlan:
     audit: str
     quiet: bool = False
     tilt: bool = False  # the token-only n-gram tilt over the last pass (proteus/tilt.py)
+    tcfg: TiltConfig = TiltConfig()
 
     @property
     def ec(self) -> EvalConfig:
@@ -61,10 +76,10 @@ def make_plan(cfg: RunConfig) -> EvalPlan:
     """The plan ``cfg.eval`` asks for (the cache's parameter file, when one is given, read and
     checked here, whether or not the cache is on)."""
     ec = cfg.eval
-    cache = ec.cache == "ngram"
+    cache, tilt = CACHE_MODES[ec.cache]
     return EvalPlan(cfg=cfg, seq=eval_window(cfg), stride=ec.stride, cache=cache,
                     ncfg=ngram_config(ec, cfg.model.vocab_size), backend=ngram_backend(ec),
-                    ttt=ec.ttt, audit=ec.audit, tilt=ec.cache == "tilt")
+                    ttt=ec.ttt, audit=ec.audit, tilt=tilt, tcfg=tilt_config(ec))
 
 
 def validation_plan(cfg: RunConfig) -> EvalPlan:
