@@ -284,6 +284,7 @@ def main_audit(path: str, cli: dict, like_run: bool = False) -> int:
     ec = cfg.eval
     plan = make_plan(cfg)
     vocab = cfg.model.vocab_size
+    ngram_config(ec, vocab)  # the cache it audits must fit the vocabulary's keys
     tokens, first = load_eval_tokens(cfg.train.val_files or D.bundled_val_glob(vocab), ec, vocab)
     if tokens.numel() < 4:
         raise D.DataError(f"the audit needs at least 4 validation tokens, got {tokens.numel()}")

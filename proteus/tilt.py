@@ -21,6 +21,7 @@ needs the model's log-probability of two tokens per position: the target and the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,3 +204,18 @@ def fit_tilt(logp_target: torch.Tensor, logp_hint: torch.Tensor, target: torch.T
     cfg = TiltConfig(beta=tried[m][0], max_order=max_order, min_order=m)
     cfg.validate()
     return cfg, tried
+
+
+def tilted_logprobs_fn(fn: Callable, tcfg: TiltConfig) -> Callable:
+    """A model's ``(tokens, positions) -> (n, V)`` log-probability function (``fn``) with
+    each row tilted towards the hint of its position in the ``tokens`` given, found by a
+    direct scan of the tokens before it (``hint_at``, not the scorer's ``longest_match_hints``):
+    the model the cache's audit sees under ``--cache ngram+tilt``."""
+    def tilted(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rows = fn(tokens, positions)
+        out = [torch.log(tilt_distribution(row, hint_at(tokens, t, tcfg.max_order,
+                                                         tcfg.min_order), tcfg.beta))
+               for t, row in zip(positions.tolist(), rows, strict=True)]
+        return torch.stack(out) if out else rows.double()
+
+    return tilted

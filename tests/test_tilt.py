@@ -225,6 +225,7 @@ def test_ngram_plus_tilt_is_the_blend_over_the_tilted_scores(tilt_eval, both_eva
 
 
 def test_the_audit_fails_a_composition_with_a_wrong_z(tilt_eval, both_eval, monkeypatch):
+    import proteus.tilt as tilt_mod
     from proteus.eval import cache as cache_step
     from proteus.eval import tilt_step
     from proteus.eval.audit import check_cache_causal
@@ -241,6 +242,7 @@ def test_the_audit_fails_a_composition_with_a_wrong_z(tilt_eval, both_eval, monk
         return p
 
     monkeypatch.setattr(tilt_step, "tilt_distribution", no_z)
+    monkeypatch.setattr(tilt_mod, "tilt_distribution", no_z)
     assert not cache_step.run_audit(model, plan, tokens, level="cheap")
     assert not check_cache_causal(model, plan, tokens, 1)
     assert not tilt_step.tilt_audit(model, plan, tokens, longest_match_hints(tokens)[0])

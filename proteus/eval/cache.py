@@ -16,8 +16,8 @@ from proteus.eval.cache_audit import AUDIT_WORLDS, MAX_BOS_POSITIONS, audit, aud
 from proteus.eval.hashed import HashedTwoTableCache
 from proteus.eval.plan import EvalPlan
 from proteus.eval.scoring import TokenScores, exact_sum, format_bpb, model_logprobs_fn
-from proteus.eval.tilt_step import tilted_logprobs_fn
 from proteus.model import GPT
+from proteus.tilt import tilted_logprobs_fn
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ def load_cache_params(path: str, order: int, doc: bool, vocab_size: int) -> Ngra
                               f"this evaluation has {want!r}; refit with `proteus tune-cache` "
                               "for this model and cache, or drop --cache-params")
     try:
-        cfg = NgramConfig(order=order, doc=doc, **{
+        cfg = NgramConfig(order=order, doc=doc, id_bits=NgramConfig.bits_for(vocab_size), **{
             f: tuple(float(x) for x in d[f]) if isinstance(d[f], list) else float(d[f])
             for f in _FIELDS})
         cfg.validate()
@@ -108,7 +108,7 @@ def fit_cache_params(tokens: torch.Tensor, model_logp_target: torch.Tensor,
                          f"target ({n - 1}), got {tuple(model_logp_target.shape)} and "
                          f"{tuple(nbytes.shape)}")
     o = cfg.order
-    c, d = _counts(tokens, n, o, "numpy", cfg.chunk, 1 if cfg.doc else None)
+    c, d = _counts(tokens, n, o, "numpy", cfg.chunk, 1 if cfg.doc else None, cfg.id_bits)
     parts = [(c.occ[1:o, 1:n].double(), c.occ[: o - 1, : n - 1].double(), c.types[: o - 1, 1:n])]
     if d is not None:
         parts.append((d.tgt.double(), d.ctx.double(), d.types))

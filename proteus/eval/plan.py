@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from proteus.config import EvalConfig, RunConfig
+from proteus.errors import ConfigError
 from proteus.eval.blend import NgramConfig
 from proteus.eval.fit import load_cache_params, load_tilt_params
 from proteus.eval.scoring import eval_window
@@ -19,12 +20,21 @@ CACHE_MODES = {"none": (False, False), "ngram": (True, False), "tilt": (False, T
                "ngram+tilt": (True, True)}  # --cache: (the n-gram cache, the tilt)
 
 
-def ngram_config(ec: EvalConfig, vocab_size: int) -> NgramConfig:
+def ngram_config(ec: EvalConfig, vocab_size: int, check: bool = True) -> NgramConfig:
     """The cache's parameters: the shipped ones, or the file of ``ec.cache_params`` (checked
-    against the evaluation's order, document switch and vocabulary)."""
+    against the evaluation's order, document switch and vocabulary). ``check``: refuse an
+    order the vocabulary's keys cannot hold (``ConfigError``); without, such a config is
+    returned as it is (an evaluation without the cache never uses it)."""
     if ec.cache_params:
         return load_cache_params(ec.cache_params, ec.ngram_order, ec.ngram_doc, vocab_size)
-    return NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc)
+    cfg = NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc,
+                      id_bits=NgramConfig.bits_for(vocab_size))
+    try:
+        if check:
+            cfg.validate()
+    except ValueError as e:  # e.g. order 5 at vocab 8192: one line, exit 2
+        raise ConfigError(f"{e} (--ngram-order)") from None
+    return cfg
 
 
 def tilt_config(ec: EvalConfig) -> TiltConfig:
@@ -78,7 +88,8 @@ def make_plan(cfg: RunConfig) -> EvalPlan:
     ec = cfg.eval
     cache, tilt = CACHE_MODES[ec.cache]
     return EvalPlan(cfg=cfg, seq=eval_window(cfg), stride=ec.stride, cache=cache,
-                    ncfg=ngram_config(ec, cfg.model.vocab_size), backend=ngram_backend(ec),
+                    ncfg=ngram_config(ec, cfg.model.vocab_size, check=cache),
+                    backend=ngram_backend(ec),
                     ttt=ec.ttt, audit=ec.audit, tilt=tilt, tcfg=tilt_config(ec))
 
 
@@ -87,5 +98,6 @@ def validation_plan(cfg: RunConfig) -> EvalPlan:
     result lines (the loop prints its own)."""
     ec = cfg.eval
     return EvalPlan(cfg=cfg, seq=cfg.train.seq_len, stride=0, cache=False,
-                    ncfg=NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc),
+                    ncfg=NgramConfig(order=ec.ngram_order, doc=ec.ngram_doc,
+                                     id_bits=NgramConfig.bits_for(cfg.model.vocab_size)),
                     backend=ngram_backend(ec), ttt=False, audit="none", quiet=True)

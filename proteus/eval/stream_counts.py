@@ -6,7 +6,8 @@ token of history. This module gives the same counts (bit for bit: integers) chun
 holding only
 
 * per order n, an exact hash table (``CountTable``) over the distinct n-grams seen so far: the
-  packed n-gram (``n`` tokens of 10 bits, an int64 key: no collisions) -> its count, and the
+  packed n-gram (``n`` tokens of 10 bits, or up to 13 for a vocabulary of 8192 with n <= 4:
+  an int64 key, no collisions) -> its count, and the
   number of distinct tokens that followed it (the ``types`` of the orders above, ``F``);
 * the same tables for the current document only (emptied where a document ends), which hold
   the document that straddles a chunk's start;
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from proteus.data import BOS_ID
-from proteus.kernels import VOCAB_BITS
+from proteus.kernels import VOCAB_BITS, max_order
 
 EMPTY = -1
 _GOLD = np.uint64(0x9E3779B97F4A7C15)
@@ -197,7 +198,7 @@ class CountTable:
         return slot
 
 
-def _pack(ext: np.ndarray, off: int, n: int, length: int) -> np.ndarray:
+def _pack(ext: np.ndarray, off: int, n: int, length: int, bits: int = VOCAB_BITS) -> np.ndarray:
     """Packed key of the n-gram ending at ext[off + i], i in [0, length) (-1 where it would
     start before ext)."""
     key = np.full(length, -1, np.int64)
@@ -206,7 +207,7 @@ def _pack(ext: np.ndarray, off: int, n: int, length: int) -> np.ndarray:
         k = np.zeros(length - first, np.int64)
         for j in range(n):
             lo = off + first - (n - 1) + j
-            k = (k << VOCAB_BITS) | ext[lo : lo + length - first]
+            k = (k << bits) | ext[lo : lo + length - first]
         key[first:] = k
     return key
 
@@ -288,8 +289,8 @@ def _add(table: CountTable, keys: np.ndarray, count: np.ndarray, follow: np.ndar
 class _Counter:
     """The tables of every order (whole history, current document) and the chunk step."""
 
-    def __init__(self, order: int, doc: bool):
-        self.order, self.doc = order, doc
+    def __init__(self, order: int, doc: bool, bits: int = VOCAB_BITS):
+        self.order, self.doc, self.bits = order, doc, bits
         # the top order's F is never read (it would be the types of order N + 1)
         self.hist = [CountTable(follow=n < order) for n in range(1, order + 1)]
         self.docs = [CountTable(follow=n < order) for n in range(1, order + 1)] if doc else []
@@ -330,12 +331,12 @@ class _Counter:
             else:
                 shifted = np.zeros(length, np.int64)
                 shifted[1:] = prev["ids"][:-1]
-                dk = np.where(valid, (shifted << VOCAB_BITS) | win, -1 - idx)
+                dk = np.where(valid, (shifted << self.bits) | win, -1 - idx)
             srt, new = _runs(dk, idx, bits)
             _, ids = _dense(srt, new)
             start = _starts(new)
             wch = (chunk & valid).astype(np.int64)
-            keys = _pack(ext, w0 - e0, n, length)
+            keys = _pack(ext, w0 - e0, n, length, self.bits)
             rkeys = keys[srt[new]]  # the packed n-gram of each run
             table = self.hist[n - 1]
             slot, hc, hf = _lookup(table, rkeys, rkeys >= 0)
@@ -419,15 +420,19 @@ class _Counter:
 
 
 def stream_counts(tokens, start: int, end: int, order: int, doc: bool = True,
-                  chunk: int = CHUNK) -> Iterator[ChunkCounts]:
+                  chunk: int = CHUNK, bits: int = VOCAB_BITS) -> Iterator[ChunkCounts]:
     """Counts of the targets [start, end) chunk by chunk (see ``ChunkCounts``), every
     position before ``end`` counted: the same integers as ``earlier_counts_numpy``.
 
     ``tokens`` is anything sliced to a 1-D integer array (a tensor, a numpy array or memmap):
-    only one chunk's window of it is read at a time."""
+    only one chunk's window of it is read at a time. ``bits``: bits per token id in the packed
+    keys (``proteus.kernels.id_bits`` of the vocabulary; ``max_order(bits)`` bounds ``order``)."""
     if chunk < 1:
         raise ValueError(f"stream_counts: chunk must be >= 1, got {chunk}")
-    counter = _Counter(order, doc)
+    if not 1 <= order <= max_order(bits):
+        raise ValueError(f"stream_counts: order must be in [1, {max_order(bits)}] with "
+                         f"{bits}-bit token ids, got {order}")
+    counter = _Counter(order, doc, bits)
     for a in range(0, end, chunk):
         b = min(end, a + chunk)
         cc = counter.step(tokens, a, b, min(max(a, start), b))

@@ -23,8 +23,8 @@ counts exactly as much as its fitted λ says, whatever the model below it is. `p
 tune-cache` fits in the same order: β (and the shortest match) on the model's scores, then the
 cache's parameters over the tilted scores. The audit checks the composition as the cache's
 audit checks the cache, with the model's rows tilted towards each position's hint
-(``tilted_logprobs_fn``): the full distribution over the vocabulary sums to one, the fast
-scores equal it, and it does not move when the target or any later token changes.
+(``proteus.tilt.tilted_logprobs_fn``): the full distribution over the vocabulary sums to one,
+the fast scores equal it, and it does not move when the target or any later token changes.
 """
 
 from __future__ import annotations
@@ -33,20 +33,13 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
 
 import torch
 
 from proteus.data import bits_per_byte
 from proteus.eval.plan import EvalPlan
 from proteus.eval.scoring import TokenScores, exact_sum, format_bpb, model_logprobs_fn
-from proteus.tilt import (
-    TiltConfig,
-    hint_at,
-    longest_match_hints,
-    tilt_distribution,
-    tilt_logprobs,
-)
+from proteus.tilt import hint_at, longest_match_hints, tilt_distribution, tilt_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +60,6 @@ def tilted_scores(plan: EvalPlan, tokens: torch.Tensor, scores: TokenScores,
     pos = torch.arange(scores.first, scores.first + scores.logp.numel())
     lp = tilt_logprobs(scores.logp, scores.logp_hint, tokens[pos], hints[pos], plan.tcfg.beta)
     return dataclasses.replace(scores, logp=lp, logp_hint=None)
-
-
-def tilted_logprobs_fn(fn: Callable, tcfg: TiltConfig) -> Callable:
-    """A model's ``(tokens, positions) -> (n, V)`` log-probability function (``fn``) with
-    each row tilted towards the hint of its position in the ``tokens`` given, found by a
-    direct scan of the tokens before it (``hint_at``, not the scorer's ``longest_match_hints``):
-    the model the cache's audit sees under ``--cache ngram+tilt``."""
-    def tilted(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        rows = fn(tokens, positions)
-        out = [torch.log(tilt_distribution(row, hint_at(tokens, t, tcfg.max_order,
-                                                         tcfg.min_order), tcfg.beta))
-               for t, row in zip(positions.tolist(), rows, strict=True)]
-        return torch.stack(out) if out else rows.double()
-
-    return tilted
 
 
 def tilt_report(plan: EvalPlan, tokens: torch.Tensor, scores: TokenScores,
