@@ -251,9 +251,14 @@ def summary_lines(r: EvalResult, seq: int) -> list[str]:
     if r.sliding is not None:
         rows.append((f"sliding window, stride {r.sliding['stride']}", r.sliding["bpb"],
                      f"{r.sliding['seconds']:.1f}"))
+    if r.tilt is not None:
+        t = r.tilt
+        rows.append((f"  + n-gram tilt (beta {t['beta']})", t["bpb_tilt"],
+                     f"+{t['seconds']:.1f}"))
     if r.cache is not None:
         c = r.cache
-        rows.append(("  + n-gram cache", c["bpb_cache"], f"+{c['seconds']:.1f}"))
+        what = "  + tilt + n-gram cache" if c.get("over") == "tilt" else "  + n-gram cache"
+        rows.append((what, c["bpb_cache"], f"+{c['seconds']:.1f}"))
     if r.ttt is not None:
         t = r.ttt
         rows.append((f"score-first TTT ({t['chunks']} chunks)", t["bpb"],

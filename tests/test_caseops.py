@@ -198,3 +198,18 @@ def test_the_ngram_cache_runs_on_sp8192_and_refuses_orders_its_keys_cannot_hold(
                                           r"8192 .*got 5 \(--ngram-order\)$"):
         make_plan(bad)
     make_plan(build_config("smoke", {"model.vocab_size": 8192}, environ={}))  # no cache: fine
+
+
+def test_the_report_range_costs_the_same_bytes_by_table_and_by_sidecar(sp8192_val):
+    """The evaluator charges bytes from the tokenizer's table; over the range the
+    cpu-tiny-sp8192 preset reports (its val_tokens from the first document), that total equals
+    the byte sidecar's (the original text's UTF-8 bytes, BOS excluded), so a bpb from either is
+    the same number."""
+    from proteus.eval import load_eval_tokens
+
+    cfg = build_config("cpu-tiny-sp8192", environ={})
+    tok, first = load_eval_tokens(D.bundled_val_glob(8192), cfg.eval, 8192)
+    assert tok.numel() == cfg.eval.val_tokens + 1
+    side = sp8192_val[1][first + 1 : first + tok.numel()]  # the bytes of each target
+    lut = D.tokenizer_lut("", 8192)
+    assert int(lut.target_bytes(tok[:-1], tok[1:]).sum()) == int(side.sum())
