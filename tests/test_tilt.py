@@ -229,6 +229,8 @@ def test_the_audit_fails_a_composition_with_a_wrong_z(tilt_eval, both_eval, monk
     from proteus.eval import cache as cache_step
     from proteus.eval import tilt_step
     from proteus.eval.audit import check_cache_causal
+    from proteus.eval.cache_audit import audit
+    from proteus.eval.scoring import model_logprobs_fn
 
     model, tokens, _, _, _ = tilt_eval
     plan, res = both_eval
@@ -243,6 +245,11 @@ def test_the_audit_fails_a_composition_with_a_wrong_z(tilt_eval, both_eval, monk
 
     monkeypatch.setattr(tilt_step, "tilt_distribution", no_z)
     monkeypatch.setattr(tilt_mod, "tilt_distribution", no_z)
-    assert not cache_step.run_audit(model, plan, tokens, level="cheap")
+    # the cache's audit over the rows the evaluation's audit tilts (run_audit's model function)
+    hints = longest_match_hints(tokens)[0]
+    pos = [t for t in range(200, 400) if hints[t] >= 0][:2]
+    fn = cache_step.cache_model_fn(model_logprobs_fn(model, plan.seq), plan)
+    rep = audit(tokens, {"random": pos}, fn, plan.ncfg, materialise=1, edits=1, worlds=(2,))
+    assert not rep.passed and rep.max_sum_error > 1e-6, str(rep)
     assert not check_cache_causal(model, plan, tokens, 1)
     assert not tilt_step.tilt_audit(model, plan, tokens, longest_match_hints(tokens)[0])
