@@ -7,7 +7,7 @@ three surfaces under one name: the function (``leaky_relu2_mlp``), its different
 with fake, autograd and autocast registrations (``leaky_relu2_mlp_op``, also
 ``torch.ops.proteus.leaky_relu2_mlp``) and an ``nn.Module`` (``FusedLeakyReLU2MLP``). Also
 public: where kernels run in this process (``kernel_device``, ``interpreting``) and the n-gram
-table's key format (``MAX_ORDER`` tokens of ``VOCAB_BITS`` bits each).
+table's key format (``max_order(bits)`` tokens of ``bits`` bits each, 10 to 13: ``_keys``).
 
 Import-time side effect (documented, and the only one): importing this package runs
 ``proteus.kernels._backend.configure()``, which decides how this process runs Triton kernels —
@@ -29,7 +29,7 @@ from . import _origin  # noqa: F401  (first, before torch: the one-tree check ab
 # isort: split
 from . import _backend  # noqa: F401  (next: kernel modules below are decorated in its mode)
 from ._backend import interpreting, kernel_device
-from ._keys import MAX_ORDER, VOCAB_BITS
+from ._keys import MAX_ORDER, MAX_VOCAB_BITS, VOCAB_BITS, id_bits, max_order
 from .int6_matmul import (
     Int6Linear,
     dequantize_int6,
@@ -72,6 +72,9 @@ from .xsa_attention import (
 
 __all__ = [
     "MAX_ORDER",
+    "MAX_VOCAB_BITS",
+    "id_bits",
+    "max_order",
     "VOCAB_BITS",
     "interpreting",
     "kernel_device",

@@ -1,7 +1,8 @@
 """GPU-resident exact n-gram count table: open addressing over 64-bit keys, atomic updates.
 
-Keys (``pack_keys``): an n-gram of token ids (vocab ≤ 1024, 10 bits each, n ≤ 6) is packed as
-``n << 60 | x_{t-n+1} << 10(n-1) | ... | x_t``: the order tag keeps n-grams of different orders
+Keys (``pack_keys``): an n-gram of token ids of ``bits`` bits each (10 for vocab ≤ 1024, n ≤ 6;
+13 for vocab ≤ 8192, n ≤ 4: ``_keys.max_order``) is packed as
+``n << 60 | x_{t-n+1} << bits(n-1) | ... | x_t``: the order tag keeps n-grams of different orders
 distinct, and the packing is injective, so there are no collisions between different n-grams:
 counts are exact. Tag 7 is a second family (``types_keys``: ``7 << 60 | n << 50 | context``)
 that counts the distinct tokens seen after each context. ``EMPTY = -1`` marks a free slot (a
@@ -32,7 +33,7 @@ import triton.language as tl
 
 from ._backend import interpreting
 from ._common import check_same_device, check_tensor
-from ._keys import MAX_ORDER, VOCAB_BITS
+from ._keys import VOCAB_BITS, max_order
 
 EMPTY = -1
 NEVER = -2  # compare value for masked-off lanes: never present in the table
@@ -40,27 +41,32 @@ _EMPTY = tl.constexpr(EMPTY)  # the same values, visible inside @triton.jit code
 _NEVER = tl.constexpr(NEVER)
 
 
-def pack_keys(tokens: torch.Tensor, order: int) -> torch.Tensor:
-    """Keys of the n-grams ending at positions order-1 .. len-1 of a 1-D int64 token tensor."""
-    if not 1 <= order <= MAX_ORDER:
-        raise ValueError(f"pack_keys: order must be in [1, {MAX_ORDER}], got {order}")
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= 1 << VOCAB_BITS):
-        raise ValueError(f"pack_keys: token ids must be in [0, {1 << VOCAB_BITS})")
+def pack_keys(tokens: torch.Tensor, order: int, bits: int = VOCAB_BITS) -> torch.Tensor:
+    """Keys of the n-grams ending at positions order-1 .. len-1 of a 1-D int64 token tensor,
+    ``bits`` bits per token id."""
+    top = max_order(bits)
+    if not 1 <= order <= top:
+        raise ValueError(f"pack_keys: order must be in [1, {top}] with {bits}-bit token ids, "
+                         f"got {order}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= 1 << bits):
+        raise ValueError(f"pack_keys: token ids must be in [0, {1 << bits}) ({bits}-bit keys)")
     n = tokens.numel() - order + 1
     if n <= 0:
         return tokens.new_zeros(0)
     key = torch.full((n,), order << 60, dtype=torch.int64, device=tokens.device)
     for i in range(order):
-        key |= tokens[i : i + n].to(torch.int64) << (VOCAB_BITS * (order - 1 - i))
+        key |= tokens[i : i + n].to(torch.int64) << (bits * (order - 1 - i))
     return key
 
 
-def types_keys(tokens: torch.Tensor, order: int) -> torch.Tensor:
+def types_keys(tokens: torch.Tensor, order: int, bits: int = VOCAB_BITS) -> torch.Tensor:
     """Keys of the contexts ((order-1)-grams) ending at positions order-2 .. len-1, in a key
     family of their own (``7 << 60 | order << 50 | context``), for per-context type counts."""
-    if not 2 <= order <= MAX_ORDER:
-        raise ValueError(f"types_keys: order must be in [2, {MAX_ORDER}], got {order}")
-    ctx = pack_keys(tokens, order - 1)
+    top = max_order(bits)
+    if not 2 <= order <= top:
+        raise ValueError(f"types_keys: order must be in [2, {top}] with {bits}-bit token ids, "
+                         f"got {order}")
+    ctx = pack_keys(tokens, order - 1, bits)
     return (ctx & ((1 << 50) - 1)) | (7 << 60) | (order << 50)
 
 

@@ -18,6 +18,7 @@ from proteus import data as D
 from proteus.artifact import ARTIFACT_LIMIT, inspect_artifact, write_artifact
 from proteus.checkpoint import load_model, load_train_state, newest_intact_state, save_checkpoint
 from proteus.config import EvalConfig, RunConfig
+from proteus.data import bits_per_byte
 from proteus.device import pick_device
 from proteus.dist import (
     PeerError,
@@ -38,8 +39,8 @@ from proteus.eval import (
 )
 from proteus.eval.cache import run_audit
 from proteus.eval.fit import cache_params_dict, fit_cache_params, held_out_files
-from proteus.eval.plan import ngram_config
-from proteus.eval.scoring import score_tokens
+from proteus.eval.plan import CACHE_MODES, ngram_config
+from proteus.eval.scoring import exact_sum, score_tokens
 from proteus.eval.ttt_audit import run_ttt_audit
 from proteus.files import atomic_write_json
 from proteus.fingerprint import fingerprint, reference_fingerprints, refuse_overlaps
@@ -66,6 +67,7 @@ from proteus.submit import (
     summarize,
     write_records,
 )
+from proteus.tilt import fit_tilt, longest_match_hints, tilt_logprobs
 from proteus.train import StopSignal
 
 
@@ -249,9 +251,14 @@ def summary_lines(r: EvalResult, seq: int) -> list[str]:
     if r.sliding is not None:
         rows.append((f"sliding window, stride {r.sliding['stride']}", r.sliding["bpb"],
                      f"{r.sliding['seconds']:.1f}"))
+    if r.tilt is not None:
+        t = r.tilt
+        rows.append((f"  + n-gram tilt (beta {t['beta']})", t["bpb_tilt"],
+                     f"+{t['seconds']:.1f}"))
     if r.cache is not None:
         c = r.cache
-        rows.append(("  + n-gram cache", c["bpb_cache"], f"+{c['seconds']:.1f}"))
+        what = "  + tilt + n-gram cache" if c.get("over") == "tilt" else "  + n-gram cache"
+        rows.append((what, c["bpb_cache"], f"+{c['seconds']:.1f}"))
     if r.ttt is not None:
         t = r.ttt
         phased = t.get("mode") == "phased"
@@ -286,6 +293,7 @@ def main_audit(path: str, cli: dict, like_run: bool = False) -> int:
     ec = cfg.eval
     plan = make_plan(cfg)
     vocab = cfg.model.vocab_size
+    ngram_config(ec, vocab)  # the cache it audits must fit the vocabulary's keys
     tokens, first = load_eval_tokens(cfg.train.val_files or D.bundled_val_glob(vocab), ec, vocab)
     if tokens.numel() < 4:
         raise D.DataError(f"the audit needs at least 4 validation tokens, got {tokens.numel()}")
@@ -313,8 +321,28 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
     start = ngram_config(ec, cfg.model.vocab_size)
     print(f"proteus tune-cache: {path}, {tokens.numel() - 1:,} held-out training targets from "
           f"{', '.join(os.path.basename(f) for f in files)}, window {seq}, stride {ec.stride}")
-    scores = score_tokens(model, tokens, lut, seq, ec.stride, ec.eval_batch_seqs, progress=True)
-    fitted, info = fit_cache_params(tokens, scores.logp, scores.nbytes, start, iterations)
+    tilt = CACHE_MODES[ec.cache][1]  # the tilt too: its hints, scored beside the targets
+    hints, orders = longest_match_hints(tokens, ec.tilt_order, 1) if tilt else (None, None)
+    scores = score_tokens(model, tokens, lut, seq, ec.stride, ec.eval_batch_seqs, progress=True,
+                          second=hints)
+    logp, tcfg, tilt_meta = scores.logp, None, {}
+    if tilt:  # β and the shortest match first; the cache's parameters over the tilted scores
+        target = tokens[1:]
+        tcfg, tried = fit_tilt(scores.logp, scores.logp_hint, target, hints[1:], orders[1:],
+                               ec.tilt_order)
+        hint = torch.where(orders[1:] >= tcfg.min_order, hints[1:], -1)
+        tilted = tilt_logprobs(scores.logp, scores.logp_hint, target, hint, tcfg.beta)
+        nb = int(scores.nbytes.sum())
+        tilt_meta = dict(tilt_fit=dict(bpb_model=scores.bpb(),
+                                       bpb_tilt=bits_per_byte(-exact_sum(tilted), nb),
+                                       tried={str(m): dict(beta=b, nll=v)
+                                              for m, (b, v) in tried.items()}))
+        print(f"  tilt: beta {tcfg.beta}, min order {tcfg.min_order} (orders up to "
+              f"{tcfg.max_order}); held-out bpb {format_bpb(scores.bpb())} -> "
+              f"{format_bpb(tilt_meta['tilt_fit']['bpb_tilt'])} with the tilt")
+        if ec.cache == "ngram+tilt":
+            logp = tilted
+    fitted, info = fit_cache_params(tokens, logp, scores.nbytes, start, iterations)
     dest = Path(out) if out else Path(path).with_name("cache_params.json")
     meta = dict(fitted_on=dict(checkpoint=path,
                                files=[os.path.basename(f) for f in files],
@@ -325,8 +353,9 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
                                    overlaps={os.path.basename(f): o
                                              for f, o in overlaps.items()})),
                 bpb=dict(model=info["bpb_model"], start=info["bpb_start"],
-                         fitted=info["bpb_fitted"]))
-    atomic_write_json(dest, cache_params_dict(fitted, cfg.model.vocab_size, **meta))
+                         fitted=info["bpb_fitted"]),
+                fitted_for=ec.cache, **tilt_meta)
+    atomic_write_json(dest, cache_params_dict(fitted, cfg.model.vocab_size, tcfg, **meta))
     print(f"  held-out bpb: model {format_bpb(info['bpb_model'])}, with the starting parameters "
           f"{format_bpb(info['bpb_start'])}, fitted {format_bpb(info['bpb_fitted'])}")
     print(f"  weight {fitted.weight}, k {list(fitted.k[: fitted.order - 1])}, a "
@@ -334,7 +363,8 @@ def main_tune_cache(path: str, cli: dict, tune_files: str = "", tune_tokens: int
     if fitted.doc:
         print(f"  doc_weight {fitted.doc_weight}, doc_k {list(fitted.doc_k[: fitted.order - 1])}, "
               f"doc_a {list(fitted.doc_a[: fitted.order - 1])}")
-    print(f"  wrote {dest} (use it with: proteus eval CKPT --cache ngram --cache-params {dest})")
+    mode = ec.cache if ec.cache != "none" else "ngram"
+    print(f"  wrote {dest} (use it with: proteus eval CKPT --cache {mode} --cache-params {dest})")
     return 0
 
 

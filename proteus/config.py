@@ -404,8 +404,9 @@ class EvalConfig:
     eval_batch_seqs: int = field(default=16, metadata={"help": "windows per eval forward",
                                                        "range": "[1, 2**20]"})
     cache: str = field(default="none", metadata={
-        "help": "eval cache: none, ngram (the exact normalised n-gram cache) or tilt (the "
-                "token-only n-gram tilt, proteus/tilt.py)", "choices": ("none", "ngram", "tilt")})
+        "help": "eval cache: none, ngram (the exact normalised n-gram cache), tilt (the "
+                "token-only n-gram tilt, proteus/tilt.py) or ngram+tilt (the cache blended over "
+                "the tilted model)", "choices": ("none", "ngram", "tilt", "ngram+tilt")})
     tilt_beta: float = field(default=1.0, metadata={
         "help": "the tilt's strength beta (p'(h) ~ e^beta p(h) for the hint h)",
         "range": "[0, 20]"})

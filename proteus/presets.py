@@ -108,8 +108,8 @@ PRESETS: dict[str, dict[str, dict]] = {
 PRESETS["cpu-tiny-sp8192"] = {
     "model": {**PRESETS["cpu-tiny"]["model"], "vocab_size": 8192},
     "train": dict(PRESETS["cpu-tiny"]["train"]),
-    # no n-gram cache: its packed keys hold 10-bit token ids (vocabularies up to 1024)
-    "eval": {**PRESETS["cpu-tiny"]["eval"], "cache": "none"},
+    # the n-gram cache's keys hold 13-bit token ids up to order 4 (proteus/kernels/_keys.py)
+    "eval": {**PRESETS["cpu-tiny"]["eval"], "ngram_order": 4},
 }
 
 # The best legal entry of the challenge (records/track_10min_16mb/2026-04-27_SP8192_LQER_

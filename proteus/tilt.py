@@ -21,6 +21,7 @@ needs the model's log-probability of two tokens per position: the target and the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +111,28 @@ def longest_match_hints(tokens: torch.Tensor, max_order: int = MAX_TILT_ORDER,
     return torch.from_numpy(hint), torch.from_numpy(order)
 
 
+def hint_at(tokens: torch.Tensor, t: int, max_order: int = MAX_TILT_ORDER,
+            min_order: int = 1) -> int:
+    """The hint of position t alone (-1 for none), by a direct scan of x_<t: an implementation
+    independent of ``longest_match_hints`` (no ranks, no sorting), for the audits. The earlier
+    ends e ≤ t - 2 of the context x_{t-k} .. x_{t-1} are narrowed one token at a time from
+    k = 1; the hint follows the latest end at the longest k that still has one."""
+    tok = tokens[:t].detach().cpu().numpy().astype(np.int64)
+    if t < 2:
+        return -1
+    ends = np.flatnonzero(tok[: t - 1] == tok[t - 1])
+    best_k, best_e = 0, -1
+    k = 1
+    while ends.size and k <= max_order:
+        best_k, best_e = k, int(ends[-1])
+        if k == t - 1:  # the context would reach before x_0
+            break
+        ends = ends[ends >= k]
+        ends = ends[tok[ends - k] == tok[t - 1 - k]]
+        k += 1
+    return int(tok[best_e + 1]) if best_k >= min_order else -1
+
+
 def tilt_logprobs(logp_target: torch.Tensor, logp_hint: torch.Tensor, target: torch.Tensor,
                   hint: torch.Tensor, beta: float) -> torch.Tensor:
     """log p'(target) per position (float64): the tilt of the module docstring.
@@ -158,3 +181,41 @@ def fit_beta(logp_target: torch.Tensor, logp_hint: torch.Tensor, target: torch.T
             d = a + g * (b - a)
             fd = nll(d)
     return round((a + b) / 2, 4)
+
+
+FIT_MIN_ORDERS = (1, 2, 3, 4, 6, 8)  # the shortest matches ``fit_tilt`` tries
+
+
+def fit_tilt(logp_target: torch.Tensor, logp_hint: torch.Tensor, target: torch.Tensor,
+             hint: torch.Tensor, order: torch.Tensor, max_order: int = MAX_TILT_ORDER,
+             min_orders: tuple[int, ...] = FIT_MIN_ORDERS) -> tuple[TiltConfig, dict]:
+    """β and the shortest match fitted together: for each candidate min order m, the hints of
+    shorter matches dropped (``longest_match_hints`` with ``min_order`` m gives exactly that:
+    the longest match is the same when it is ≥ m) and β fitted by ``fit_beta``; the pair with
+    the lowest tilted NLL wins. ``hint``/``order``: the hints with min order 1 and their match
+    lengths. Returns the config and each candidate's (β, NLL in nats)."""
+    tried = {}
+    for m in sorted({m for m in min_orders if 1 <= m <= max_order}):
+        h = torch.where(order >= m, hint, torch.full_like(hint, -1))
+        beta = fit_beta(logp_target, logp_hint, target, h)
+        nll = -float(tilt_logprobs(logp_target, logp_hint, target, h, beta).sum())
+        tried[m] = (beta, nll)
+    m = min(tried, key=lambda k: tried[k][1])
+    cfg = TiltConfig(beta=tried[m][0], max_order=max_order, min_order=m)
+    cfg.validate()
+    return cfg, tried
+
+
+def tilted_logprobs_fn(fn: Callable, tcfg: TiltConfig) -> Callable:
+    """A model's ``(tokens, positions) -> (n, V)`` log-probability function (``fn``) with
+    each row tilted towards the hint of its position in the ``tokens`` given, found by a
+    direct scan of the tokens before it (``hint_at``, not the scorer's ``longest_match_hints``):
+    the model the cache's audit sees under ``--cache ngram+tilt``."""
+    def tilted(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rows = fn(tokens, positions)
+        out = [torch.log(tilt_distribution(row, hint_at(tokens, t, tcfg.max_order,
+                                                         tcfg.min_order), tcfg.beta))
+               for t, row in zip(positions.tolist(), rows, strict=True)]
+        return torch.stack(out) if out else rows.double()
+
+    return tilted

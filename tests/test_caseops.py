@@ -169,3 +169,47 @@ def test_the_sp8192_preset_trains_on_the_bundled_caseops_sample():
     assert cfg.model.vocab_size == 8192 and cfg.train.tokenizer == ""
     losses = train(cfg).stats["losses"]
     assert len(losses) == 1 and abs(losses[0] - math.log(8192)) < 1.0  # 8192-way, near uniform
+
+
+def test_the_ngram_cache_runs_on_sp8192_and_refuses_orders_its_keys_cannot_hold(sp8192_val):
+    """13-bit token ids: orders up to 4 (the preset's), order 5 is one ConfigError line."""
+    from proteus.errors import ConfigError
+
+    preset = build_config("cpu-tiny-sp8192", environ={})
+    assert (preset.eval.cache, preset.eval.ngram_order) == ("ngram", 4)
+    from proteus.eval.cache_audit import audit
+
+    tok = sp8192_val[0][:300]
+    cfg = build_config("smoke", {"model.vocab_size": 8192, "eval.cache": "ngram",
+                                 "eval.ngram_order": 4, "eval.audit": "none"}, environ={})
+    plan = make_plan(cfg)
+    assert plan.ncfg.id_bits == 13
+    torch.manual_seed(0)
+    r = evaluate(build_model(cfg, "ref"), tok, plan, lut=D.tokenizer_lut("", 8192))
+    assert r.cache["bpb_cache"] < r.cache["bpb_model"]  # an untrained model: repeats pay
+    # the cache's audit over the whole 8192-token vocabulary (a fixed model: the audit's cost)
+    rows = torch.log_softmax(torch.randn(8192, generator=torch.Generator().manual_seed(1),
+                                         dtype=torch.float64), -1)
+    rep = audit(tok, {"random": [13, 21]}, lambda t, pos: rows.expand(pos.numel(), -1),
+                plan.ncfg, materialise=1, edits=1, worlds=(2,), earliest=True)
+    assert rep.passed and rep.consistent and rep.max_sum_error < 1e-9, str(rep)
+    bad = build_config("smoke", {"model.vocab_size": 8192, "eval.cache": "ngram"}, environ={})
+    with pytest.raises(ConfigError, match=r"order must be in \[2, 4\] at a vocabulary of up to "
+                                          r"8192 .*got 5 \(--ngram-order\)$"):
+        make_plan(bad)
+    make_plan(build_config("smoke", {"model.vocab_size": 8192}, environ={}))  # no cache: fine
+
+
+def test_the_report_range_costs_the_same_bytes_by_table_and_by_sidecar(sp8192_val):
+    """The evaluator charges bytes from the tokenizer's table; over the range the
+    cpu-tiny-sp8192 preset reports (its val_tokens from the first document), that total equals
+    the byte sidecar's (the original text's UTF-8 bytes, BOS excluded), so a bpb from either is
+    the same number."""
+    from proteus.eval import load_eval_tokens
+
+    cfg = build_config("cpu-tiny-sp8192", environ={})
+    tok, first = load_eval_tokens(D.bundled_val_glob(8192), cfg.eval, 8192)
+    assert tok.numel() == cfg.eval.val_tokens + 1
+    side = sp8192_val[1][first + 1 : first + tok.numel()]  # the bytes of each target
+    lut = D.tokenizer_lut("", 8192)
+    assert int(lut.target_bytes(tok[:-1], tok[1:]).sum()) == int(side.sum())

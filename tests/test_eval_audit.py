@@ -107,8 +107,8 @@ def test_a_sum_that_drops_a_record(case, monkeypatch):
 def test_a_cache_that_reads_its_target(case, monkeypatch):
     real = B._counts
 
-    def ahead(tokens, end, order, backend, chunk, doc_start=None):
-        c, d = real(tokens, end, order, backend, chunk, doc_start)
+    def ahead(tokens, end, order, backend, chunk, doc_start=None, bits=10):
+        c, d = real(tokens, end, order, backend, chunk, doc_start, bits)
         c.occ[..., :-1] = c.occ[..., 1:].clone()  # each position reads the next one's counts
         return c, d
 

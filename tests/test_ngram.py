@@ -215,11 +215,11 @@ def test_audit_passes_ours_and_flags_the_hashed_scheme():
     assert "FAIL" in str(bad) and "PASS" in str(ours)
 
 
-def _stream_from_counts(tokens, start, end, order, doc=True, chunk=None):
+def _stream_from_counts(tokens, start, end, order, doc=True, chunk=None, bits=10):
     """The one-stream fast path (``stream_counts``) made of ``blend_mod._counts``, so that a
     bug a test injects there reaches every fast score."""
     c, d = blend_mod._counts(torch.as_tensor(tokens), end, order, "numpy", 4096,
-                      start if doc else None)
+                             start if doc else None, bits)
     o = order
     cc = ngc.ChunkCounts(start, end, c.occ[1:o, start:end].numpy(),
                          c.occ[: o - 1, start - 1 : end - 1].numpy(),
@@ -235,8 +235,8 @@ def _bos_target_starts_a_document(monkeypatch):
     the document counts of that target are empty (sum of p = 1.00074 on the review's model)."""
     real = blend_mod._counts
 
-    def buggy(tokens, end, order, backend, chunk, doc_start=None):
-        c, d = real(tokens, end, order, backend, chunk, doc_start)
+    def buggy(tokens, end, order, backend, chunk, doc_start=None, bits=10):
+        c, d = real(tokens, end, order, backend, chunk, doc_start, bits)
         if d is not None:
             bos = tokens[..., doc_start:end] == D.BOS_ID
             for a in (d.tgt, d.ctx, d.types):
@@ -268,8 +268,8 @@ def test_audit_catches_a_fast_path_that_reads_the_next_position(monkeypatch):
     tok, _, _ = _real_case(1500)
     real = blend_mod._counts
 
-    def ahead(tokens, end, order, backend, chunk, doc_start=None):
-        c, d = real(tokens, end, order, backend, chunk, doc_start)
+    def ahead(tokens, end, order, backend, chunk, doc_start=None, bits=10):
+        c, d = real(tokens, end, order, backend, chunk, doc_start, bits)
         c.occ[..., :-1] = c.occ[..., 1:].clone()  # each position reads the next one's counts
         return c, d
 

@@ -122,6 +122,95 @@ def test_bad_chunk_is_refused():
         list(stream_counts(torch.zeros(10, dtype=torch.int64), 1, 10, 3, True, 0))
 
 
+# ---------------------------------------------------------------------------------------------
+# Keys wide enough for a vocabulary of 8192 (13-bit token ids, orders up to 4)
+
+
+def test_sp1024_scores_are_unchanged_by_the_wider_keys():
+    """The bundled SP1024 sample scores the same bits as before the keys could widen: the
+    digests below were computed by this very code on the tree of main at d451691 (10-bit keys
+    only), and 13-bit keys give the same integers, so the same blend."""
+    import hashlib
+
+    tok = D.load_tokens(D.bundled_val_glob(), "val", limit=10001)
+    n = tok.numel()
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(torch.randn(n - 1, 1024, generator=g, dtype=torch.float64),
+                           -1)[torch.arange(n - 1), tok[1:]]
+
+    def digest(t):
+        return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    streamed = ngram_blend_logprobs(tok, 1, n, lp, NgramConfig(order=4))
+    whole = ngram_blend_logprobs(tok[None], 1, n, lp[None], NgramConfig(order=4))[0]
+    order5 = ngram_blend_logprobs(tok, 1, n, lp, NgramConfig())
+    counts = earlier_counts_numpy(tok, n, 4)
+    assert [digest(x) for x in (streamed, whole, order5, counts.occ, counts.types)] == [
+        "16e2db0cf79142b0", "16e2db0cf79142b0", "0d8cfbd06fc9957a", "9f7719cd68b81669",
+        "bab90c12ace23b73"]
+    wide = NgramConfig(order=4, id_bits=13)
+    assert torch.equal(ngram_blend_logprobs(tok, 1, n, lp, wide), streamed)
+    assert torch.equal(ngram_blend_logprobs(tok[None], 1, n, lp[None], wide)[0], whole)
+
+
+def _ids_1024_apart(n, seed):
+    """A stream of ids that 10-bit keys would confuse (they differ by multiples of 1024)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([5, 1029, 2053, 8191, 7167, 3077, D.BOS_ID])
+    tok = ids[torch.randint(0, ids.numel(), (n,), generator=g)]
+    tok[0] = D.BOS_ID
+    return tok
+
+
+def test_13_bit_counts_equal_the_dictionary_reference_on_every_cpu_backend():
+    from proteus.eval.counts import doc_counts, doc_counts_ref, earlier_counts_ref
+
+    tok = _ids_1024_apart(400, 1)
+    n = tok.numel()
+    ref = earlier_counts_ref(tok, n, 4)
+    c, d = earlier_counts_numpy(tok, n, 4, doc_start=50, bits=13)
+    assert torch.equal(c.occ, ref.occ) and torch.equal(c.types, ref.types)
+    dref = doc_counts_ref(tok, 50, n, 4)
+    for got in (d, doc_counts(tok, 50, n, 4, bits=13)):
+        assert all(torch.equal(getattr(got, f), getattr(dref, f)) for f in ("tgt", "ctx", "types"))
+    parts = list(stream_counts(tok, 50, n, 4, True, 37, bits=13))
+    cat = {k: torch.cat([torch.from_numpy(getattr(p, k)).long() for p in parts], 1)
+           for k in ("tgt", "ctx", "types", "doc_tgt", "doc_ctx", "doc_types")}
+    assert torch.equal(cat["tgt"], ref.occ[1:4, 50:n])
+    assert torch.equal(cat["ctx"], ref.occ[:3, 49 : n - 1])
+    assert torch.equal(cat["types"], ref.types[:3, 50:n])
+    assert torch.equal(cat["doc_tgt"], dref.tgt) and torch.equal(cat["doc_types"], dref.types)
+    # the 10-bit keys would merge these ids: refused, never miscounted
+    with pytest.raises(ValueError, match="token ids must be in"):
+        ngram_blend_logprobs(tok, 1, n, torch.zeros(n - 1, dtype=torch.float64),
+                             NgramConfig(order=4))
+
+
+def test_13_bit_counts_on_the_device_table_equal_the_reference():
+    from proteus.eval.counts import earlier_counts_ref, earlier_counts_triton
+
+    tok = _ids_1024_apart(300, 2)
+    ref = earlier_counts_ref(tok, tok.numel(), 4)
+    got = earlier_counts_triton(tok, tok.numel(), 4, chunk=64, bits=13)
+    assert torch.equal(got.occ.cpu(), ref.occ) and torch.equal(got.types.cpu(), ref.types)
+
+
+@pytest.mark.parametrize("bits, top", [(10, 6), (11, 5), (12, 5), (13, 4)])
+def test_the_orders_each_key_width_holds(bits, top):
+    from proteus.kernels import max_order
+    from proteus.kernels.ngram_table import pack_keys, types_keys
+
+    assert max_order(bits) == top
+    tok = torch.tensor([(1 << bits) - 1] * 8)
+    assert int(pack_keys(tok, top, bits)[0]) >> 60 == top  # the tag is intact
+    assert int(types_keys(tok, top, bits)[0]) >> 60 == 7
+    NgramConfig(order=top, id_bits=bits).validate()
+    for bad in (lambda: pack_keys(tok, top + 1, bits), lambda: types_keys(tok, top + 1, bits),
+                lambda: NgramConfig(order=top + 1, id_bits=bits).validate()):
+        if top < 6:
+            with pytest.raises(ValueError, match=f"\\[[12], {top}\\]"):
+                bad()
+
 # sha256 of every count row (tgt, ctx, types, doc_tgt, doc_ctx, doc_types; int32 little-endian,
 # orders 2..5, targets 1..end) of the whole bundled validation sample, computed by the
 # whole-stream backend (earlier_counts_numpy, which this branch did not touch) when the

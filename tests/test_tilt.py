@@ -8,7 +8,15 @@ import math
 import pytest
 import torch
 
-from proteus.tilt import TiltConfig, fit_beta, longest_match_hints, tilt_distribution, tilt_logprobs
+from proteus.tilt import (
+    TiltConfig,
+    fit_beta,
+    fit_tilt,
+    hint_at,
+    longest_match_hints,
+    tilt_distribution,
+    tilt_logprobs,
+)
 
 
 def _brute_hints(tok: list[int], max_order: int, min_order: int) -> tuple[list[int], list[int]]:
@@ -152,3 +160,96 @@ def test_tilt_audit_fails_a_hint_that_reads_its_target(tilt_eval, monkeypatch):
     leaky[1:] = tokens[1:]  # a "hint" that is the target itself: perfect, and illegal
     assert tilt_step.tilt_audit(model, plan, tokens, hints)
     assert not tilt_step.tilt_audit(model, plan, tokens, leaky)
+
+
+def test_hint_at_is_the_scorers_hint_by_another_route():
+    g = torch.Generator().manual_seed(5)
+    tok = torch.randint(0, 3, (300,), generator=g)
+    tok[150:200] = tok[20:70].clone()
+    for mx, mn in ((16, 1), (5, 2), (7, 7)):
+        hint, _ = longest_match_hints(tok, mx, mn)
+        assert [hint_at(tok, t, mx, mn) for t in range(300)] == hint.tolist()
+
+
+def test_fit_tilt_picks_the_min_order_with_the_lowest_nll():
+    g = torch.Generator().manual_seed(6)
+    n = 3000
+    order = torch.randint(1, 9, (n,), generator=g)
+    target = torch.randint(0, 10, (n,), generator=g)
+    # long matches are right, short ones are noise: dropping matches shorter than 4 pays
+    right = torch.rand(n, generator=g) < torch.where(order >= 4, 0.9, 0.02)
+    hint = torch.where(right, target, (target + 1) % 10)
+    lt = torch.full((n,), math.log(0.1), dtype=torch.float64)
+    lh = lt.clone()
+    cfg, tried = fit_tilt(lt, lh, target, hint, order)
+    assert cfg.min_order == 4 and cfg.beta > 1.0
+    assert tried[4][1] < min(v[1] for m, v in tried.items() if m != 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# `--cache ngram+tilt`: the cache blended over the tilted model, one normalisation
+
+
+@pytest.fixture(scope="module")
+def both_eval(tilt_eval):
+    from proteus.eval import evaluate, make_plan
+    from proteus.options import build_config
+
+    model, tokens, lut, _, _ = tilt_eval
+    cfg = build_config("smoke", {"eval.cache": "ngram+tilt", "eval.stride": 32,
+                                 "eval.tilt_beta": 1.5, "eval.audit": "cheap"}, environ={})
+    plan = make_plan(cfg)
+    return plan, evaluate(model, tokens, plan, lut=lut)
+
+
+def test_ngram_plus_tilt_is_the_blend_over_the_tilted_scores(tilt_eval, both_eval):
+    from proteus.eval.blend import ngram_blend_logprobs
+    from proteus.eval.scoring import exact_sum, score_tokens
+
+    model, tokens, lut, _, res_tilt = tilt_eval
+    plan, res = both_eval
+    assert plan.cache and plan.tilt
+    hints, _ = longest_match_hints(tokens)
+    s = score_tokens(model, tokens, lut, plan.seq, plan.stride, 8, second=hints)
+    pos = torch.arange(1, tokens.numel())
+    tilted = tilt_logprobs(s.logp, s.logp_hint, tokens[pos], hints[pos], 1.5)
+    lp = ngram_blend_logprobs(tokens, 1, tokens.numel(), tilted, plan.ncfg)
+    want = -exact_sum(lp) / math.log(2) / int(s.nbytes.sum())
+    assert res.cache["bpb_cache"] == want
+    assert res.cache["bpb_tilt"] == res.tilt["bpb_tilt"] == res_tilt.tilt["bpb_tilt"]
+    assert res.cache["over"] == "tilt" and res.cache["bpb_model"] == res.sliding["bpb"]
+    assert res.cache["bpb_cache"] < res.tilt["bpb_tilt"]  # the cache adds to the tilt here
+    assert res.audit["passed"] is True
+    assert {"cache", "cache causal", "tilt", "sums"} <= set(res.audit["checks"])
+    assert "smoke + tilt + cache" in res.scores("smoke")
+
+
+def test_the_audit_fails_a_composition_with_a_wrong_z(tilt_eval, both_eval, monkeypatch):
+    import proteus.tilt as tilt_mod
+    from proteus.eval import cache as cache_step
+    from proteus.eval import tilt_step
+    from proteus.eval.audit import check_cache_causal
+    from proteus.eval.cache_audit import audit
+    from proteus.eval.scoring import model_logprobs_fn
+
+    model, tokens, _, _, _ = tilt_eval
+    plan, res = both_eval
+    assert res.audit["checks"]["cache"] and res.audit["checks"]["cache causal"]
+
+    def no_z(logp, hint, beta):  # the tilt without its normalisation
+        p = logp.double().exp()
+        if hint >= 0:
+            p = p.clone()
+            p[hint] *= math.exp(beta)
+        return p
+
+    monkeypatch.setattr(tilt_step, "tilt_distribution", no_z)
+    monkeypatch.setattr(tilt_mod, "tilt_distribution", no_z)
+    # the cache's audit over the rows the evaluation's audit tilts (run_audit's model function)
+    hints = longest_match_hints(tokens)[0]
+    pos = [t for t in range(200, 400) if hints[t] >= 0][:2]
+    fn = cache_step.cache_model_fn(model_logprobs_fn(model, plan.seq), plan)
+    rep = audit(tokens, {"random": pos}, fn, plan.ncfg, materialise=1, edits=1, worlds=(2,))
+    assert not rep.passed and rep.max_sum_error > 1e-6, str(rep)
+    assert not check_cache_causal(model, plan, tokens, 1)
+    assert not tilt_step.tilt_audit(model, plan, tokens, longest_match_hints(tokens)[0])

@@ -108,3 +108,35 @@ def test_val_start_begins_at_the_next_document_start():
     with pytest.raises(D.DataError, match="no document starts"):
         load_eval_tokens(D.bundled_val_glob(), build_config(
             "smoke", {"eval.val_start": whole.numel() - 3}, environ={}).eval)
+
+
+def test_tune_cache_fits_the_tilt_and_eval_uses_it(held_out, tmp_path, monkeypatch, capsys):
+    """`--cache ngram+tilt`: β and the shortest match fitted on the held-out shard (the same
+    refusals by content), written beside the cache's parameters, and taken by the plan."""
+    from proteus.commands import main_tune_cache
+    from proteus.eval import evaluate, make_plan
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "p.json"
+    cli = {"eval.cache": "ngram+tilt", "eval.stride": 0, "eval.tilt_beta": 0.25}
+    assert main_tune_cache(held_out, cli, "", 1500, str(out), 10) == 0
+    assert "tilt: beta" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    t = saved["tilt"]
+    assert saved["fitted_for"] == "ngram+tilt" and saved["fitted_on"]["targets"] == 1500
+    assert t["order"] == 16 and t["min_order"] in (1, 2, 3, 4, 6, 8)
+    tried = saved["tilt_fit"]["tried"]
+    assert min(tried.values(), key=lambda v: v["nll"]) == tried[str(t["min_order"])]
+    assert tried[str(t["min_order"])]["beta"] == t["beta"] != 0.25
+    assert saved["tilt_fit"]["bpb_tilt"] <= saved["tilt_fit"]["bpb_model"]
+    cfg = build_config("smoke", {"train.train_files": SHARD.format("[02]"),
+                                 "eval.cache": "ngram+tilt", "eval.cache_params": str(out),
+                                 "eval.tilt_beta": 0.25, "eval.audit": "none"}, environ={})
+    plan = make_plan(cfg)
+    assert (plan.tcfg.beta, plan.tcfg.min_order) == (t["beta"], t["min_order"])
+    res = evaluate(build_model(cfg, "ref"), D.load_tokens(D.bundled_val_glob(), "val",
+                                                          limit=300), plan)
+    assert res.tilt["beta"] == t["beta"] and res.cache["over"] == "tilt"
+    # the same refusals as the cache's fit: a validation shard is never fitted on
+    with pytest.raises(D.DataError, match="validation shard"):
+        main_tune_cache(held_out, cli, D.bundled_val_glob(), 2000, str(out), 10)

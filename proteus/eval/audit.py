@@ -37,11 +37,13 @@ from proteus import data as D
 from proteus.caseops import OPERATORS as CASEOPS_OPERATORS
 from proteus.dist import reduce_sum
 from proteus.eval.blend import ngram_blend_logprobs
+from proteus.eval.cache import cache_model_fn
 from proteus.eval.cache_audit import edit_after
 from proteus.eval.plan import EvalPlan
 from proteus.eval.scoring import TokenScores, model_logprobs_fn
 from proteus.eval.ttt import ttt_score
 from proteus.eval.ttt_phased import audit_phased
+from proteus.tilt import longest_match_hints
 
 log = logging.getLogger(__name__)
 
@@ -199,17 +201,24 @@ def check_cache_causal(model, plan: EvalPlan, tokens: torch.Tensor, k: int,
                        rows: dict[int, torch.Tensor] | None = None) -> bool:
     """At ``k`` early positions where the cache is at work (cheapest: this costs V · t), the
     blend over the model's (or TTT's, ``rows``) distribution must not move when x_t and
-    everything after it change."""
+    everything after it change (under ``--cache ngram+tilt`` the model's row is tilted
+    towards the hint found in each stream: the composition must not move either)."""
     n = tokens.numel()
     g = torch.Generator().manual_seed(7)
-    fn = model_logprobs_fn(model, plan.seq)
+    fn = cache_model_fn(model_logprobs_fn(model, plan.seq), plan)
     ts = sorted(rows)[:k] if rows else list(range(min(64, n - 2), n - 1, max(1, n // 8)))[:k]
+    if plan.tilt and not rows:  # move each to the next position with a hint: the tilt at work
+        hinted = torch.nonzero(longest_match_hints(tokens, plan.tcfg.max_order,
+                                                   plan.tcfg.min_order)[0][: n - 1] >= 0)[:, 0]
+        ts = list(dict.fromkeys(int(hinted[torch.searchsorted(hinted, t).clamp(
+            max=hinted.numel() - 1)]) if hinted.numel() else t for t in ts))
     ok = True
     for t in ts:
         other = edit_after(tokens, t + 1, g, plan.cfg.model.vocab_size)  # x_t: every candidate
         row = rows[t] if rows else fn(tokens, torch.tensor([t]))[0]
+        row2 = rows[t] if rows else fn(other, torch.tensor([t]))[0]
         p1 = distribution_with_tail(tokens, t, row, plan)
-        p2 = distribution_with_tail(other, t, row, plan)
+        p2 = distribution_with_tail(other, t, row2, plan)
         ok = ok and torch.equal(p1, p2) and abs(p1.sum().item() - 1.0) <= 1e-6
     return ok
 

@@ -41,13 +41,14 @@ import torch
 from proteus.data import BOS_ID
 from proteus.eval.counts import _check_tokens, _counts
 from proteus.eval.stream_counts import mix_numpy, stream_counts
-from proteus.kernels import MAX_ORDER, VOCAB_BITS
+from proteus.kernels import MAX_ORDER, MAX_VOCAB_BITS, VOCAB_BITS, id_bits, max_order
 
 
 @functools.lru_cache(maxsize=8)
 def _pow_table(k: float, a: float, device: torch.device) -> torch.Tensor:
-    """``k · max(c, 1)^a`` for every count of distinct tokens c in [0, 2^VOCAB_BITS]."""
-    c = torch.arange((1 << VOCAB_BITS) + 1, dtype=torch.float64).clamp_(min=1.0)
+    """``k · max(c, 1)^a`` for every count of distinct tokens c in [0, 2^MAX_VOCAB_BITS] (the
+    same values for every vocabulary: an entry depends on c alone)."""
+    c = torch.arange((1 << MAX_VOCAB_BITS) + 1, dtype=torch.float64).clamp_(min=1.0)
     return (k * c**a).to(device)
 
 
@@ -67,10 +68,21 @@ class NgramConfig:
     doc_k: tuple[float, ...] = (11.38, 3.92, 4.952, 4.664, 4.664)
     doc_a: tuple[float, ...] = (1.016, 1.538, 4.155, 1.327, 1.327)
     chunk: int = 4096  # positions per step of the triton backend
+    # bits per token id in the count keys: 10 up to vocab 1024 (orders up to 6), 13 up to 8192
+    # (orders up to 4: the 64-bit keys hold no more; proteus/kernels/_keys.py)
+    id_bits: int = VOCAB_BITS
+
+    @staticmethod
+    def bits_for(vocab_size: int) -> int:
+        """``id_bits`` for a vocabulary (``proteus.kernels.id_bits``)."""
+        return id_bits(vocab_size)
 
     def validate(self) -> None:
-        if not 2 <= self.order <= MAX_ORDER:
-            raise ValueError(f"ngram order must be in [2, {MAX_ORDER}], got {self.order}")
+        top = max_order(self.id_bits)  # a ValueError for a vocabulary above 8192
+        if not 2 <= self.order <= top:
+            vocab = (f" at a vocabulary of up to {1 << self.id_bits} ({self.id_bits}-bit token "
+                     "ids in the 64-bit keys)" if top < MAX_ORDER else "")
+            raise ValueError(f"ngram order must be in [2, {top}]{vocab}, got {self.order}")
         if not (0 < self.weight <= 1 and 0 < self.doc_weight <= 1):
             raise ValueError(f"ngram weights must be in (0, 1], got {self.weight}, "
                              f"{self.doc_weight}")
@@ -138,7 +150,8 @@ def ngram_blend_logprobs(tokens: torch.Tensor, start: int, end: int,
                          f"{tuple(model_logp_target.shape)}")
     if backend == "numpy" and tokens.dim() == 1:
         return _blend_streamed(tokens, start, end, model_logp_target, cfg)
-    c, d = _counts(tokens, end, cfg.order, backend, cfg.chunk, start if cfg.doc else None)
+    c, d = _counts(tokens, end, cfg.order, backend, cfg.chunk, start if cfg.doc else None,
+                   cfg.id_bits)
     dev = c.occ.device  # the blend runs where the counts are (the GPU for ``triton``)
     o = cfg.order
     c_tgt = c.occ[1:o, ..., start:end]  # count_n(ctx, x_t)
@@ -158,13 +171,13 @@ def _blend_streamed(tokens: torch.Tensor, start: int, end: int, model_logp_targe
     the same integers as ``earlier_counts_numpy``, in memory that grows with the distinct
     n-grams), each chunk blended as it comes by ``mix_numpy`` (``_mix``'s float64 operations in
     its order: the same results bit for bit), exp and log by torch over the whole shard."""
-    _check_tokens(tokens, end, cfg.order)
+    _check_tokens(tokens, end, cfg.order, cfg.id_bits)
     out = model_logp_target.detach().cpu().to(torch.float64).exp()  # p_model, then the blend
     p_all = out.numpy()
     cpu = torch.device("cpu")
     hist = [_pow_table(k, a, cpu).numpy() for k, a in zip(cfg.k, cfg.a, strict=True)]
     doc = [_pow_table(k, a, cpu).numpy() for k, a in zip(cfg.doc_k, cfg.doc_a, strict=True)]
-    for cc in stream_counts(tokens, start, end, cfg.order, cfg.doc):
+    for cc in stream_counts(tokens, start, end, cfg.order, cfg.doc, bits=cfg.id_bits):
         p = p_all[cc.lo - start : cc.hi - start]
         mix_numpy(p, cc.tgt, cc.ctx, cc.types, hist, cfg.weight)
         if cfg.doc:

@@ -17,6 +17,7 @@ from proteus.eval.hashed import HashedTwoTableCache
 from proteus.eval.plan import EvalPlan
 from proteus.eval.scoring import TokenScores, exact_sum, format_bpb, model_logprobs_fn
 from proteus.model import GPT
+from proteus.tilt import tilted_logprobs_fn
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,12 @@ AUDIT_LEVELS = {
 }
 
 
+def cache_model_fn(fn, plan: EvalPlan):
+    """The distribution the cache blends over, as a ``(tokens, positions) -> (n, V)`` function:
+    the model's (``fn``), tilted towards the hints under ``--cache ngram+tilt``."""
+    return tilted_logprobs_fn(fn, plan.tcfg) if plan.tilt else fn
+
+
 def run_audit(model: GPT, plan: EvalPlan, tokens: torch.Tensor, hashed: bool = False,
               chunks: tuple[int, ...] = (), level: str | None = None) -> bool:
     """Audit our cache (must pass) and, with ``hashed``, the original record's scheme (must be
@@ -61,7 +68,8 @@ def run_audit(model: GPT, plan: EvalPlan, tokens: torch.Tensor, hashed: bool = F
     of ``audit_positions`` (``chunks``: extra chunk sizes whose edges to visit), as many as
     ``level`` (default: the plan's ``eval.audit``) asks (``AUDIT_LEVELS``).
     A plan without the cache (``proteus audit`` without ``--cache ngram``) audits the cache it
-    would use."""
+    would use. Under ``--cache ngram+tilt`` the model's rows are tilted towards each position's
+    hint first (``tilted_logprobs_fn``): the audit checks the composition."""
     ec, ncfg = plan.ec, plan.ncfg
     level = level or ec.audit
     lv = AUDIT_LEVELS[level]
@@ -69,14 +77,15 @@ def run_audit(model: GPT, plan: EvalPlan, tokens: torch.Tensor, hashed: bool = F
                                                                      ec.audit_positions)
     positions = audit_positions(tokens, ncfg, n_random, chunks, worlds=lv["worlds"],
                                 per_class=lv["per_class"], max_bos=lv["max_bos"])
-    fn = model_logprobs_fn(model, plan.seq)
+    base = model_logprobs_fn(model, plan.seq)
+    fn = cache_model_fn(base, plan)
     rep = audit(tokens, positions, fn, ncfg, backend=plan.backend,
                 materialise=lv["materialise"], edits=lv["edits"], worlds=lv["worlds"],
                 earliest=lv["earliest"])
     log.info(f"  audit: {rep} [{level} audit]")
     ok = rep.passed
     if hashed:
-        bad = audit(tokens, positions, fn, scheme=HashedTwoTableCache(order=ec.ngram_order))
+        bad = audit(tokens, positions, base, scheme=HashedTwoTableCache(order=ec.ngram_order))
         log.info(f"  audit of the negative example: {bad}")
         if bad.passed:
             log.warning("  the audit did not flag the hashed two-table scheme: the audit is broken")

@@ -65,7 +65,7 @@ def audit_positions(tokens: torch.Tensor, cfg: NgramConfig, n_random: int,
     # the order-N context count of each target, streamed (memory of the distinct n-grams;
     # called through the module: the audit's choice of positions is not the scorer under test)
     rep = [np.flatnonzero(cc.ctx[cfg.order - 2] >= 2) + cc.lo
-           for cc in streamed.stream_counts(tok, 1, n, cfg.order, doc=False)]
+           for cc in streamed.stream_counts(tok, 1, n, cfg.order, doc=False, bits=cfg.id_bits)]
     out["repeated_context"] = _spread(torch.from_numpy(np.concatenate(rep)), per_class)
     g = torch.Generator().manual_seed(seed)
     out["random"] = sorted(set(torch.randint(1, n, (n_random,), generator=g).tolist()))
@@ -227,7 +227,8 @@ def audit(tokens: torch.Tensor, positions: torch.Tensor | dict[str, list[int]],
     # whose context both count kinds have seen (where every part of the blend is at work)
     busy = torch.from_numpy(np.concatenate([  # busy[t - 1]: both contexts of order 2 seen
         (cc.ctx[0] > 0) & (cc.doc_ctx[0] > 0) if cfg.doc else cc.ctx[0] > 0
-        for cc in streamed.stream_counts(tokens.cpu(), 1, n, cfg.order, doc=cfg.doc)]))
+        for cc in streamed.stream_counts(tokens.cpu(), 1, n, cfg.order, doc=cfg.doc,
+                                         bits=cfg.id_bits)]))
     lists = list(classes.values()) if classes else []
     by_time = sorted(pos_t.tolist(), key=lambda t: (not bool(busy[t - 1]), t))
     order = by_time if earliest else [

@@ -29,7 +29,7 @@ import torch
 
 from proteus.config import NGRAM_BACKENDS
 from proteus.data import BOS_ID
-from proteus.kernels import MAX_ORDER, VOCAB_BITS, kernel_device
+from proteus.kernels import VOCAB_BITS, kernel_device, max_order
 from proteus.kernels.ngram_table import NgramTable, pack_keys, types_keys
 
 
@@ -128,7 +128,7 @@ def _followers(prev_srt: torch.Tensor, prev_start: torch.Tensor, cnt: torch.Tens
 
 
 def earlier_counts_numpy(tokens: torch.Tensor, end: int, order: int,
-                         doc_start: int | None = None):
+                         doc_start: int | None = None, bits: int = VOCAB_BITS):
     """Exact counts with one sort per order over dense n-gram ids (CPU, vectorised; the
     backend is named for numpy's sort, which ``_stable_sort`` uses).
 
@@ -143,7 +143,8 @@ def earlier_counts_numpy(tokens: torch.Tensor, end: int, order: int,
     flattened into one array and the order-1 key carries the stream's index, so every n-gram
     key does and no run crosses streams. Counts then have a batch axis after the order axis.
     One stream is the batch of one (the same code path; the audit scores every candidate
-    target of a position as a batch of streams)."""
+    target of a position as a batch of streams). ``bits``: bits per token id in the keys
+    (``proteus.kernels.id_bits`` of the vocabulary)."""
     batched = tokens.dim() == 2
     tok2 = (tokens if batched else tokens[None])[:, :end].to(torch.int64)
     nb = tok2.shape[0]
@@ -163,10 +164,10 @@ def earlier_counts_numpy(tokens: torch.Tensor, end: int, order: int,
     for n in range(1, order + 1):
         if n > 1:
             key = torch.full((m,), -1, dtype=torch.int64)
-            key[1:] = (ids[:-1] << VOCAB_BITS) | tok[1:]
+            key[1:] = (ids[:-1] << bits) | tok[1:]
             key.view(nb, end)[:, : n - 1] = -1  # incomplete n-grams (and no crossing streams)
         else:
-            key = tok | (torch.arange(nb).repeat_interleave(end) << VOCAB_BITS)
+            key = tok | (torch.arange(nb).repeat_interleave(end) << bits)
         srt, new, start = _sort_runs(key)
         cnt = _earlier_in_runs(srt, start)
         cnt.view(nb, end)[:, : n - 1] = 0
@@ -231,8 +232,8 @@ def _rank_in_group(keys: torch.Tensor, weights: torch.Tensor | None = None) -> t
     return _earlier_in_runs(srt, start, weights)
 
 
-def earlier_counts_triton(tokens: torch.Tensor, end: int, order: int, chunk: int = 4096
-                          ) -> NgramCounts:
+def earlier_counts_triton(tokens: torch.Tensor, end: int, order: int, chunk: int = 4096,
+                          bits: int = VOCAB_BITS) -> NgramCounts:
     """Counts from the device hash table, chunk by chunk: look up, add within-chunk, insert.
 
     One table holds both n-gram counts (keys of ``pack_keys``) and, per context, the number of
@@ -249,14 +250,14 @@ def earlier_counts_triton(tokens: torch.Tensor, end: int, order: int, chunk: int
             first = max(lo, n - 1)  # first position whose n-gram is complete
             if first >= hi:
                 continue
-            keys = pack_keys(tok[first - n + 1 : hi], n)
+            keys = pack_keys(tok[first - n + 1 : hi], n, bits)
             cnt = table.lookup(keys).to(torch.int64) + _rank_in_group(keys)
             occ[n - 1, first:hi] = cnt
             uniq, c = torch.unique(keys, return_counts=True)
             ins_keys.append(uniq)
             ins_incs.append(c)
             if n > 1:
-                ctx = types_keys(tok[first - n + 1 : hi - 1], n)
+                ctx = types_keys(tok[first - n + 1 : hi - 1], n, bits)
                 fresh = (cnt == 0).to(torch.int64)
                 types[n - 2, first:hi] = (table.lookup(ctx).to(torch.int64)
                                           + _rank_in_group(ctx, fresh))
@@ -272,57 +273,61 @@ def earlier_counts_triton(tokens: torch.Tensor, end: int, order: int, chunk: int
 
 
 def earlier_counts(tokens: torch.Tensor, end: int, order: int, backend: str = "numpy",
-                   chunk: int = 4096) -> NgramCounts:
-    """Counts for positions [0, end) with the chosen backend (all three are bit-identical)."""
-    return _counts(tokens, end, order, backend, chunk)[0]
+                   chunk: int = 4096, bits: int = VOCAB_BITS) -> NgramCounts:
+    """Counts for positions [0, end) with the chosen backend (all three are bit-identical);
+    ``bits`` per token id in the keys."""
+    return _counts(tokens, end, order, backend, chunk, bits=bits)[0]
 
 
 def _counts(tokens: torch.Tensor, end: int, order: int, backend: str, chunk: int,
-            doc_start: int | None = None) -> tuple[NgramCounts, DocCounts | None]:
+            doc_start: int | None = None, bits: int = VOCAB_BITS
+            ) -> tuple[NgramCounts, DocCounts | None]:
     """Whole-history counts for positions [0, end) and, with ``doc_start``, document-level
     counts for targets [doc_start, end): the numpy backend takes both from one set of sorts;
     the triton backend counts the documents with torch sorts on its device; ``ref`` walks
     dictionaries. A batch of streams (B, T) gets counts with a batch axis after the order axis
     (numpy: one set of sorts for the batch; the others: one stream at a time)."""
-    _check_tokens(tokens, end, order)
+    _check_tokens(tokens, end, order, bits)
     tokens = tokens.cpu().to(torch.int64)
     if backend == "numpy":
         if doc_start is None:
-            return earlier_counts_numpy(tokens, end, order), None
-        return earlier_counts_numpy(tokens, end, order, doc_start)
+            return earlier_counts_numpy(tokens, end, order, bits=bits), None
+        return earlier_counts_numpy(tokens, end, order, doc_start, bits)
     if backend not in NGRAM_BACKENDS:
         raise ValueError(f"ngram backend must be one of {NGRAM_BACKENDS}, got {backend!r}")
     if tokens.dim() == 2:
-        parts = [_counts(row, end, order, backend, chunk, doc_start) for row in tokens]
+        parts = [_counts(row, end, order, backend, chunk, doc_start, bits) for row in tokens]
         c = NgramCounts(*(torch.stack([getattr(p[0], f) for p in parts], 1)
                           for f in ("occ", "types")))
         d = None if doc_start is None else DocCounts(
             *(torch.stack([getattr(p[1], f) for p in parts], 1) for f in ("tgt", "ctx", "types")))
         return c, d
     if backend == "triton":
-        c = earlier_counts_triton(tokens, end, order, chunk)
+        c = earlier_counts_triton(tokens, end, order, chunk, bits)
         doc = doc_counts if doc_start is not None else None
         dev = c.occ.device
     else:
         c = earlier_counts_ref(tokens, end, order)
         doc = doc_counts_ref if doc_start is not None else None
         dev = tokens.device
-    return c, (doc(tokens.to(dev), doc_start, end, order) if doc else None)
+    return c, (doc(tokens.to(dev), doc_start, end, order, bits) if doc else None)
 
 
-def _check_tokens(tokens: torch.Tensor, end: int, order: int) -> None:
+def _check_tokens(tokens: torch.Tensor, end: int, order: int, bits: int = VOCAB_BITS) -> None:
     if tokens.dim() not in (1, 2) or tokens.dtype not in (torch.int64, torch.int32, torch.int16,
                                                           torch.uint16):
         raise ValueError(f"ngram: tokens must be a 1-D integer tensor (or a 2-D batch of "
                          f"streams), got {tuple(tokens.shape)} {tokens.dtype}")
     if not 0 <= end <= tokens.shape[-1]:
         raise ValueError(f"ngram: end must be in [0, {tokens.shape[-1]}], got {end}")
-    if not 1 <= order <= MAX_ORDER:
-        raise ValueError(f"ngram order must be in [1, {MAX_ORDER}], got {order}")
+    top = max_order(bits)
+    if not 1 <= order <= top:
+        raise ValueError(f"ngram order must be in [1, {top}] with {bits}-bit token ids, got "
+                         f"{order}")
     if end and tokens.numel() and (int(tokens[..., :end].min()) < 0
-                                   or int(tokens[..., :end].max()) >= 1 << VOCAB_BITS):
-        raise ValueError(f"ngram: token ids must be in [0, {1 << VOCAB_BITS}) (10-bit keys); "
-                         "a larger vocabulary needs wider keys")
+                                   or int(tokens[..., :end].max()) >= 1 << bits):
+        raise ValueError(f"ngram: token ids must be in [0, {1 << bits}) ({bits}-bit keys); "
+                         "a larger vocabulary needs wider keys (NgramConfig.id_bits)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +350,8 @@ class DocCounts:
     types: torch.Tensor
 
 
-def doc_counts(tokens: torch.Tensor, start: int, end: int, order: int) -> DocCounts:
+def doc_counts(tokens: torch.Tensor, start: int, end: int, order: int,
+               bits: int = VOCAB_BITS) -> DocCounts:
     """Document-level counts (see ``DocCounts``) by one stable sort per order, on the tokens'
     device. The key of the n-gram ending at i is (dense id of the (n-1)-gram ending at i-1,
     x_i), and order 1's key is (document of target i, x_i), so a key names both the n-gram and
@@ -372,13 +378,13 @@ def doc_counts(tokens: torch.Tensor, start: int, end: int, order: int) -> DocCou
     doc = torch.cumsum(is_bos, 0) - is_bos  # the document of target i
     shape = (order - 1, end - start)
     out = [torch.zeros(shape, dtype=torch.int64, device=dev) for _ in range(3)]
-    key = (doc << VOCAB_BITS) | x
+    key = (doc << bits) | x
     ids = key  # replaced by order 1's dense ids before any use
     prev = None  # (tgt, sort permutation, run starts) of order n-1
     for n in range(1, order + 1):
         if n > 1:
             key = torch.full_like(pos, -1)
-            key[n - 1 :] = (ids[n - 2 : m - 1] << VOCAB_BITS) | x[n - 1 :]
+            key[n - 1 :] = (ids[n - 2 : m - 1] << bits) | x[n - 1 :]
             key[: n - 1] -= pos[: n - 1]  # incomplete n-grams: keys of their own
         srt, new, run = _sort_runs(key)
         tgt = _earlier_in_runs(srt, run)
@@ -394,7 +400,8 @@ def doc_counts(tokens: torch.Tensor, start: int, end: int, order: int) -> DocCou
     return DocCounts(*out)
 
 
-def doc_counts_ref(tokens: torch.Tensor, start: int, end: int, order: int) -> DocCounts:
+def doc_counts_ref(tokens: torch.Tensor, start: int, end: int, order: int,
+                   bits: int = VOCAB_BITS) -> DocCounts:
     """The specification: walk the stream with per-document dictionaries, emptied after a BOS."""
     tok = tokens[:end].tolist()
     out = np.zeros((3, order - 1, end - start), np.int64)

@@ -17,6 +17,7 @@ from proteus.eval.blend import NgramConfig, ngram_blend_logprobs
 from proteus.eval.counts import _counts
 from proteus.files import InputError, read_json
 from proteus.kernels import MAX_ORDER
+from proteus.tilt import TiltConfig
 
 # ---------------------------------------------------------------------------------------------
 # Fitting the parameters (``proteus tune-cache``) and the file that carries them
@@ -25,14 +26,39 @@ CACHE_PARAMS_FORMAT = "proteus-cache-params-1"
 _FIELDS = ("weight", "k", "a", "doc_weight", "doc_k", "doc_a")
 
 
-def cache_params_dict(cfg: NgramConfig, vocab_size: int, **meta) -> dict:
-    """The JSON form of ``cfg``'s parameters, with what they fit (order, vocabulary)."""
+def cache_params_dict(cfg: NgramConfig, vocab_size: int, tilt: TiltConfig | None = None,
+                      **meta) -> dict:
+    """The JSON form of ``cfg``'s parameters, with what they fit (order, vocabulary), and the
+    tilt's fitted ``beta``/``order``/``min_order`` under ``"tilt"`` when ``tilt`` is given."""
     out = {"format": CACHE_PARAMS_FORMAT, "order": cfg.order, "doc": cfg.doc,
            "vocab_size": vocab_size}
     out.update({f: list(v) if isinstance(v, tuple) else v
                 for f in _FIELDS for v in [getattr(cfg, f)]})
+    if tilt is not None:
+        out["tilt"] = dict(beta=tilt.beta, order=tilt.max_order, min_order=tilt.min_order)
     out.update(meta)
     return out
+
+
+def load_tilt_params(path: str, order: int) -> TiltConfig | None:
+    """The tilt's fitted parameters from a :func:`cache_params_dict` file (None when it has
+    none), refused (``ConfigError``, one line) when fitted for another longest match."""
+    d = read_json(path, "cache parameters", 1 << 20)
+    t = d.get("tilt") if isinstance(d, dict) else None
+    if t is None:
+        return None
+    try:
+        cfg = TiltConfig(beta=float(t["beta"]), max_order=int(t["order"]),
+                         min_order=int(t["min_order"]))
+        cfg.validate()
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise ConfigError(f"cache parameters {path} have a damaged tilt entry: "
+                          f"{str(e)[:120]}") from None
+    if cfg.max_order != order:
+        raise ConfigError(f"cache parameters {path} fitted the tilt for tilt_order "
+                          f"{cfg.max_order}, this evaluation has {order}; refit with `proteus "
+                          "tune-cache --tilt-order` or drop --cache-params")
+    return cfg
 
 
 def load_cache_params(path: str, order: int, doc: bool, vocab_size: int) -> NgramConfig:
@@ -52,7 +78,7 @@ def load_cache_params(path: str, order: int, doc: bool, vocab_size: int) -> Ngra
                               f"this evaluation has {want!r}; refit with `proteus tune-cache` "
                               "for this model and cache, or drop --cache-params")
     try:
-        cfg = NgramConfig(order=order, doc=doc, **{
+        cfg = NgramConfig(order=order, doc=doc, id_bits=NgramConfig.bits_for(vocab_size), **{
             f: tuple(float(x) for x in d[f]) if isinstance(d[f], list) else float(d[f])
             for f in _FIELDS})
         cfg.validate()
@@ -82,7 +108,7 @@ def fit_cache_params(tokens: torch.Tensor, model_logp_target: torch.Tensor,
                          f"target ({n - 1}), got {tuple(model_logp_target.shape)} and "
                          f"{tuple(nbytes.shape)}")
     o = cfg.order
-    c, d = _counts(tokens, n, o, "numpy", cfg.chunk, 1 if cfg.doc else None)
+    c, d = _counts(tokens, n, o, "numpy", cfg.chunk, 1 if cfg.doc else None, cfg.id_bits)
     parts = [(c.occ[1:o, 1:n].double(), c.occ[: o - 1, : n - 1].double(), c.types[: o - 1, 1:n])]
     if d is not None:
         parts.append((d.tgt.double(), d.ctx.double(), d.types))

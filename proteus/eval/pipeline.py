@@ -29,7 +29,7 @@ from proteus.dist import rank_world, reduce_sum
 from proteus.eval.cache import cache_report, run_audit
 from proteus.eval.plan import EvalPlan, make_plan
 from proteus.eval.scoring import TokenScores, exact_sum, format_bpb, score_tokens
-from proteus.eval.tilt_step import tilt_audit, tilt_hints, tilt_report
+from proteus.eval.tilt_step import tilt_audit, tilt_hints, tilt_report, tilted_scores
 from proteus.eval.ttt import ttt_report
 from proteus.eval.ttt_phased import phased_report
 
@@ -41,9 +41,11 @@ class EvalResult:
     """Every number one evaluation produced. ``plain`` and ``sliding`` (with a stride): bpb,
     loss, tokens, bytes, seconds, stride, seq_len.
     ``cache``: bpb_model, bpb_cache, gain, tokens_per_s, seconds, and on rank 0
-    audit_passed, audit_seconds (with the cache). ``ttt``: bpb, chunks, seconds, ... and its
-    own ``cache`` (with TTT). ``audit``: level, passed, seconds, checks. ``seconds``: the whole
-    evaluation."""
+    audit_passed, audit_seconds (with the cache); under ``--cache ngram+tilt`` also
+    ``over`` = "tilt" and ``bpb_tilt`` (what the cache blended over). ``tilt``: bpb_model,
+    bpb_tilt, beta, orders, hit rate, seconds (with the tilt). ``ttt``: bpb, chunks,
+    seconds, ... and its own ``cache`` (with TTT: over TTT's own scores, never tilted).
+    ``audit``: level, passed, seconds, checks. ``seconds``: the whole evaluation."""
 
     plain: dict
     sliding: dict | None = None
@@ -74,10 +76,11 @@ class EvalResult:
         out = {f"{prefix} plain": self.plain["bpb"]}
         if self.sliding is not None:
             out[f"{prefix} sliding {self.sliding['stride']}"] = self.sliding["bpb"]
-        if self.cache is not None:
-            out[f"{prefix} + cache"] = self.cache["bpb_cache"]
         if self.tilt is not None:
             out[f"{prefix} + tilt"] = self.tilt["bpb_tilt"]
+        if self.cache is not None:
+            over = " + tilt" if self.cache.get("over") == "tilt" else ""
+            out[f"{prefix}{over} + cache"] = self.cache["bpb_cache"]
         if self.ttt is not None:
             out[f"{prefix} TTT"] = self.ttt["bpb"]
             if "cache" in self.ttt:
@@ -124,10 +127,16 @@ def evaluate(model, tokens: torch.Tensor, config: RunConfig | EvalPlan, *,
             log.info(f"  val bpb {format_bpb(scores.bpb())} (sliding window {seq}, stride "
                      f"{plan.stride})")
     blended = {}
-    if plan.cache:
-        res.cache, blended["cache"] = cache_report(plan, tokens, scores, rank, world)
     if plan.tilt:
         res.tilt = tilt_report(plan, tokens, scores, hints, hint_seconds)
+    if plan.cache and plan.tilt:  # the cache over the tilted model (tilt_step's docstring)
+        res.cache, blended["cache"] = cache_report(
+            plan, tokens, tilted_scores(plan, tokens, scores, hints), rank, world,
+            what="the tilt + the n-gram cache")
+        res.cache.update(bpb_tilt=res.cache["bpb_model"], bpb_model=scores.bpb(), over="tilt")
+        res.cache["gain"] = res.cache["bpb_model"] - res.cache["bpb_cache"]
+    elif plan.cache:
+        res.cache, blended["cache"] = cache_report(plan, tokens, scores, rank, world)
     if plan.ttt:
         report = phased_report if ec.ttt_mode == "phased" else ttt_report
         res.ttt, records["ttt"] = report(model, ec, tokens, lut, seq, device, autocast,

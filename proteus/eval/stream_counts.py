@@ -56,7 +56,8 @@ import numpy as np
 import torch
 
 from proteus.data import BOS_ID
-from proteus.kernels import VOCAB_BITS
+from proteus.eval.counts import earlier_counts_numpy
+from proteus.kernels import VOCAB_BITS, max_order
 
 EMPTY = -1
 _GOLD = np.uint64(0x9E3779B97F4A7C15)
@@ -538,15 +539,24 @@ class _Counter:
 
 
 def stream_counts(tokens, start: int, end: int, order: int, doc: bool = True,
-                  chunk: int = CHUNK) -> Iterator[ChunkCounts]:
+                  chunk: int = CHUNK, bits: int = VOCAB_BITS) -> Iterator[ChunkCounts]:
     """Counts of the targets [start, end) chunk by chunk (see ``ChunkCounts``), every
     position before ``end`` counted: the same integers as ``earlier_counts_numpy``.
 
     ``tokens`` is anything sliced to a 1-D integer array (a tensor, a numpy array or memmap):
     only one chunk's window of it is read at a time. With document counts, a chunk ends just
-    after its last BOS when it holds one (see the module's docstring)."""
+    after its last BOS when it holds one (see the module's docstring). ``bits``: bits per token
+    id (``proteus.kernels.id_bits`` of the vocabulary); the tables here pack 10-bit ids, so
+    wider ids (a vocabulary above 1024) are counted by the whole-stream sorts of
+    ``earlier_counts_numpy`` instead and come as one chunk (memory per token, not per n-gram)."""
     if chunk < 1:
         raise ValueError(f"stream_counts: chunk must be >= 1, got {chunk}")
+    if not 1 <= order <= max_order(bits):
+        raise ValueError(f"stream_counts: order must be in [1, {max_order(bits)}] with "
+                         f"{bits}-bit token ids, got {order}")
+    if bits != VOCAB_BITS:
+        yield from _whole_stream(tokens, start, end, order, doc, bits)
+        return
     counter = _Counter(order, doc)
     a = 0
     while a < end:
@@ -589,3 +599,20 @@ def mix_numpy(p: np.ndarray, tgt: np.ndarray, ctx: np.ndarray, types: np.ndarray
             q *= lam
             q += pn
             p[nz] = q
+
+
+def _whole_stream(tokens, start: int, end: int, order: int, doc: bool, bits: int
+                  ) -> Iterator[ChunkCounts]:
+    """``stream_counts`` for ids wider than 10 bits: one chunk from the whole-stream sorts."""
+    if end <= start:
+        return
+    tok = torch.as_tensor(np.asarray(tokens[:end])).to(torch.int64)
+    res = earlier_counts_numpy(tok, end, order, start if doc else None, bits)
+    c, d = res if doc else (res, None)
+    o = order
+    cc = ChunkCounts(start, end, c.occ[1:o, start:end].numpy(),
+                     c.occ[: o - 1, start - 1 : end - 1].numpy(),
+                     c.types[: o - 1, start:end].numpy())
+    if d is not None:
+        cc.doc_tgt, cc.doc_ctx, cc.doc_types = d.tgt.numpy(), d.ctx.numpy(), d.types.numpy()
+    yield cc
