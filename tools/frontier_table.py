@@ -1,6 +1,6 @@
 """The table of docs/frontier_eval.md: every evaluation method on the report range of a model.
 
-    nice -n 5 python docs/frontier_table.py /work/models/tiny3k/model.ckpt \\
+    nice -n 5 python tools/frontier_table.py /work/models/tiny3k/model.ckpt \\
         /work/models/tiny3k-sp8192/model.ckpt --out docs/frontier_eval_table.json
 
 (or one checkpoint per run, each with its own ``--out``, and ``--table A.json B.json`` to
