@@ -12,33 +12,15 @@ steps' losses and the final bpb follow the training-curve envelope ``TRAJECTORY_
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 from _precision import PRECISIONS, TRAJECTORY_RTOL, reordered_sum_rtol
+from _torchrun import torchrun
 
 from proteus import data as D
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "_dist_worker.py")
-
-
-def _env():
-    e = {k: v for k, v in os.environ.items() if not k.startswith("PROTEUS_")}
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    e["OMP_NUM_THREADS"] = "1"
-    return e
-
 
 def _run(nproc: int, out: str, precision: str = "fp32") -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", WORKER, out, PRECISIONS[precision]]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return [json.load(open(os.path.join(out, f"rank{i}.json"))) for i in range(nproc)]
+    return torchrun("_dist_worker.py", nproc, [out, PRECISIONS[precision]], out, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from proteus import data as D
 from proteus.config import EvalConfig, RunConfig
 from proteus.data import ByteLUT, bits_per_byte
+from proteus.device import map_one_thread
 from proteus.dist import gather_ordered, rank_world
 from proteus.eval.progress import Progress
 from proteus.model import GPT
@@ -108,6 +109,18 @@ def _score_batch(model, tokens: torch.Tensor, batch: list[tuple[int, int, int]],
     return out
 
 
+def window_batches(wins: list[tuple[int, int, int]], batch_seqs: int
+                   ) -> list[list[tuple[int, int, int]]]:
+    """``wins`` cut, in order, into batches of up to ``batch_seqs`` windows of one length."""
+    out: list[list[tuple[int, int, int]]] = []
+    for w in wins:
+        if out and len(out[-1]) < batch_seqs and out[-1][0][1] - out[-1][0][0] == w[1] - w[0]:
+            out[-1].append(w)
+        else:
+            out.append([w])
+    return out
+
+
 @torch.no_grad()
 def score_windows(model, tokens: torch.Tensor, wins: list[tuple[int, int, int]],
                   batch_seqs: int = 16, device: str | torch.device = "cpu",
@@ -115,23 +128,25 @@ def score_windows(model, tokens: torch.Tensor, wins: list[tuple[int, int, int]],
                   progress: bool = False, second: torch.Tensor | None = None) -> torch.Tensor:
     """log p(target) of every scored target of ``wins`` (see :func:`windows`), in order, float64
     ((n, 2) with ``second``: see :func:`_score_batch`). Windows of equal length are batched
-    together, ``batch_seqs`` at a time."""
-    logps = []
+    together, ``batch_seqs`` at a time. On the CPU each batch runs on one thread, as many at
+    once as there are threads (``proteus.device.map_one_thread``): the scores are the same to
+    the last bit for any thread count."""
     was_training = model.training
     model.eval()
-    total = sum(e - f + 1 for _, e, f in wins)
-    bar = Progress("scoring", total, enabled=progress, unit="targets")
-    i = done = 0
-    while i < len(wins):
-        length = wins[i][1] - wins[i][0]
-        j = i
-        while j < len(wins) and j - i < batch_seqs and wins[j][1] - wins[j][0] == length:
-            j += 1
-        logps += _score_batch(model, tokens, wins[i:j], device, autocast, capture, second)
-        done += sum(e - f + 1 for _, e, f in wins[i:j])
-        i = j
+    bar = Progress("scoring", sum(e - f + 1 for _, e, f in wins), enabled=progress,
+                   unit="targets")
+    done = 0
+
+    def tick(lps: list[torch.Tensor]) -> None:
+        nonlocal done
+        done += sum(lp.shape[0] for lp in lps)
         bar.tick(done)
+
+    batches = map_one_thread(
+        lambda b: _score_batch(model, tokens, b, device, autocast, capture, second),
+        window_batches(wins, batch_seqs), device, each=tick)
     model.train(was_training)
+    logps = [lp for b in batches for lp in b]
     if logps:
         return torch.cat(logps)
     return torch.zeros((0, 2) if second is not None else 0, dtype=torch.float64)
