@@ -11,6 +11,7 @@ from _eval_worker import numbers  # tests/ is on the path (pytest prepends it)
 from _torchrun import torchrun
 
 from proteus.checkpoint import save_checkpoint
+from proteus.device import cpu_threads, map_one_thread, one_thread
 from proteus.model import build_model
 from proteus.options import build_config
 
@@ -60,3 +61,32 @@ def test_any_number_of_cpu_threads_gives_the_same_bits(ckpt, threads):
         torch.set_num_threads(before)
     for key in BPB:
         assert one[key] == many[key], (key, one[key], many[key])
+
+
+def test_map_one_thread_runs_each_piece_on_one_thread_in_order_and_gives_threads_back():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        a, b = torch.randn(4096, 64), torch.randn(4096, 96)
+        pieces = [(a[i:], b[i:]) for i in range(5)]  # weight gradients: a long inner dimension
+
+        def piece(ab):
+            assert torch.get_num_threads() == 1 and not torch.is_grad_enabled()
+            return ab[1].t() @ ab[0]
+
+        with torch.no_grad():
+            got = map_one_thread(piece, pieces)
+        assert torch.get_num_threads() == 3
+        with one_thread():
+            assert cpu_threads() == 3 and torch.get_num_threads() == 1
+            alone = [ab[1].t() @ ab[0] for ab in pieces]
+        assert all(torch.equal(x, y) for x, y in zip(got, alone, strict=True))  # order and bits
+
+        def fail(i):
+            raise ValueError(f"piece {i}")
+
+        with pytest.raises(ValueError, match="piece"):
+            map_one_thread(fail, range(4))
+        assert torch.get_num_threads() == 3  # given back after an error too
+    finally:
+        torch.set_num_threads(before)
