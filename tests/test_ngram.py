@@ -559,3 +559,20 @@ def test_the_shipped_parameters_are_the_tune_cache_record():
     record = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                           "cache_params_cpu_tiny.json")
     assert load_cache_params(record, 5, True, V) == NgramConfig()
+
+
+@pytest.mark.parametrize("doc", [False, True])
+def test_context_seen_is_the_streamed_order_2_context_count(doc):
+    # the audit picks its busiest positions by one scan at each (not a pass over the stream);
+    # it must say what the streamed counts say, at every target of a stream with documents
+    tok = D.load_tokens(D.bundled_val_glob(), "val", limit=6001)
+    tok[[0, 700, 701, 2500]] = D.BOS_ID  # an empty document, a BOS target, a BOS context
+    n = tok.numel()
+    ccs = list(ngc.stream_counts(tok, 1, n, 3, doc=doc, chunk=2048))
+    busy = np.concatenate([c.ctx[0] > 0 for c in ccs])
+    if doc:
+        busy &= np.concatenate([c.doc_ctx[0] > 0 for c in ccs])
+    x = tok.numpy()
+    got = np.array([audit_mod.context_seen(x, t, doc) for t in range(1, n)])
+    assert np.array_equal(got, busy)
+    assert 0 < busy.sum() < n - 1  # both kinds of position are there

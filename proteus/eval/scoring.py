@@ -205,21 +205,22 @@ def format_bpb(x: float) -> str:
 
 def model_logprobs_fn(model: GPT, seq_len: int, device="cpu"):
     """(tokens, positions) -> (n, V) log p_model(next token | tokens[:pos]) for the audit, each
-    from one window of the last ``seq_len`` tokens. Rows are remembered by their window's
+    from one window of the last ``seq_len`` tokens, alone (the windows it has not seen run one
+    thread each, side by side: ``map_one_thread``). Rows are remembered by their window's
     content (the audits ask for the same windows more than once)."""
     memo: dict[bytes, torch.Tensor] = {}
 
+    def row(ctx: torch.Tensor) -> torch.Tensor:
+        z = model.logits(ctx.to(device)[None])[0, -1].float()
+        return torch.log_softmax(z.double(), -1).cpu()
+
     @torch.no_grad()
     def fn(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = []
-        for pos in positions.tolist():
-            ctx = tokens[max(0, pos - seq_len) : pos]
-            key = ctx.to(torch.int64).numpy().tobytes()
-            if key not in memo:
-                z = model.logits(ctx.to(device)[None])[0, -1].float()
-                memo[key] = torch.log_softmax(z.double(), -1).cpu()
-            out.append(memo[key])
-        return torch.stack(out)
+        ctxs = [tokens[max(0, pos - seq_len) : pos] for pos in positions.tolist()]
+        keys = [ctx.to(torch.int64).numpy().tobytes() for ctx in ctxs]
+        new = {k: c for k, c in zip(keys, ctxs, strict=True) if k not in memo}
+        memo.update(zip(new, map_one_thread(row, new.values(), device), strict=True))
+        return torch.stack([memo[k] for k in keys])
 
     return fn
 
