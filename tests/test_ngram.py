@@ -576,3 +576,17 @@ def test_context_seen_is_the_streamed_order_2_context_count(doc):
     got = np.array([audit_mod.context_seen(x, t, doc) for t in range(1, n)])
     assert np.array_equal(got, busy)
     assert 0 < busy.sum() < n - 1  # both kinds of position are there
+
+
+def test_one_repeated_context_position_is_the_first_one():
+    # the cheap audit takes one position of each kind and stops counting at the first chunk
+    # that has a repeated context: the same position as the whole stream's count gives
+    tok = D.load_tokens(D.bundled_val_glob(), "val", limit=140_001)
+    cfg = NgramConfig()
+    rep = np.concatenate([np.flatnonzero(cc.ctx[cfg.order - 2] >= 2) + cc.lo
+                          for cc in ngc.stream_counts(tok, 1, tok.numel(), cfg.order, doc=False)])
+    assert rep.size > 2 and rep[-1] > ngc.CHUNK  # candidates beyond the first chunk too
+    one = audit_positions(tok, cfg, n_random=1, per_class=1, worlds=(2,))
+    assert one["repeated_context"] == [int(rep[0])]
+    two = audit_positions(tok, cfg, n_random=1, per_class=2, worlds=(2,))
+    assert two["repeated_context"] == [int(rep[0]), int(rep[-1])]

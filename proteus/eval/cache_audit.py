@@ -64,8 +64,11 @@ def audit_positions(tokens: torch.Tensor, cfg: NgramConfig, n_random: int,
     out["shard_edge"] = sorted({t for t in shard if 1 <= t < n})
     # the order-N context count of each target, streamed (memory of the distinct n-grams;
     # called through the module: the audit's choice of positions is not the scorer under test)
-    rep = [np.flatnonzero(cc.ctx[cfg.order - 2] >= 2) + cc.lo
-           for cc in streamed.stream_counts(tok, 1, n, cfg.order, doc=False)]
+    rep = []
+    for cc in streamed.stream_counts(tok, 1, n, cfg.order, doc=False):
+        rep.append(np.flatnonzero(cc.ctx[cfg.order - 2] >= 2) + cc.lo)
+        if per_class == 1 and rep[-1].size:
+            break  # one of a kind: _spread keeps the first, so the rest is not counted
     out["repeated_context"] = _spread(torch.from_numpy(np.concatenate(rep)), per_class)
     g = torch.Generator().manual_seed(seed)
     out["random"] = sorted(set(torch.randint(1, n, (n_random,), generator=g).tolist()))
