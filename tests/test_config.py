@@ -29,14 +29,27 @@ def test_presets_build_and_validate():
     for name in PRESETS:
         cfg = build_config(name, environ={})
         assert cfg.train.preset == name
-    h = build_config("h100", environ={})
-    # the record submission's model and schedule
-    assert (h.model.num_layers, h.model.model_dim, h.model.num_heads, h.model.num_kv_heads) == (
+    s = build_config("h100-seed", environ={})
+    # SPEC's reference model and the seed-era record's schedule
+    assert (s.model.num_layers, s.model.model_dim, s.model.num_heads, s.model.num_kv_heads) == (
         11, 512, 8, 4)
-    assert (h.model.rope_dims, h.model.xsa_last_n, h.model.mlp_hidden) == (16, 4, 1536)
-    assert h.model.value_embed_set == (9, 10) and h.model.mlp_slope == 0.9
-    assert (h.train.batch_tokens, h.train.seq_len, h.train.max_wallclock_s) == (786432, 2048, 600)
-    assert (h.train.warmdown_steps, h.train.warmup_steps, h.train.ema_decay) == (3500, 20, 0.997)
+    assert (s.model.rope_dims, s.model.xsa_last_n, s.model.mlp_hidden) == (16, 4, 1536)
+    assert s.model.value_embed_set == (9, 10) and s.model.mlp_slope == 0.9
+    assert (s.train.batch_tokens, s.train.seq_len, s.train.max_wallclock_s) == (786432, 2048, 600)
+    assert (s.train.warmdown_steps, s.train.warmup_steps, s.train.ema_decay) == (3500, 20, 0.997)
+    assert s.train.muon_ns_coeffs == "classic" and s.train.warmdown_frac == 0
+
+
+def test_h100_is_spec_model_with_pg_record_training():
+    h, s, r = (build_config(n, environ={}) for n in ("h100", "h100-seed", "pg-record"))
+    assert h.model == s.model  # SPEC's reference model, vocabulary 1024
+    differ = {f.name for f in dataclasses.fields(h.train)
+              if getattr(h.train, f.name) != getattr(r.train, f.name)}
+    # pg-record's 0.5 s GPTQ reserve, validation during training, and no loop to switch on
+    assert differ == {"preset", "max_wallclock_s", "val_every", "recur_at_frac"}
+    assert (h.train.muon_ns_coeffs, h.train.muon_row_norm, h.train.ema_decay) == (
+        "polar-express", True, 0.9965)
+    assert (h.train.warmdown_frac, h.train.min_lr, h.train.max_wallclock_s) == (0.85, 0.1, 600)
 
 
 def test_layering_preset_env_cli():
