@@ -136,17 +136,19 @@ def cpu_threads() -> int:
 
 def map_one_thread(fn: Callable[[_T], _R], items: Iterable[_T],
                    device: str | torch.device = "cpu",
-                   each: Callable[[_R], None] | None = None) -> list[_R]:
+                   each: Callable[[_R], None] | None = None,
+                   side_by_side: bool = True) -> list[_R]:
     """``[fn(item) for item in items]``, each call with one intra-op thread, up to
     ``cpu_threads()`` calls at a time (Python threads; torch releases the GIL in its ops). The
     results are a single-threaded run's to the last bit, whatever the thread count. ``each``
     is called with every result in order, on this thread, as it arrives (progress). Grad mode is
     carried into the calls; ``fn`` sets up anything else thread-local (autocast). On a CUDA
     ``device`` the calls run in turn on this thread, its thread count untouched (the CPU
-    threads do not enter a GPU's arithmetic)."""
+    threads do not enter a GPU's arithmetic). ``side_by_side=False``: in turn, each still on
+    one thread (for work that is not thread-safe: Triton's interpreter)."""
     items = list(items)
     cpu = torch.device(device).type == "cpu"
-    workers = min(cpu_threads(), len(items)) if cpu else 1
+    workers = min(cpu_threads(), len(items)) if cpu and side_by_side else 1
     grad = torch.is_grad_enabled()
 
     def call(item: _T) -> _R:

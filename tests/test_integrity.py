@@ -5,6 +5,8 @@ whole table (batch sizes x 1/2/3/8 processes)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from _eval_worker import numbers  # tests/ is on the path (pytest prepends it)
@@ -12,7 +14,8 @@ from _torchrun import torchrun
 
 from proteus.checkpoint import save_checkpoint
 from proteus.device import cpu_threads, map_one_thread, one_thread
-from proteus.model import build_model
+from proteus.kernels import interpreting
+from proteus.model import build_model, runs_interpreted_kernels
 from proteus.options import build_config
 
 BPB = ("plain", "plain loss", "sliding", "cache", "ttt", "ttt + cache", "tokens", "bytes")
@@ -90,3 +93,21 @@ def test_map_one_thread_runs_each_piece_on_one_thread_in_order_and_gives_threads
         assert torch.get_num_threads() == 3  # given back after an error too
     finally:
         torch.set_num_threads(before)
+
+
+def test_interpreted_kernels_run_in_turn():
+    # Triton's interpreter keeps a launch's grid in globals: two forwards with its kernels side
+    # by side broke `proteus eval --kernels triton` (y >= grid_dim[1]); they run in turn, each
+    # still on one thread
+    cfg = build_config("smoke", environ={})
+    assert not runs_interpreted_kernels(build_model(cfg, "ref"))
+    if interpreting():
+        assert runs_interpreted_kernels(build_model(cfg, "triton"))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        seen = map_one_thread(lambda _: (threading.get_ident(), torch.get_num_threads()),
+                              range(4), side_by_side=False)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(threading.get_ident(), 1)] * 4

@@ -42,6 +42,7 @@ from proteus.eval.cache_audit import edit_after
 from proteus.eval.plan import EvalPlan
 from proteus.eval.scoring import TokenScores, model_logprobs_fn
 from proteus.eval.ttt import ttt_score
+from proteus.model import runs_interpreted_kernels
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ def check_targets(model, tokens: torch.Tensor, scores: TokenScores, seq: int, st
             z = model.logits(x)
         return F.log_softmax(z.float(), -1)[0, j - 1 - s, int(tokens[j])].double().item()
 
-    lps = map_one_thread(rescore, zip(js, starts, strict=True), device)
+    lps = map_one_thread(rescore, zip(js, starts, strict=True), device,
+                         side_by_side=not runs_interpreted_kernels(model))
     model.train(was)
     ok = True
     for j, lp in zip(js, lps, strict=True):

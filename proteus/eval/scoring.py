@@ -29,7 +29,7 @@ from proteus.data import ByteLUT, bits_per_byte
 from proteus.device import map_one_thread
 from proteus.dist import gather_ordered, rank_world
 from proteus.eval.progress import Progress
-from proteus.model import GPT
+from proteus.model import GPT, runs_interpreted_kernels
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,8 @@ def score_windows(model, tokens: torch.Tensor, wins: list[tuple[int, int, int]],
 
     batches = map_one_thread(
         lambda b: _score_batch(model, tokens, b, device, autocast, capture, second),
-        window_batches(wins, batch_seqs), device, each=tick)
+        window_batches(wins, batch_seqs), device, each=tick,
+        side_by_side=not runs_interpreted_kernels(model))
     model.train(was_training)
     logps = [lp for b in batches for lp in b]
     if logps:
@@ -219,7 +220,9 @@ def model_logprobs_fn(model: GPT, seq_len: int, device="cpu"):
         ctxs = [tokens[max(0, pos - seq_len) : pos] for pos in positions.tolist()]
         keys = [ctx.to(torch.int64).numpy().tobytes() for ctx in ctxs]
         new = {k: c for k, c in zip(keys, ctxs, strict=True) if k not in memo}
-        memo.update(zip(new, map_one_thread(row, new.values(), device), strict=True))
+        rows = map_one_thread(row, new.values(), device,
+                              side_by_side=not runs_interpreted_kernels(model))
+        memo.update(zip(new, rows, strict=True))
         return torch.stack([memo[k] for k in keys])
 
     return fn

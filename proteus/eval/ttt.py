@@ -69,7 +69,7 @@ from proteus.eval.scoring import (
     windows,
 )
 from proteus.kernels import dequantize_int6
-from proteus.model import GPT, Linear
+from proteus.model import GPT, Linear, runs_interpreted_kernels
 from proteus.quant import Int6Linear
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def _train_chunk(model: GPT, params: list[nn.Parameter], opt: torch.optim.Optimi
     for _ in range(ec.ttt_steps):
         grads = map_one_thread(
             lambda g: _group_grad(model, params, chunk, *g, rows, seq, device, autocast),
-            mine, device)
+            mine, device, side_by_side=not runs_interpreted_kernels(model))
         with one_thread():
             flat = torch.cat(grads) if grads else torch.zeros(0)
             if world > 1:
