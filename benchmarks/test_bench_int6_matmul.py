@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proteus.kernels.int6_matmul import int6_matmul, int6_matmul_ref, pack_int6
+from proteus.kernels.int6_matmul import Int6Linear, int6_matmul, int6_matmul_ref, pack_int6
 
 from .conftest import ON_GPU, PROVIDERS, Case, check_then_time, provider_fn, sweep
 from .peers import TORCHAO_CONFIGS, Unavailable, torchao_linear
@@ -70,3 +70,37 @@ def test_bench_int6_matmul(benchmark, device, m, provider):
     check_then_time(benchmark, fn, check, case=case, provider=provider,
                     optional=provider in TORCHAO_CONFIGS,
                     bytes=wbytes + m * (K + N) * x.element_size(), flops=2 * m * K * N)
+
+
+LQER_RANKS = (0, 4)
+
+
+@pytest.mark.parametrize("rank", LQER_RANKS)
+@pytest.mark.parametrize(("m", "provider"), sweep(MS, ["triton", "ref"], MAIN_M))
+def test_bench_int6_linear_lqer(benchmark, device, m, provider, rank):
+    """``Int6Linear`` with and without rank-``rank`` LQER factors, unfused: the int6 matmul,
+    then ``(x Bᵀ) Aᵀ``. The time between the two ranks is all that fusing the low-rank term
+    into the int6 kernel could win."""
+    case = Case("int6_linear_lqer", f"M={m} K={K} N={N} rank={rank}", "M", m)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-31, 32, (N, K), generator=g, dtype=torch.int8)
+    scale = (torch.rand(N, generator=g) * 0.01 + 0.001).half()
+    lqer = (torch.randn(N, rank, generator=g) * 1e-3, torch.randn(rank, K, generator=g)
+            ) if rank else None
+    lin = Int6Linear.from_quantized(q, scale, use_kernel=provider == "triton", lqer=lqer)
+    lin = lin.to(device)
+    x = torch.randn(m, K, generator=g).to(device, DTYPE)
+    w = q.double() * scale.double()[:, None]
+    if rank:
+        w = w + lqer[0].double() @ lqer[1].double()
+    want = (x.double().cpu() @ w.t()).to(device, DTYPE)
+    tol = dict(rtol=1e-2, atol=1e-2) if DTYPE != torch.float32 else dict(rtol=1e-4, atol=1e-4)
+
+    def fn():
+        with torch.no_grad():
+            return lin(x)
+
+    check_then_time(benchmark, fn, lambda y: torch.testing.assert_close(y, want, **tol),
+                    case=case, provider=provider,
+                    bytes=(N * K * 6) // 8 + rank * (N + K) * 4 + m * (K + N) * x.element_size(),
+                    flops=2 * m * (K * N + rank * (K + N)))

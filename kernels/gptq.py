@@ -87,31 +87,31 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, qmax: int = 31,
             raise ValueError(f"gptq_quantize: pass clip_sigmas > 0 or scale, got "
                              f"clip_sigmas={clip_sigmas}")
         scale = sigma_scale(work, qmax, clip_sigmas)
-    s = scale.float().to(work.device).clamp_min(2**-24)[:, None]
+    s = scale.float().to(work.device).clamp_min(2**-24)
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     work[:, dead] = 0.0
     perm = torch.argsort(h.diagonal(), descending=True)
-    work = work[:, perm]
+    # the loop walks columns: hold them as contiguous rows of the transpose (cols, rows)
+    wt = work[:, perm].t().contiguous()
     u = _inverse_cholesky(h[perm][:, perm], damp).float()
-    rows, cols = work.shape
-    q = torch.empty_like(work)
+    cols, rows = wt.shape
+    qt = torch.empty_like(wt)
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        wb = work[:, b0:b1]  # a view: updated in place
         ub = u[b0:b1, b0:b1]
-        err = torch.empty(rows, b1 - b0, device=work.device)
+        err = torch.empty(b1 - b0, rows, device=work.device)
         for j in range(b1 - b0):
-            col = wb[:, j]
-            qc = torch.round(col / s[:, 0]).clamp_(-qmax, qmax)
-            q[:, b0 + j] = qc
-            e = (col - qc * s[:, 0]) / ub[j, j]
-            err[:, j] = e
-            wb[:, j + 1:].addr_(e, ub[j, j + 1:], alpha=-1.0)
+            col = wt[b0 + j]
+            qc = torch.round(col / s).clamp_(-qmax, qmax)
+            qt[b0 + j] = qc
+            e = (col - qc * s) / ub[j, j]
+            err[j] = e
+            wt[b0 + j + 1 : b1].addr_(ub[j, j + 1 :], e, alpha=-1.0)
         if b1 < cols:
-            work[:, b1:].addmm_(err, u[b0:b1, b1:], alpha=-1.0)
-    out = torch.empty_like(q)
-    out[:, perm] = q
+            wt[b1:].addmm_(u[b0:b1, b1:].t(), err, alpha=-1.0)
+    out = torch.empty(rows, cols, device=work.device)
+    out[:, perm] = qt.t()
     return out.to(torch.int8), scale.half().to(w.device)
 
 

@@ -212,7 +212,7 @@ def _eval(path: str, cli: dict, rank: int, world: int, like_run: bool = False,
     lut = D.tokenizer_lut(cfg.train.tokenizer, cfg.model.vocab_size)
     tokens, first = load_eval_tokens(val_files, ec, cfg.model.vocab_size)
     plan = make_plan(cfg)  # a bad cache parameter file fails before any work
-    if ec.ttt:
+    if ec.ttt and ec.ttt_mode == "chunked":
         check_ttt_fits(ec, tokens.numel() - 1, plan.seq, model)
     say(f"proteus eval: {path} ({info['source']}), kernels={model.ops.name}, "
         f"{tokens.numel() - 1:,} targets (validation tokens {first:,}.."
@@ -251,9 +251,13 @@ def summary_lines(r: EvalResult, seq: int) -> list[str]:
         rows.append(("  + n-gram cache", c["bpb_cache"], f"+{c['seconds']:.1f}"))
     if r.ttt is not None:
         t = r.ttt
-        rows.append((f"score-first TTT ({t['chunks']} chunks)", t["bpb"],
-                     f"{t['score_seconds'] + t['train_seconds']:.1f} (scoring "
-                     f"{t['score_seconds']:.1f} + training {t['train_seconds']:.1f})"))
+        phased = t.get("mode") == "phased"
+        what = (f"phased TTT ({t['docs']} documents)" if phased
+                else f"score-first TTT ({t['chunks']} chunks)")
+        parts = ("documents", "global phases") if phased else ("scoring", "training")
+        rows.append((what, t["bpb"],
+                     f"{t['score_seconds'] + t['train_seconds']:.1f} ({parts[0]} "
+                     f"{t['score_seconds']:.1f} + {parts[1]} {t['train_seconds']:.1f})"))
         if "cache" in t:
             rows.append(("  + n-gram cache", t["cache"]["bpb_cache"],
                          f"+{t['cache']['seconds']:.1f}"))

@@ -454,6 +454,33 @@ class EvalConfig:
                 "('*': every parameter)", "range": "lora or name patterns"})
     ttt_rank: int = field(default=4, metadata={"help": "rank of the LoRA adapters",
                                                "range": "[1, 4096]"})
+    ttt_mode: str = field(default="chunked", metadata={
+        "help": "TTT schedule: chunked (one adapter over the stream, chunks of ttt_chunk) or "
+                "phased (per-document LoRA, global phases; docs/ttt.md)",
+        "choices": ("chunked", "phased")})
+    ttt_phases: str = field(default="", metadata={
+        "help": "phased: cumulative document counts after which the base weights are adapted "
+                "on the scored documents (the entry's 833,1666,2500; '' = none)",
+        "range": "increasing document counts"})
+    ttt_doc_chunk: int = field(default=48, metadata={
+        "help": "phased: targets per document chunk (each scored, then trained on)",
+        "range": "[1, 2**20]"})
+    ttt_lora_targets: str = field(default="q,k,v,o,up,down,head", metadata={
+        "help": "phased: the projections that get a per-document adapter",
+        "range": "names from q,k,v,o,up,down,head"})
+    ttt_beta1: float = field(default=0.0, metadata={
+        "help": "phased: AdamW beta1", "range": "[0, 1)"})
+    ttt_beta2: float = field(default=0.99, metadata={
+        "help": "phased: AdamW beta2", "range": "[0, 1)"})
+    ttt_wd: float = field(default=0.5, metadata={
+        "help": "phased: AdamW weight decay", "range": "[0, 1e6]"})
+    ttt_docs: int = field(default=64, metadata={
+        "help": "phased: documents per batch", "range": "[1, 2**20]"})
+    ttt_global_lr: float = field(default=0.001, metadata={
+        "help": "phased: SGD learning rate of a global phase (cosine over its chunks)",
+        "range": "(0, 100]"})
+    ttt_global_chunk: int = field(default=32768, metadata={
+        "help": "phased: targets per SGD step of a global phase", "range": "[1, 2**30]"})
 
     def validate(self) -> None:
         check_fields(self)
@@ -463,9 +490,25 @@ class EvalConfig:
         if not [p for p in self.ttt_params.split(",") if p.strip()]:
             raise ConfigError("ttt_params (--ttt-params) must be 'lora' or parameter-name "
                               "patterns, got ''")
+        check_phased(self)
         if self.tilt_min_order > self.tilt_order:
             raise ConfigError(f"tilt_min_order {self.tilt_min_order} (--tilt-min-order) is above "
                               f"tilt_order {self.tilt_order} (--tilt-order)")
+
+
+def check_phased(ec: EvalConfig) -> None:
+    """The phased-TTT strings (proteus/eval/ttt_phased.py): increasing positive document
+    counts, known projections."""
+    phases = [p.strip() for p in ec.ttt_phases.split(",") if p.strip()]
+    counts = [int(p) if p.isdigit() else 0 for p in phases]
+    if any(c <= 0 for c in counts) or counts != sorted(set(counts)):
+        raise ConfigError(f"ttt_phases (--ttt-phases) {ec.ttt_phases!r}: expected increasing "
+                          "positive document counts, e.g. 833,1666,2500 ('' = no global phase)")
+    names = [p.strip() for p in ec.ttt_lora_targets.split(",") if p.strip()]
+    known = ("q", "k", "v", "o", "up", "down", "head")
+    if not names or len(set(names)) != len(names) or set(names) - set(known):
+        raise ConfigError(f"ttt_lora_targets (--ttt-lora-targets) {ec.ttt_lora_targets!r}: "
+                          f"expected distinct names from {','.join(known)}")
 
 
 @dataclass(frozen=True)

@@ -292,12 +292,22 @@ def read_run_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / CONFIG_NAME
     body, _ = read_sealed_json(path, CONFIG_SEAL, "run config", 1 << 20)
     cfg = RunConfig.from_dict(body, where=str(path))
-    if body != cfg.to_dict():  # a field left out would silently take its default
-        missing = sorted(f"{s}.{k}" for s, fields in cfg.to_dict().items() for k in fields
-                         if not isinstance(body.get(s), dict) or k not in body[s])
-        raise ConfigError(f"{path}: fields missing from the run's config: "
-                          f"{', '.join(missing[:5]) or 'sections'}; it was not written by "
-                          "proteus")
+    if body != cfg.to_dict():
+        # the seal holds, so proteus wrote it: an older version, from before these options.
+        # A new option's default is the behaviour from before it existed; say which ones.
+        # Every version wrote every section, and each release adds a few options to one:
+        # a section without most of its fields was not written by proteus.
+        want = cfg.to_dict()
+        thin = [s for s, fields in want.items() if not isinstance(body.get(s), dict)
+                or 2 * sum(k not in body[s] for k in fields) > len(fields)]
+        if thin:
+            raise ConfigError(f"{path}: the run's config lacks most of section(s) "
+                              f"{', '.join(thin)}; it was not written by proteus")
+        missing = sorted(f"{s}.{k}" for s, fields in want.items() for k in fields
+                         if k not in body[s])
+        log.info(f"{path} was written by an older proteus: {len(missing)} option(s) it did not "
+                 f"have take their defaults ({', '.join(missing[:8])}"
+                 f"{', ...' if len(missing) > 8 else ''})")
     return cfg
 
 
@@ -343,7 +353,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, *, resume: str | Path | dic
         val, _ = load_eval_tokens(tc.val_files or D.bundled_val_glob(mc.vocab_size), ec,
                                   mc.vocab_size)
         plan = make_plan(cfg)
-        if ec.ttt:
+        if ec.ttt and ec.ttt_mode == "chunked":
             check_ttt_fits(ec, val.numel() - 1, plan.seq, build_model(cfg, "ref"))
 
         trained = train(cfg, dd=dd, device=device, val=val, lut=lut, jlog=jlog,

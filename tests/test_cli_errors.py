@@ -40,6 +40,8 @@ DESCRIBED = {
     "value_embed_layers": ["x", "2", "1,1", "-1"],  # smoke has 2 blocks
     "cache_params": ["/nope.json"],
     "ttt_params": [""],
+    "ttt_phases": ["5,3", "0", "a", "1,1"],
+    "ttt_lora_targets": ["", "q,x", "q,q"],
 }
 
 

@@ -171,6 +171,29 @@ def test_fuzz_config_json(clean_env):
         read_run_config(run)
 
 
+def test_config_of_an_older_proteus_reads_with_defaults(clean_env, caplog):
+    """A run started before some options existed still resumes: its sealed config.json lacks
+    them, and they take their defaults (the behaviour from before they existed), said in one
+    line. A section stripped of most of its fields is refused."""
+    cfg = _smoke(clean_env, **{"train.run_name": "old"})
+    run = open_run_dir(cfg)
+    good = json.loads((run / "config.json").read_text())
+    seal = good.pop(SEAL_KEY)
+    old = json.loads(json.dumps(good))
+    for k in ("ttt_docs", "ttt_beta2"):
+        del old["eval"][k]
+    (run / "config.json").write_text(json.dumps(seal_json(old, seal["format"], seal["binds"])))
+    with caplog.at_level(logging.INFO, logger="proteus.run"):
+        assert read_run_config(run) == cfg
+    assert "older proteus: 2 option(s)" in caplog.text and "eval.ttt_beta2" in caplog.text
+    gutted = json.loads(json.dumps(good))
+    gutted["train"] = {k: v for k, v in list(good["train"].items())[:3]}
+    (run / "config.json").write_text(json.dumps(seal_json(gutted, seal["format"],
+                                                          seal["binds"])))
+    with pytest.raises(ProteusError, match="lacks most of section"):
+        read_run_config(run)
+
+
 def test_fuzz_cache_params(tmp_path):
     good = cache_params_dict(NgramConfig(order=5, doc=True), 1024)
     path = tmp_path / "p.json"

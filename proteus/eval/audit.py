@@ -42,6 +42,7 @@ from proteus.eval.cache_audit import edit_after
 from proteus.eval.plan import EvalPlan
 from proteus.eval.scoring import TokenScores, model_logprobs_fn
 from proteus.eval.ttt import ttt_score
+from proteus.eval.ttt_phased import audit_phased
 from proteus.model import runs_interpreted_kernels
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,9 @@ def check_ttt_causal(model, plan: EvalPlan, tokens: torch.Tensor, lut: D.ByteLUT
     it, must be the same in both. Every rank takes part (the passes are shared); each compares
     the rows it scored, and the verdict is every rank's."""
     ec = plan.ec
+    if ec.ttt_mode == "phased":  # its own edit points: chunk edges, documents, the phase
+        rep = audit_phased(model, tokens, lut, plan.seq, ec, device, autocast, 2 * edits)
+        return reduce_sum(float(not rep.passed))[0] == 0
     c = ec.ttt_chunk
     prefix = tokens[: min(chunks * c + 1, tokens.numel())]
     n_ch = -(-(prefix.numel() - 1) // c)

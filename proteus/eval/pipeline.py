@@ -6,7 +6,8 @@ The steps, each as the plan (``proteus/eval/plan.py``) asks:
 2. one scoring pass with the sliding window (``stride``), whose per-token scores give the
    sliding bpb and, with the cache on, the n-gram cache's blended bpb over them (with stride 0
    the plain pass's scores are reused: they are the same numbers); the cache's audit on rank 0;
-3. score-first test-time training, and the cache blended over its scores.
+3. score-first test-time training (chunked, or phased per document), and the cache blended
+   over its scores.
 
 ``proteus eval``, the run's evaluation, the run's artifact evaluation and training's periodic
 validation all call ``evaluate``; nothing else calls the steps.
@@ -31,6 +32,7 @@ from proteus.eval.plan import EvalPlan, make_plan
 from proteus.eval.scoring import TokenScores, exact_sum, format_bpb, score_tokens
 from proteus.eval.tilt_step import tilt_audit, tilt_hints, tilt_report
 from proteus.eval.ttt import ttt_report
+from proteus.eval.ttt_phased import phased_report
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +130,9 @@ def evaluate(model, tokens: torch.Tensor, config: RunConfig | EvalPlan, *,
     if plan.tilt:
         res.tilt = tilt_report(plan, tokens, scores, hints, hint_seconds)
     if plan.ttt:
-        res.ttt, records["ttt"] = ttt_report(model, ec, tokens, lut, seq, device, autocast,
-                                             progress=progress, quiet=plan.quiet)
+        report = phased_report if ec.ttt_mode == "phased" else ttt_report
+        res.ttt, records["ttt"] = report(model, ec, tokens, lut, seq, device, autocast,
+                                         progress=progress, quiet=plan.quiet)
         if plan.cache:
             res.ttt["cache"], blended["ttt + cache"] = cache_report(
                 plan, tokens, records["ttt"], rank, world, what="TTT + the n-gram cache")

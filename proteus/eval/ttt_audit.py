@@ -16,6 +16,7 @@ from proteus.eval.blend import NgramConfig, cache_distribution, ngram_blend_logp
 from proteus.eval.cache_audit import edit_after, yes_no
 from proteus.eval.plan import EvalPlan, ngram_backend
 from proteus.eval.ttt import check_ttt_fits, ttt_score
+from proteus.eval.ttt_phased import audit_phased
 from proteus.model import GPT
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,9 @@ def audit_ttt(model: GPT, tokens: torch.Tensor, lut: ByteLUT, seq: int, ec: Eval
 
 def run_ttt_audit(model: GPT, plan: EvalPlan, tokens: torch.Tensor, lut: ByteLUT) -> bool:
     """``proteus audit --ttt``: the TTT audit (with the cache when the plan has it)."""
-    rep = audit_ttt(model, tokens, lut, plan.seq, plan.ec, plan.ncfg if plan.cache else None)
+    if plan.ec.ttt_mode == "phased":
+        rep = audit_phased(model, tokens, lut, plan.seq, plan.ec)
+    else:
+        rep = audit_ttt(model, tokens, lut, plan.seq, plan.ec, plan.ncfg if plan.cache else None)
     log.info(f"  TTT audit: {rep}")
     return rep.passed
