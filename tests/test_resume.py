@@ -9,7 +9,6 @@ The end-to-end runs are subprocesses of ``proteus train`` (smoke preset, 8 steps
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import signal
@@ -266,7 +265,6 @@ def test_a_resumed_run_logs_each_step_once(clean_env, tmp_path, caplog):
     cfg = build_config("smoke", {"train.iterations": 2, **fast}, environ={})
     log_path = tmp_path / "log.jsonl"
     threads = torch.get_num_threads()  # train.threads sets the process's count
-    logger = logging.getLogger("proteus")  # the command line stops it propagating to root
     try:
         jlog = K.JsonLog(log_path)
         train(cfg, run_dir=tmp_path, jlog=jlog)
@@ -275,12 +273,10 @@ def test_a_resumed_run_logs_each_step_once(clean_env, tmp_path, caplog):
         with open(log_path, "a") as f:
             f.write('{"event": "step", "step": 3, "lo')  # torn by the kill
         jlog = K.JsonLog(log_path)
-        logger.addHandler(caplog.handler)
         with caplog.at_level("INFO", logger="proteus"):
             train(cfg, run_dir=tmp_path, jlog=jlog, resume=K.state_paths(tmp_path)[-1])
         jlog.close()
     finally:
-        logger.removeHandler(caplog.handler)
         torch.set_num_threads(threads)
     records = [json.loads(line) for line in log_path.open()]
     steps = [r["step"] for r in records if r["event"] == "step"]
