@@ -5,6 +5,7 @@ must fail (and pass on the unbroken code, with the same data)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import pytest
@@ -137,6 +138,18 @@ def test_exact_total_is_the_exact_sum():
                                                                               dtype=torch.float64)
     assert A.exact_total(v) == S.exact_sum(v)
     assert A.exact_total(torch.tensor([1e16, 1.0, -1e16])) == 1.0
+
+
+def test_exact_sum_fed_in_parts_is_fsum_of_every_value():
+    # exact_sum feeds fsum 65,536 values at a time (bounded memory at 62 M targets): the sum is
+    # still the correctly rounded one, across part boundaries too
+    g = torch.Generator().manual_seed(1)
+    v = (torch.rand(200_001, generator=g, dtype=torch.float64) - 0.5) * torch.logspace(
+        -10, 16, 200_001, dtype=torch.float64)
+    v[65_535], v[65_536] = 1e16, -1e16  # a cancellation that straddles a part boundary
+    v[65_537] = 1.0
+    assert S.exact_sum(v) == math.fsum(v.tolist())
+    assert S.exact_sum(v.reshape(1, -1)) == math.fsum(v.tolist())
 
 
 def test_eval_with_no_options_scores_plain_only_and_like_run_replays_the_run():

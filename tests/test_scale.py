@@ -12,6 +12,7 @@ import pytest
 
 from proteus import data as D
 from proteus import synth
+from proteus.eval.stream_counts import CHUNK, _Counter
 
 # Counts a stand-in's validation stream through the streaming cache counts and prints the
 # process's peak resident memory above what it held before counting, and the tables' bytes.
@@ -61,3 +62,17 @@ def test_cache_memory_bound_on_a_10m_token_stand_in(tmp_path, monkeypatch):
     m = json.loads(out.stdout)
     per_million = 64 * 2**20 * m["tokens"] / 1e6  # the bound: 64 MiB per 1 M tokens of history
     assert m["tables"] < per_million and m["peak_above"] < per_million, m
+
+
+def test_cache_tables_grow_at_most_64_mib_per_million_tokens():
+    # the part of the cache's memory that grows with the stream, at the bundled sample's size
+    # (1.04 M tokens: the most distinct n-grams per token the tables will see; the slow test
+    # holds the whole process's peak on a 10 M-token stand-in)
+    tok = D.load_tokens(D.bundled_val_glob(), "val")
+    counter = _Counter(5, True)
+    a, n = 0, tok.numel()
+    while a < n:
+        b = min(n, a + CHUNK)
+        counter.step(tok, a, b, max(a, 1))
+        a = b
+    assert counter.nbytes < 64 * 2**20 * n / 1e6, counter.nbytes
