@@ -61,10 +61,31 @@ class JsonLog:
 
     def __init__(self, path: Path | None):
         self.path = path
+        self.f = self._open() if path else None
+
+    def _open(self):
         try:
-            self.f = open(path, "a", buffering=1) if path else None
+            return open(self.path, "a", buffering=1)
         except OSError as e:
-            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+            raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from None
+
+    def drop_after(self, step: int) -> int:
+        """Drop the records a resumed run writes again: those of steps after ``step`` (the
+        training state it resumes from), a killed evaluation's ``final``, and a line torn by
+        the kill. The file is rewritten atomically; returns how many lines went."""
+        if not self.f:
+            return 0
+        self.close()
+        try:
+            with open(self.path) as f:
+                lines = f.readlines()
+        except OSError as e:
+            raise OutputError(f"cannot read {self.path}: {e.strerror or e}") from None
+        kept = [line for line in lines if not _stale(line, step)]
+        if len(kept) < len(lines):
+            atomic_write(self.path, "".join(kept).encode())
+        self.f = self._open()
+        return len(lines) - len(kept)
 
     def write(self, **record) -> None:
         if self.f:
@@ -79,6 +100,18 @@ class JsonLog:
                 self.f.close()
             except OSError:
                 pass  # a full disk was reported by the write that hit it
+
+
+def _stale(line: str, step: int) -> bool:
+    """A ``log.jsonl`` line a run resumed at ``step`` must not keep (see ``drop_after``)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return True
+    if not isinstance(rec, dict) or not line.endswith("\n"):
+        return True  # torn
+    s = rec.get("step")
+    return rec.get("event") == "final" or (isinstance(s, int) and s > step)
 
 
 # ---------------------------------------------------------------------------------------------

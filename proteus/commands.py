@@ -171,11 +171,8 @@ def main_resume(path: str, cli: dict) -> int:
         state = load_train_state(state_path)
     else:
         state, skipped = newest_intact_state(run_dir)
-        for line in skipped:
+        for line in skipped:  # the run's own "resumed from" line names the state it takes
             print(f"proteus: {line}", file=sys.stderr)
-        if skipped:
-            print(f"proteus: resuming from the newest intact training state, {state['path']}",
-                  file=sys.stderr)
     cfg = resume_config(state["config"] if state else saved, cli, where=f"run {run_dir}")
     return main_train(cfg, resume=(run_dir, state))
 

@@ -245,7 +245,7 @@ class Dist:
         all-reduce: ranks decide together, so none waits for a peer that already stopped."""
         if not self.enabled:
             return value, flag
-        t = torch.tensor([value, float(flag)], dtype=torch.float64)
+        t = torch.tensor([value, float(flag)], dtype=torch.float64, device=comm_device())
         _guarded("all-reduce", lambda: dist.all_reduce(t))
         return t[0].item() / self.world, t[1].item() > 0
 
@@ -277,27 +277,36 @@ def close_process_group(failed: bool = False) -> None:
     gc.collect()
 
 
+def comm_device() -> torch.device:
+    """Where the default group's collectives take their tensors: the current CUDA device under
+    nccl (which refuses CPU tensors), the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def reduce_sum(*values: float) -> list[float]:
     """Element-wise sums over ranks, in float64 (the values themselves without a group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
     _guarded("all-reduce", lambda: dist.all_reduce(t))
     return t.tolist()
 
 
 def gather_ordered(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate each rank's 1-D CPU tensor in rank order (ranks own consecutive ranges)."""
-    world = dist.get_world_size()
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    _guarded("all-gather", lambda: dist.all_gather(sizes, torch.tensor([t.numel()],
-                                                                         dtype=torch.int64)))
-    n = int(max(s.item() for s in sizes))
-    padded = torch.zeros(n, dtype=t.dtype)
-    padded[: t.numel()] = t
-    parts = [torch.zeros(n, dtype=t.dtype) for _ in range(world)]
+    """Concatenate each rank's 1-D tensor in rank order (ranks own consecutive ranges), on
+    ``t``'s device; the collectives run on the backend's (``comm_device``)."""
+    world, dev = dist.get_world_size(), comm_device()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+    mine = torch.tensor([t.numel()], dtype=torch.int64, device=dev)
+    _guarded("all-gather", lambda: dist.all_gather(sizes, mine))
+    counts = [int(s.item()) for s in sizes]
+    padded = torch.zeros(max(counts), dtype=t.dtype, device=dev)
+    padded[: t.numel()] = t.reshape(-1).to(dev)
+    parts = [torch.zeros(max(counts), dtype=t.dtype, device=dev) for _ in range(world)]
     _guarded("all-gather", lambda: dist.all_gather(parts, padded))
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]).to(t.device)
 
 
 def broadcast_text(text: str, src: int = 0) -> str:
@@ -306,10 +315,11 @@ def broadcast_text(text: str, src: int = 0) -> str:
     if not (dist.is_available() and dist.is_initialized()):
         return text
     raw = text.encode() if dist.get_rank() == src else b""
-    n = torch.tensor([len(raw)], dtype=torch.int64)
+    dev = comm_device()
+    n = torch.tensor([len(raw)], dtype=torch.int64, device=dev)
     _guarded("broadcast", lambda: dist.broadcast(n, src=src))
-    buf = torch.zeros(int(n.item()), dtype=torch.uint8)
+    buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=dev)
     if raw:
         buf.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
     _guarded("broadcast", lambda: dist.broadcast(buf, src=src))
-    return bytes(buf.tolist()).decode()
+    return bytes(buf.cpu().tolist()).decode()

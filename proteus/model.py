@@ -32,6 +32,7 @@ from torch import nn
 
 from proteus.config import ModelConfig
 from proteus.data import BOS_ID
+from proteus.kernels import interpreting
 from proteus.ops import Ops, get_ops
 
 
@@ -590,3 +591,12 @@ def build_model(cfg, kernels: str | None = None) -> GPT:
     model = GPT(cfg.model, kernels or cfg.train.kernels)
     model.set_attention_fp32(cfg.train.attn_fp32)
     return model
+
+
+def runs_interpreted_kernels(model: nn.Module) -> bool:
+    """Whether ``model``'s forward launches Triton kernels on Triton's interpreter (``--kernels
+    triton`` without a GPU), which keeps a launch's grid in globals: such forwards must not run
+    side by side in Python threads (``proteus.device.map_one_thread``)."""
+    return interpreting() and any(
+        getattr(getattr(m, "ops", None), "name", "") == "triton" or getattr(m, "use_kernel", False)
+        for m in model.modules())

@@ -420,6 +420,8 @@ class _Loop:
         self.last_loss = self.losses[-1] if self.losses else self.last_loss
         log.info(f"  resumed from {where}: step {self.step}, {_fmt_time(self.train_s)} of the "
                  "budget used")
+        # the records of the steps after the state are written again from here: keep one copy
+        self.jlog.drop_after(self.step)
         self.jlog.write(event="resume", step=self.step, path=where, world=self.dd.world)
 
     def run(self) -> None:

@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+import torch
+
 from proteus import data as D
 from proteus.checkpoint import load_model
 from proteus.dist import close_process_group, setup_dist
@@ -39,5 +41,6 @@ if __name__ == "__main__":
     rank, world = setup_dist()
     result = numbers(ckpt, batch, n, stride, chunk)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"world": world, "batch": batch, **result}, f)
+        json.dump({"world": world, "threads": torch.get_num_threads(), "batch": batch,
+                   **result}, f)
     close_process_group()

@@ -7,6 +7,7 @@ before any test module imports a kernel. Tests take the ``device`` fixture; test
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -44,3 +45,11 @@ def clean_env(monkeypatch, tmp_path):
         if k.startswith("PROTEUS_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             monkeypatch.delenv(k)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _proteus_logs_reach_caplog():
+    """``proteus.cli.setup_logging`` (any test that runs ``main``) stops the ``proteus`` logger
+    propagating to the root, where a later test's ``caplog`` listens: give it back."""
+    yield
+    logging.getLogger("proteus").propagate = True

@@ -8,37 +8,25 @@ is the order of float sums (two half-batch means averaged and gradients summed b
 instead of one full-batch mean). Step 0 sees identical weights: its loss agrees to a reordered
 sum over the 512 tokens of the global batch, ``reordered_sum_rtol(precision, 512)``; the later
 steps' losses and the final bpb follow the training-curve envelope ``TRAJECTORY_RTOL``.
+
+The collectives of ``proteus.dist`` hand their tensors to the backend on its device (nccl
+refuses CPU tensors): checked under gloo here, under nccl on a GPU (``cuda``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+import torch
+import torch.distributed as dist
 from _precision import PRECISIONS, TRAJECTORY_RTOL, reordered_sum_rtol
+from _torchrun import torchrun
 
+import proteus.dist as P
 from proteus import data as D
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "_dist_worker.py")
-
-
-def _env():
-    e = {k: v for k, v in os.environ.items() if not k.startswith("PROTEUS_")}
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    e["OMP_NUM_THREADS"] = "1"
-    return e
 
 
 def _run(nproc: int, out: str, precision: str = "fp32") -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", WORKER, out, PRECISIONS[precision]]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return [json.load(open(os.path.join(out, f"rank{i}.json"))) for i in range(nproc)]
+    return torchrun("_dist_worker.py", nproc, [out, PRECISIONS[precision]], out, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +82,43 @@ def test_cache_bpb_is_the_same_on_one_and_two_processes(runs):
     bpb1 = one[0]["cache_nll"] / one[0]["cache_bytes"]
     bpb2 = two[0]["cache_nll"] / two[0]["cache_bytes"]
     assert f"{bpb1:.10f}" == f"{bpb2:.10f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives on the backend's device: nccl refuses CPU tensors
+
+
+def test_collectives_run_on_the_backends_device(monkeypatch):
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert P.comm_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert P.comm_device() == torch.device("cpu")
+
+
+def _one_rank_group(backend: str, store: str, body) -> None:
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        body()
+    finally:
+        dist.destroy_process_group()
+
+
+def _collectives(device: str) -> None:
+    for t in (torch.arange(5, dtype=torch.float64), torch.tensor([7], dtype=torch.int64)):
+        got = P.gather_ordered(t.to(device))
+        assert got.device == torch.device(device) and torch.equal(got.cpu(), t)
+    assert P.reduce_sum(1.5, 2.0) == [1.5, 2.0]
+    assert P.broadcast_text("héllo") == "héllo"
+
+
+def test_collectives_under_gloo(tmp_path):
+    _one_rank_group("gloo", str(tmp_path / "store"), lambda: _collectives("cpu"))
+
+
+@pytest.mark.cuda
+def test_collectives_under_nccl(tmp_path):
+    # CPU tensors in, CPU tensors out; the collectives themselves on the GPU
+    torch.cuda.set_device(0)
+    _one_rank_group("nccl", str(tmp_path / "store"),
+                    lambda: (_collectives("cpu"), _collectives("cuda")))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,3 +91,33 @@ def test_the_readme_test_command_is_what_ci_runs():
 def test_the_readme_runs_the_default_job():
     assert ("pip install torch==2.13.0 && pip install -e . && proteus train --preset cpu-tiny"
             in _bash_lines(README.read_text()))
+
+
+def _top_level_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def test_the_mutation_targets_and_their_table_name_code_that_exists(monkeypatch):
+    # modules move (proteus/evaluate.py -> proteus/eval/, the schedules -> optim.py): the tool's
+    # targets, the names they narrow to, and docs/testing.md's list and table follow them
+    spec = importlib.util.spec_from_file_location("mutation", ROOT / "tools" / "mutation.py")
+    mutation = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "mutation", mutation)  # its dataclass looks itself up
+    spec.loader.exec_module(mutation)
+    for name, target in mutation.TARGETS.items():
+        names = _top_level_names(ROOT / target.module)
+        missing = [n for n in target.only + target.skip if n not in names]
+        assert not missing, f"target {name}: {target.module} has no {missing}"
+    text = (ROOT / "docs" / "testing.md").read_text()
+    listed = re.search(r"\[TARGET \.\.\.\]\s+# (.+)", text).group(1).split()
+    assert listed == list(mutation.TARGETS)
+    today = re.findall(r"\[`(\w+)`: `([\w/.]+)`\]", text)  # the table's "today's target" notes
+    assert today and all(mutation.TARGETS[t].module == m for t, m in today), today

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -168,3 +169,27 @@ def test_eval_with_no_options_scores_plain_only_and_like_run_replays_the_run():
     assert _cli_values(args)["eval.audit"] == "none" and args.like_run
     args = build_parser().parse_args(["train", "--no-audit"])
     assert _cli_values(args)["eval.audit"] == "none"
+
+
+def test_the_default_eval_command_exits_1_with_one_line_when_its_audit_fails(tmp_path, capsys,
+                                                                             monkeypatch):
+    # `proteus eval` with no options (plain windows and the cheap audit), on a byte table that
+    # forgets leading spaces: the numbers are printed, then one line on stderr, exit 1
+    from proteus.checkpoint import save_checkpoint
+    from proteus.cli import main
+
+    for k in [k for k in os.environ if k.startswith("PROTEUS_")]:
+        monkeypatch.delenv(k)
+    cfg = build_config("smoke", environ={})
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.ckpt"
+    save_checkpoint(ckpt, build_model(cfg, "ref"), cfg)
+    assert main(["eval", str(ckpt), "--val-tokens", "512"]) == 0
+    capsys.readouterr()
+    real = D.ByteLUT.target_bytes
+    monkeypatch.setattr(D.ByteLUT, "target_bytes",
+                        lambda self, prev, target: self.base_bytes[target] + 0 * real(
+                            self, prev, target))
+    assert main(["eval", str(ckpt), "--val-tokens", "512"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the evaluation's audit failed (bytes)" in err[0], err

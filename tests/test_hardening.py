@@ -461,13 +461,14 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(clean_e
         p.write_bytes(bytes(raw))
     state, skipped = K.newest_intact_state(run)
     assert state["step"] == 2 and len(skipped) == 2 and "step-000000006" in skipped[0]
-    # the command says so, one line per skipped state and one for the one it uses
+    # the command says so, one line per skipped state (the run's own "resumed from" line
+    # names the one it takes; not a second line here)
     code = main(["train", "--resume", str(run), "--seed", "7"])  # then refused: seed differs
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 4, err
+    assert code == 2 and len(err) == 3, err
     assert "step-000000006.ckpt failed its integrity check" in err[0]
-    assert "resuming from the newest intact training state" in err[2] and \
-        "step-000000002" in err[2]
+    assert "step-000000004.ckpt failed its integrity check" in err[1]
+    assert "seed" in err[2] and not any("resum" in line for line in err[:2])
     newest[0].write_bytes(b"damaged")
     with pytest.raises(K.CheckpointError, match="no older training state of the run is intact"):
         K.newest_intact_state(run)

@@ -559,3 +559,34 @@ def test_the_shipped_parameters_are_the_tune_cache_record():
     record = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                           "cache_params_cpu_tiny.json")
     assert load_cache_params(record, 5, True, V) == NgramConfig()
+
+
+@pytest.mark.parametrize("doc", [False, True])
+def test_context_seen_is_the_streamed_order_2_context_count(doc):
+    # the audit picks its busiest positions by one scan at each (not a pass over the stream);
+    # it must say what the streamed counts say, at every target of a stream with documents
+    tok = D.load_tokens(D.bundled_val_glob(), "val", limit=6001)
+    tok[[0, 700, 701, 2500]] = D.BOS_ID  # an empty document, a BOS target, a BOS context
+    n = tok.numel()
+    ccs = list(ngc.stream_counts(tok, 1, n, 3, doc=doc, chunk=2048))
+    busy = np.concatenate([c.ctx[0] > 0 for c in ccs])
+    if doc:
+        busy &= np.concatenate([c.doc_ctx[0] > 0 for c in ccs])
+    x = tok.numpy()
+    got = np.array([audit_mod.context_seen(x, t, doc) for t in range(1, n)])
+    assert np.array_equal(got, busy)
+    assert 0 < busy.sum() < n - 1  # both kinds of position are there
+
+
+def test_one_repeated_context_position_is_the_first_one():
+    # the cheap audit takes one position of each kind and stops counting at the first chunk
+    # that has a repeated context: the same position as the whole stream's count gives
+    tok = D.load_tokens(D.bundled_val_glob(), "val", limit=140_001)
+    cfg = NgramConfig()
+    rep = np.concatenate([np.flatnonzero(cc.ctx[cfg.order - 2] >= 2) + cc.lo
+                          for cc in ngc.stream_counts(tok, 1, tok.numel(), cfg.order, doc=False)])
+    assert rep.size > 2 and rep[-1] > ngc.CHUNK  # candidates beyond the first chunk too
+    one = audit_positions(tok, cfg, n_random=1, per_class=1, worlds=(2,))
+    assert one["repeated_context"] == [int(rep[0])]
+    two = audit_positions(tok, cfg, n_random=1, per_class=2, worlds=(2,))
+    assert two["repeated_context"] == [int(rep[0]), int(rep[-1])]

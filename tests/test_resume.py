@@ -254,6 +254,54 @@ def test_train_state_holds_what_resuming_needs(clean_env, tmp_path):
     assert trained.stats["steps"] == 3
 
 
+def test_a_resumed_run_logs_each_step_once(clean_env, tmp_path, caplog):
+    """kill -9 after step 2 was logged and before its state was written (here: that state lost),
+    the line it was writing torn: the resumed run logs step 2 again, and log.jsonl (what the
+    plot draws) holds each step once, the torn line gone; one "resumed from" line."""
+    from proteus.train import train
+
+    fast = {"train.checkpoint_every": 1, "train.warmup_steps": 0, "train.compile": False,
+            "train.threads": 1}
+    cfg = build_config("smoke", {"train.iterations": 2, **fast}, environ={})
+    log_path = tmp_path / "log.jsonl"
+    threads = torch.get_num_threads()  # train.threads sets the process's count
+    try:
+        jlog = K.JsonLog(log_path)
+        train(cfg, run_dir=tmp_path, jlog=jlog)
+        jlog.close()
+        K.state_paths(tmp_path)[-1].unlink()  # step 2's state: never written
+        with open(log_path, "a") as f:
+            f.write('{"event": "step", "step": 3, "lo')  # torn by the kill
+        jlog = K.JsonLog(log_path)
+        with caplog.at_level("INFO", logger="proteus"):
+            train(cfg, run_dir=tmp_path, jlog=jlog, resume=K.state_paths(tmp_path)[-1])
+        jlog.close()
+    finally:
+        torch.set_num_threads(threads)
+    records = [json.loads(line) for line in log_path.open()]
+    steps = [r["step"] for r in records if r["event"] == "step"]
+    assert steps == [1, 2], steps
+    saved = [r["step"] for r in records if r["event"] == "checkpoint"]
+    assert saved == [1, 2], saved
+    assert [r["step"] for r in records if r["event"] == "resume"] == [1]
+    assert sum("resumed from" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_drop_after_keeps_what_the_resumed_run_will_not_write_again(tmp_path):
+    path = tmp_path / "log.jsonl"
+    lines = ['{"event": "config"}', '{"event": "step", "step": 1}',
+             '{"event": "resume", "step": 1}', '{"event": "step", "step": 2}',
+             '{"event": "val", "step": 3}', '{"event": "final", "steps": 3}', "[1]",
+             '{"event": "step", "step": 4']
+    path.write_text("\n".join(lines))
+    log = K.JsonLog(path)
+    assert log.drop_after(2) == 4
+    log.write(event="resume", step=2)
+    log.close()
+    assert path.read_text().splitlines() == lines[:4] + ['{"event": "resume", "step": 2}']
+    assert K.JsonLog(None).drop_after(0) == 0
+
+
 def test_full_disk_is_one_line_and_nothing_final_is_half_written(clean_env, capsys, tmp_path,
                                                                  monkeypatch):
     real = os.replace

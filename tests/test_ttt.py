@@ -9,13 +9,13 @@ full-batch gradient); the bpb agrees to 1e-6 relative (tests/_ttt_worker.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from _torchrun import torchrun  # tests/ is on the path (pytest prepends it)
 
 import proteus.eval.ttt as T
 from proteus import data as D
@@ -192,21 +192,10 @@ def test_bad_ttt_and_cache_input_is_one_line_exit_2(ckpt, monkeypatch, capsys, a
     assert len(err.strip().splitlines()) == 1
 
 
-def _torchrun(nproc: int, out: str, ckpt: str) -> list[dict]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("PROTEUS_")}
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    e["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", os.path.join(ROOT, "tests", "_ttt_worker.py"), ckpt, out]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return [json.load(open(os.path.join(out, f"rank{i}.json"))) for i in range(nproc)]
-
-
 @pytest.mark.slow
 def test_one_and_two_processes_give_the_same_ttt_bpb(ckpt, tmp_path):
-    one = _torchrun(1, str(tmp_path / "one"), ckpt)
-    two = _torchrun(2, str(tmp_path / "two"), ckpt)
+    one = torchrun("_ttt_worker.py", 1, [ckpt, tmp_path / "one"], tmp_path / "one")
+    two = torchrun("_ttt_worker.py", 2, [ckpt, tmp_path / "two"], tmp_path / "two")
     assert two[0]["world"] == 2 and two[0]["bpb"] == two[1]["bpb"]
     assert two[0]["digest"] == two[1]["digest"]  # the ranks end with the same weights
     assert two[0]["bpb"] == one[0]["bpb"]  # to the last bit (row groups, exact sums)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import proteus.eval.scoring as scoring  # its windows as the passes call them
 from proteus import data as D
 from proteus.caseops import OPERATORS as CASEOPS_OPERATORS
+from proteus.device import map_one_thread
 from proteus.dist import reduce_sum
 from proteus.eval.blend import ngram_blend_logprobs
 from proteus.eval.cache import cache_model_fn
@@ -43,6 +44,7 @@ from proteus.eval.plan import EvalPlan
 from proteus.eval.scoring import TokenScores, model_logprobs_fn
 from proteus.eval.ttt import ttt_score
 from proteus.eval.ttt_phased import audit_phased
+from proteus.model import runs_interpreted_kernels
 from proteus.tilt import longest_match_hints
 
 log = logging.getLogger(__name__)
@@ -158,18 +160,23 @@ def check_targets(model, tokens: torch.Tensor, scores: TokenScores, seq: int, st
     starts = expected_start(torch.tensor(js), n, seq, stride).tolist()
     was = model.training
     model.eval()
-    ok = True
-    for j, s in zip(js, starts, strict=True):
-        e = min(s + seq, n)
-        x = tokens[s:e].to(device)[None]
+
+    def rescore(js_: tuple[int, int]) -> float:  # target j alone in the window starting at s
+        j, s = js_
+        x = tokens[s : min(s + seq, n)].to(device)[None]
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                             enabled=autocast):
             z = model.logits(x)
-        lp = F.log_softmax(z.float(), -1)[0, j - 1 - s, int(tokens[j])].double().item()
+        return F.log_softmax(z.float(), -1)[0, j - 1 - s, int(tokens[j])].double().item()
+
+    lps = map_one_thread(rescore, zip(js, starts, strict=True), device,
+                         side_by_side=not runs_interpreted_kernels(model))
+    model.train(was)
+    ok = True
+    for j, lp in zip(js, lps, strict=True):
         rec = scores.logp[j - scores.first].item()
         want_b = int(lut.target_bytes(tokens[j - 1 : j], tokens[j : j + 1])[0])
         ok = ok and abs(lp - rec) <= TARGET_TOL and int(scores.nbytes[j - scores.first]) == want_b
-    model.train(was)
     return ok
 
 

@@ -10,6 +10,7 @@ import time
 import torch
 
 from proteus.data import bits_per_byte
+from proteus.device import one_thread
 from proteus.dist import gather_ordered, reduce_sum
 from proteus.eval.blend import NgramConfig, ngram_blend_logprobs
 from proteus.eval.cache_audit import AUDIT_WORLDS, MAX_BOS_POSITIONS, audit, audit_positions
@@ -24,12 +25,15 @@ log = logging.getLogger(__name__)
 
 def cache_logprobs(scores: TokenScores, tokens: torch.Tensor, ncfg: NgramConfig, backend: str,
                    rank: int, world: int) -> tuple[torch.Tensor, float]:
-    """(log p under the blend of this rank's shard of targets, seconds it took)."""
+    """(log p under the blend of this rank's shard of targets, seconds it took). The blend runs
+    with one CPU thread (``one_thread``): an elementwise op split over threads may round an
+    element differently, so the scores would depend on the thread count."""
     n = scores.logp.numel()
     lo, hi = 1 + n * rank // world, 1 + n * (rank + 1) // world
     t0 = time.perf_counter()
-    lp = ngram_blend_logprobs(tokens, lo, hi, scores.logp[lo - 1 : hi - 1], ncfg,
-                              backend=backend)
+    with one_thread():
+        lp = ngram_blend_logprobs(tokens, lo, hi, scores.logp[lo - 1 : hi - 1], ncfg,
+                                  backend=backend)
     return lp.double().cpu(), time.perf_counter() - t0
 
 

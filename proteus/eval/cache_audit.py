@@ -64,8 +64,11 @@ def audit_positions(tokens: torch.Tensor, cfg: NgramConfig, n_random: int,
     out["shard_edge"] = sorted({t for t in shard if 1 <= t < n})
     # the order-N context count of each target, streamed (memory of the distinct n-grams;
     # called through the module: the audit's choice of positions is not the scorer under test)
-    rep = [np.flatnonzero(cc.ctx[cfg.order - 2] >= 2) + cc.lo
-           for cc in streamed.stream_counts(tok, 1, n, cfg.order, doc=False, bits=cfg.id_bits)]
+    rep = []
+    for cc in streamed.stream_counts(tok, 1, n, cfg.order, doc=False, bits=cfg.id_bits):
+        rep.append(np.flatnonzero(cc.ctx[cfg.order - 2] >= 2) + cc.lo)
+        if per_class == 1 and rep[-1].size:
+            break  # one of a kind: _spread keeps the first, so the rest is not counted
     out["repeated_context"] = _spread(torch.from_numpy(np.concatenate(rep)), per_class)
     g = torch.Generator().manual_seed(seed)
     out["random"] = sorted(set(torch.randint(1, n, (n_random,), generator=g).tolist()))
@@ -92,6 +95,19 @@ def fast_distribution(tokens: torch.Tensor, t: int, model_logp: torch.Tensor,
         lp = torch.cat((fill.expand(cand.numel(), -1), model_logp[cand].double()[:, None]), 1)
         out.append(ngram_blend_logprobs(streams, start, t + 1, lp, cfg, backend)[:, -1])
     return torch.cat(out).exp()
+
+
+def context_seen(tok: np.ndarray, t: int, doc: bool) -> bool:
+    """Has target t's order-2 context (x_{t-1}) occurred before, so the counts of every order
+    may be at work at t? With ``doc``, in its document too (what follows the last BOS before
+    t-1: no document's past holds a BOS, so a BOS context is never seen there). The same as
+    the streamed counts' ``ctx[0] > 0`` (and ``doc_ctx[0] > 0``) at t, by one scan of x_<t-1
+    (tests/test_ngram.py compares)."""
+    c, lo = tok[t - 1], 0
+    if doc:
+        bos = np.flatnonzero(tok[: t - 1] == BOS_ID)
+        lo = int(bos[-1]) + 1 if bos.size else 0
+    return bool((tok[lo : t - 1] == c).any())
 
 
 def yes_no(x: bool | None) -> str:
@@ -225,14 +241,12 @@ def audit(tokens: torch.Tensor, positions: torch.Tensor | dict[str, list[int]],
 
     # 3. the fast scorer's whole distribution: of each class first the earliest position
     # whose context both count kinds have seen (where every part of the blend is at work)
-    busy = torch.from_numpy(np.concatenate([  # busy[t - 1]: both contexts of order 2 seen
-        (cc.ctx[0] > 0) & (cc.doc_ctx[0] > 0) if cfg.doc else cc.ctx[0] > 0
-        for cc in streamed.stream_counts(tokens.cpu(), 1, n, cfg.order, doc=cfg.doc,
-                                         bits=cfg.id_bits)]))
+    tok = tokens.cpu().numpy()
+    busy = {t: context_seen(tok, t, cfg.doc) for t in pos_t.tolist()}
     lists = list(classes.values()) if classes else []
-    by_time = sorted(pos_t.tolist(), key=lambda t: (not bool(busy[t - 1]), t))
+    by_time = sorted(pos_t.tolist(), key=lambda t: (not busy[t], t))
     order = by_time if earliest else [
-        min([t for t in v if busy[t - 1]] or v) for v in lists if v] + by_time
+        min([t for t in v if busy[t]] or v) for v in lists if v] + by_time
     chosen = list(dict.fromkeys(order))[:materialise]
     f_err, f_sum = 0.0, 0.0
     bar = Progress("audit: the fast scorer's whole distribution", len(chosen), unit="positions")

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from proteus import data as D
 from proteus.config import EvalConfig, RunConfig
 from proteus.data import ByteLUT, bits_per_byte
+from proteus.device import map_one_thread
 from proteus.dist import gather_ordered, rank_world
 from proteus.eval.progress import Progress
-from proteus.model import GPT
+from proteus.model import GPT, runs_interpreted_kernels
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,18 @@ def _score_batch(model, tokens: torch.Tensor, batch: list[tuple[int, int, int]],
     return out
 
 
+def window_batches(wins: list[tuple[int, int, int]], batch_seqs: int
+                   ) -> list[list[tuple[int, int, int]]]:
+    """``wins`` cut, in order, into batches of up to ``batch_seqs`` windows of one length."""
+    out: list[list[tuple[int, int, int]]] = []
+    for w in wins:
+        if out and len(out[-1]) < batch_seqs and out[-1][0][1] - out[-1][0][0] == w[1] - w[0]:
+            out[-1].append(w)
+        else:
+            out.append([w])
+    return out
+
+
 @torch.no_grad()
 def score_windows(model, tokens: torch.Tensor, wins: list[tuple[int, int, int]],
                   batch_seqs: int = 16, device: str | torch.device = "cpu",
@@ -118,25 +131,37 @@ def score_windows(model, tokens: torch.Tensor, wins: list[tuple[int, int, int]],
                   progress: bool = False, second: torch.Tensor | None = None) -> torch.Tensor:
     """log p(target) of every scored target of ``wins`` (see :func:`windows`), in order, float64
     ((n, 2) with ``second``: see :func:`_score_batch`). Windows of equal length are batched
-    together, ``batch_seqs`` at a time."""
+    together, ``batch_seqs`` at a time. On the CPU each batch runs on one thread, as many at
+    once as there are threads (``proteus.device.map_one_thread``): the scores are the same to
+    the last bit for any thread count."""
     was_training = model.training
     model.eval()
-    total = sum(e - f + 1 for _, e, f in wins)
+    batches = window_batches(wins, batch_seqs)
+    firsts = [0]  # where each batch's scores start in ``out``
+    for b in batches:
+        firsts.append(firsts[-1] + sum(e - f + 1 for _, e, f in b))
     # written in place, window after window (a list of per-window tensors and their
-    # concatenation held the scores twice, in thousands of small allocations)
-    out = torch.empty((total, 2) if second is not None else total, dtype=torch.float64)
-    bar = Progress("scoring", total, enabled=progress, unit="targets")
-    i = done = 0
-    while i < len(wins):
-        length = wins[i][1] - wins[i][0]
-        j = i
-        while j < len(wins) and j - i < batch_seqs and wins[j][1] - wins[j][0] == length:
-            j += 1
-        for lp in _score_batch(model, tokens, wins[i:j], device, autocast, capture, second):
-            out[done : done + lp.shape[0]] = lp
-            done += lp.shape[0]
-        i = j
+    # concatenation held the scores twice, in thousands of small allocations); the batches
+    # write disjoint ranges, so side by side is safe
+    out = torch.empty((firsts[-1], 2) if second is not None else firsts[-1],
+                      dtype=torch.float64)
+    bar = Progress("scoring", firsts[-1], enabled=progress, unit="targets")
+    done = 0
+
+    def score(k: int) -> int:
+        pos = firsts[k]
+        for lp in _score_batch(model, tokens, batches[k], device, autocast, capture, second):
+            out[pos : pos + lp.shape[0]] = lp
+            pos += lp.shape[0]
+        return pos - firsts[k]
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
         bar.tick(done)
+
+    map_one_thread(score, range(len(batches)), device, each=tick,
+                   side_by_side=not runs_interpreted_kernels(model))
     model.train(was_training)
     return out
 
@@ -195,21 +220,24 @@ def format_bpb(x: float) -> str:
 
 def model_logprobs_fn(model: GPT, seq_len: int, device="cpu"):
     """(tokens, positions) -> (n, V) log p_model(next token | tokens[:pos]) for the audit, each
-    from one window of the last ``seq_len`` tokens. Rows are remembered by their window's
+    from one window of the last ``seq_len`` tokens, alone (the windows it has not seen run one
+    thread each, side by side: ``map_one_thread``). Rows are remembered by their window's
     content (the audits ask for the same windows more than once)."""
     memo: dict[bytes, torch.Tensor] = {}
 
+    def row(ctx: torch.Tensor) -> torch.Tensor:
+        z = model.logits(ctx.to(device)[None])[0, -1].float()
+        return torch.log_softmax(z.double(), -1).cpu()
+
     @torch.no_grad()
     def fn(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = []
-        for pos in positions.tolist():
-            ctx = tokens[max(0, pos - seq_len) : pos]
-            key = ctx.to(torch.int64).numpy().tobytes()
-            if key not in memo:
-                z = model.logits(ctx.to(device)[None])[0, -1].float()
-                memo[key] = torch.log_softmax(z.double(), -1).cpu()
-            out.append(memo[key])
-        return torch.stack(out)
+        ctxs = [tokens[max(0, pos - seq_len) : pos] for pos in positions.tolist()]
+        keys = [ctx.to(torch.int64).numpy().tobytes() for ctx in ctxs]
+        new = {k: c for k, c in zip(keys, ctxs, strict=True) if k not in memo}
+        rows = map_one_thread(row, new.values(), device,
+                              side_by_side=not runs_interpreted_kernels(model))
+        memo.update(zip(new, rows, strict=True))
+        return torch.stack([memo[k] for k in keys])
 
     return fn
 

@@ -58,6 +58,7 @@ from torch.nn.utils import parametrize
 
 from proteus.config import EvalConfig
 from proteus.data import ByteLUT
+from proteus.device import map_one_thread, one_thread
 from proteus.dist import gather_ordered, rank_world
 from proteus.errors import ConfigError
 from proteus.eval.scoring import (
@@ -68,7 +69,7 @@ from proteus.eval.scoring import (
     windows,
 )
 from proteus.kernels import dequantize_int6
-from proteus.model import GPT, Linear
+from proteus.model import GPT, Linear, runs_interpreted_kernels
 from proteus.quant import Int6Linear
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,20 @@ def row_groups(rows: int) -> list[tuple[int, int]]:
     return [(rows * i // g, rows * (i + 1) // g) for i in range(g)]
 
 
+def _group_grad(model: GPT, params: list[nn.Parameter], tokens: torch.Tensor, lo: int, hi: int,
+                rows: int, seq: int, device, autocast: bool) -> torch.Tensor:
+    """The gradient of rows [lo, hi)'s mean loss, weighted by their share of the ``rows``
+    (``tokens`` starts at the chunk's first row), flattened, float32 on the CPU."""
+    span = tokens[lo * seq : hi * seq + 1].to(device)
+    x, y = span[:-1].view(hi - lo, seq), span[1:].view(hi - lo, seq)
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                        enabled=autocast):
+        loss = model(x, y)
+    grads = torch.autograd.grad(loss * ((hi - lo) / rows), params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float().cpu()
+                      for g, p in zip(grads, params, strict=True)])
+
+
 def _train_chunk(model: GPT, params: list[nn.Parameter], opt: torch.optim.Optimizer,
                  tokens: torch.Tensor, k: int, ec: EvalConfig, seq: int, device, autocast: bool,
                  rank: int, world: int) -> None:
@@ -237,39 +252,33 @@ def _train_chunk(model: GPT, params: list[nn.Parameter], opt: torch.optim.Optimi
     mean loss, weighted by its share of the rows) is computed alone, every rank receives every
     group's gradient, and they are added in group order. So the step, to the last bit, is the
     same for 1, 2, 3 or 8 processes: what changes with the world size is only who computes
-    which group."""
+    which group. On the CPU each group's gradient is computed on one thread (the groups run
+    side by side, ``map_one_thread``) and the sum and the optimiser step run on one thread, so
+    the step is also the same for any number of threads per process."""
     c = ec.ttt_chunk
     rows = c // seq
-    base = k * c
+    chunk = tokens[k * c : (k + 1) * c + 1]
     groups = row_groups(rows)
     mine = groups[len(groups) * rank // world : len(groups) * (rank + 1) // world]
     was_training = model.training
     model.train()
     for _ in range(ec.ttt_steps):
-        grads = []
-        for lo, hi in mine:
-            span = tokens[base + lo * seq : base + hi * seq + 1].to(device)
-            x, y = span[:-1].view(hi - lo, seq), span[1:].view(hi - lo, seq)
+        grads = map_one_thread(
+            lambda g: _group_grad(model, params, chunk, *g, rows, seq, device, autocast),
+            mine, device, side_by_side=not runs_interpreted_kernels(model))
+        with one_thread():
+            flat = torch.cat(grads) if grads else torch.zeros(0)
+            if world > 1:
+                flat = gather_ordered(flat)
+            per_group = flat.view(len(groups), -1)
+            total = per_group[0].clone()
+            for g in per_group[1:]:  # group order: the same additions on every rank, any world
+                total += g
+            offset = 0
             for p in params:
-                p.grad = None
-            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                                enabled=autocast):
-                loss = model(x, y)
-            (loss * ((hi - lo) / rows)).backward()
-            grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
-                                    .reshape(-1).float().cpu() for p in params]))
-        flat = torch.cat(grads) if grads else torch.zeros(0)
-        if world > 1:
-            flat = gather_ordered(flat)
-        per_group = flat.view(len(groups), -1)
-        total = per_group[0].clone()
-        for g in per_group[1:]:  # group order: the same additions on every rank, any world
-            total += g
-        offset = 0
-        for p in params:
-            p.grad = total[offset : offset + p.numel()].view_as(p).to(p.device, p.dtype)
-            offset += p.numel()
-        opt.step()
+                p.grad = total[offset : offset + p.numel()].view_as(p).to(p.device, p.dtype)
+                offset += p.numel()
+            opt.step()
     model.train(was_training)
 
 
