@@ -193,3 +193,21 @@ def test_the_default_eval_command_exits_1_with_one_line_when_its_audit_fails(tmp
     assert main(["eval", str(ckpt), "--val-tokens", "512"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the evaluation's audit failed (bytes)" in err[0], err
+
+
+def test_row_sum_tolerance_holds_float32_rows_and_not_a_broken_one():
+    """The TTT audits' bound on |sum p - 1| for a float32 row: soft-capped logits of size 30 at
+    V = 8192 stay inside it (they left 1e-6, the old bound, at up to 5.1e-6 on the SP8192
+    model); a row whose mass is off by 1e-4 does not."""
+    from proteus.eval.scoring import row_sum_tolerance
+
+    g = torch.Generator().manual_seed(0)
+    tol = row_sum_tolerance(30.0, 8192)
+    worst = 0.0
+    for _ in range(20):
+        z = 30.0 * torch.tanh(4.0 * torch.randn(8192, generator=g) / 30.0)
+        lp = torch.log_softmax(z.float(), -1)
+        worst = max(worst, abs(lp.double().exp().sum().item() - 1.0))
+        assert abs((lp.double().exp() * (1 + 1e-4)).sum().item() - 1.0) > tol
+    assert worst <= tol
+    assert row_sum_tolerance(30.0, 1024) < tol < 1e-4

@@ -52,6 +52,17 @@ class TokenScores:
         return bits_per_byte(-exact_sum(self.logp), int(self.nbytes.sum()))
 
 
+def row_sum_tolerance(logit_softcap: float, vocab: int) -> float:
+    """How far sum(exp(log p)) over one float32 row of the model's log-probabilities may sit
+    from 1 with nothing wrong: each log p = z - lse carries the rounding of z and of lse, about
+    2^-24 of their size (|z| <= the soft-cap, |lse| <= cap + ln V), which scales the row's mass
+    by up to 2^-24 (2 cap + ln V); x8 for the exp and the sum. At cap 30: 1.6e-5 at V = 1024,
+    3.3e-5 at V = 8192; a broken normalisation is off by far more (the record's hashed cache:
+    1.6e3). Without a soft-cap, 30 stands in for the logits' size."""
+    cap = logit_softcap if logit_softcap > 0 else 30.0
+    return 8 * 2.0 ** -24 * (2 * cap + math.log(vocab) + 1)
+
+
 def exact_sum(values: torch.Tensor) -> float:
     """The sum of ``values`` correctly rounded to float64 (``math.fsum``): the same number in
     any order, so a total does not depend on how the records were split, batched or gathered

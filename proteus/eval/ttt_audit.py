@@ -15,6 +15,7 @@ from proteus.data import ByteLUT
 from proteus.eval.blend import NgramConfig, cache_distribution, ngram_blend_logprobs
 from proteus.eval.cache_audit import edit_after, yes_no
 from proteus.eval.plan import EvalPlan, ngram_backend
+from proteus.eval.scoring import row_sum_tolerance
 from proteus.eval.ttt import check_ttt_fits, ttt_score
 from proteus.eval.ttt_phased import audit_phased
 from proteus.model import GPT
@@ -57,7 +58,7 @@ class TTTAuditReport:
 
 def audit_ttt(model: GPT, tokens: torch.Tensor, lut: ByteLUT, seq: int, ec: EvalConfig,
               ncfg: NgramConfig | None = None, n_chunks: int = 3, device="cpu",
-              autocast: bool = False, tol: float = 1e-6, seed: int = 0) -> TTTAuditReport:
+              autocast: bool = False, tol: float | None = None, seed: int = 0) -> TTTAuditReport:
     """Audit score-first TTT (and the n-gram cache over its scores, with ``ncfg``) on the
     first ``n_chunks`` chunks of ``tokens`` (see the module docstring)."""
     c = ec.ttt_chunk
@@ -102,6 +103,8 @@ def audit_ttt(model: GPT, tokens: torch.Tensor, lut: ByteLUT, seq: int, ec: Eval
                                              rel_tol=1e-9, abs_tol=1e-15)
     rep = TTTAuditReport(False, n_ch, edits, edits_ok, changed, len(positions),
                          sum_err, consistent)
+    if tol is None:
+        tol = row_sum_tolerance(model.cfg.logit_softcap, lut.vocab_size)
     passed = edits_ok and changed and sum_err <= tol and consistent
     if ncfg is not None:
         rep.cache_max_sum_error, rep.cache_consistent, rep.cache_edits_ok = c_err, c_cons, cache_ok

@@ -72,7 +72,7 @@ from proteus.data import ByteLUT
 from proteus.dist import gather_ordered, rank_world
 from proteus.errors import ConfigError
 from proteus.eval.cache_audit import edit_after, yes_no
-from proteus.eval.scoring import TokenScores, format_bpb, token_scores
+from proteus.eval.scoring import TokenScores, format_bpb, row_sum_tolerance, token_scores
 from proteus.kernels import dequantize_int6
 from proteus.model import GPT, Linear
 from proteus.quant import Int6Linear
@@ -488,7 +488,7 @@ class PhasedAuditReport:
 
 
 def audit_phased(model: GPT, tokens: torch.Tensor, lut: ByteLUT, seq: int, ec: EvalConfig,
-                 device="cpu", autocast: bool = False, max_edits: int = 6, tol: float = 1e-6,
+                 device="cpu", autocast: bool = False, max_edits: int = 6, tol: float | None = None,
                  seed: int = 0) -> PhasedAuditReport:
     """Audit phased TTT on the documents up to two past its first global phase (all of them
     with no phase, at most 4): rerun the pass with every token from an edit point t on
@@ -531,6 +531,8 @@ def audit_phased(model: GPT, tokens: torch.Tensor, lut: ByteLUT, seq: int, ec: E
         if row is not None:  # this rank scored t
             sum_err = max(sum_err, abs(row.exp().sum().item() - 1.0))
             consistent = consistent and row[int(tokens[t])].item() == base[t - 1].item()
+    if tol is None:
+        tol = row_sum_tolerance(model.cfg.logit_softcap, lut.vocab_size)
     passed = edits_ok and rows_ok and changed and sum_err <= tol and consistent
     return PhasedAuditReport(passed, len(docs), [b for b in phases if b < len(docs)], points,
                              edits_ok, rows_ok, changed, len(positions), sum_err, consistent)
