@@ -77,7 +77,7 @@ def _ttt_seconds(t: dict) -> float:
 
 def rows(res: dict) -> list[tuple[str, float | None, float | None]]:
     """(method, bpb, eval seconds) from one model's runs."""
-    a, b, c = res["tilt"], res["cache"], res["ttt"]
+    a, b, c = res["tilt"], res["cache"], res.get("ttt")
     last = a.get("val_sliding") or a["val"]  # the pass the caches blend over
     slide = last["seconds"]
     out = [("plain", a["val"]["bpb"], a["val"]["seconds"]),
@@ -88,9 +88,13 @@ def rows(res: dict) -> list[tuple[str, float | None, float | None]]:
             slide + a["tilt"]["seconds"]),
            ("n-gram + tilt", a["cache"]["bpb_cache"],
             slide + a["tilt"]["seconds"] + a["cache"]["seconds"]),
-           ("chunked TTT", c["ttt"]["bpb"], _ttt_seconds(c["ttt"])),
-           ("chunked TTT + n-gram cache", c["ttt"]["cache"]["bpb_cache"],
-            _ttt_seconds(c["ttt"]) + c["ttt"]["cache"]["seconds"])]
+           ]
+    if c is None:  # not run (--runs without ttt)
+        out += [("chunked TTT", None, None), ("chunked TTT + n-gram cache", None, None)]
+    else:
+        out += [("chunked TTT", c["ttt"]["bpb"], _ttt_seconds(c["ttt"])),
+                ("chunked TTT + n-gram cache", c["ttt"]["cache"]["bpb_cache"],
+                 _ttt_seconds(c["ttt"]) + c["ttt"]["cache"]["seconds"])]
     p = res.get("phased")
     if p is None:
         out += [("phased TTT", None, None), ("phased TTT + n-gram cache", None, None)]
