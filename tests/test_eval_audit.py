@@ -211,3 +211,21 @@ def test_row_sum_tolerance_holds_float32_rows_and_not_a_broken_one():
         assert abs((lp.double().exp() * (1 + 1e-4)).sum().item() - 1.0) > tol
     assert worst <= tol
     assert row_sum_tolerance(30.0, 1024) < tol < 1e-4
+
+
+def test_a_scorer_that_returns_too_few_scores_leaves_no_uninitialised_value(monkeypatch):
+    """score_windows writes in place; a batch that returns fewer scores than its windows say
+    must come out as it came (what the audit counts), never as a hole of torch.empty."""
+    real = S._score_batch
+    given = []
+
+    def short(*args, **kwargs):
+        out = [lp[:-1] for lp in real(*args, **kwargs)]  # every window drops its last target
+        given.extend(out)
+        return out
+
+    monkeypatch.setattr(S, "_score_batch", short)
+    model = build_model(build_config("smoke", environ={}))
+    tokens = torch.randint(0, 1024, (600,), generator=torch.Generator().manual_seed(0))
+    got = S.score_windows(model, tokens, S.windows(599, 64, 0), batch_seqs=3)
+    assert torch.equal(got, torch.cat(given))
